@@ -1,0 +1,3 @@
+from clueforge.cli import app
+
+app()

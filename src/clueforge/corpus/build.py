@@ -1,0 +1,466 @@
+"""Raw text → memory-mapped training shards with aligned side channels.
+
+Layout of ``OUT/``::
+
+    manifest.json                 totals, skipped-document counts and examples, config + hashes
+    shards/shard-000000.ids.u16   token ids (uint16; the vocab must have < 65,536 entries)
+    shards/shard-000000.flags.u8  per token: bit 0 word start, bit 1 sentence start, bit 2 doc start
+    shards/shard-000000.pos.u8    per token: POS id of the word it belongs to (``POS_TAGS``)
+    shards/shard-000000.json      the shard's own statistics; written last, it marks completion
+
+Design choices:
+
+- **Deterministic.** Shard *k* holds raw documents ``[k·D, (k+1)·D)`` of the inputs in order, so
+  its bytes depend only on its documents and the config, never on ``--workers``.
+- **Streaming.** The main process reads raw lines (with a per-line byte cap) and hands chunks of
+  ``D`` documents to a bounded pool; memory does not grow with the corpus.
+- **Crash-safe, resumable.** Every file is written under a temporary name and renamed; the shard
+  JSON comes last. A re-run skips shards whose JSON exists with the same config hash.
+- **Bad input is skipped and counted** (reason → count, first examples with file and line): invalid
+  UTF-8, broken JSON, a missing or non-string field, binary or empty lines, over-long lines, a
+  truncated compressed file. Good documents around them are kept.
+- Text is tokenised per document in one ``encode_batch`` call per chunk; word boundaries and POS
+  come from one rjieba ``tag`` call per document and are aligned to tokens through the tokeniser's
+  character offsets, vectorised over the chunk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from clueforge.text.normalize import is_probably_binary, normalize, sentence_starts
+from clueforge.text.segment import POS_ID, Segmenter
+
+log = logging.getLogger("clueforge.corpus")
+
+FORMAT_VERSION = 1
+WORD_START, SENT_START, DOC_START = 1, 2, 4
+MAX_EXAMPLES = 5
+INPUT_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
+
+
+@dataclass
+class BuildConfig:
+    """Everything that decides the bytes of a shard (hashed into ``config_hash``)."""
+
+    vocab: str
+    """WordPiece vocab.txt (or a directory with one)."""
+    text_field: str = "text"
+    """JSON-lines field that holds the document text."""
+    doc_sep: str = "line"
+    """Plain-text inputs: ``line`` (a document per line) or ``blank`` (blank-line-separated)."""
+    docs_per_shard: int = 10_000
+    """Raw documents per shard; the unit of parallel work and of resume."""
+    min_chars: int = 2
+    """Documents shorter than this after normalisation are skipped as ``too_short``."""
+    max_line_bytes: int = 4 << 20
+    """Lines longer than this are skipped as ``line_too_long`` without being held in memory."""
+    t2s: bool = False
+    """Convert traditional to simplified script (OpenCC)."""
+    user_dict: str | None = None
+    """rjieba user dictionary (``word [freq] [tag]`` per line)."""
+
+
+@dataclass
+class RawDoc:
+    file: str
+    line: int
+    payload: bytes | None  # None: the reader already knows it is bad
+    problem: str | None = None
+
+
+@dataclass
+class ShardStats:
+    name: str
+    docs_read: int = 0
+    docs_kept: int = 0
+    docs_skipped: dict[str, int] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)
+    tokens: int = 0
+    chars: int = 0
+    sentences: int = 0
+    config_hash: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: raw lines with file/line numbers, never more than max_line_bytes held per line.
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(INPUT_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"{p}: no input files ({', '.join(INPUT_SUFFIXES)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input not found: {p}")
+    return files
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True))
+    return open(path, "rb")
+
+
+def _read_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """Yield ``(lineno, line_without_newline | None, problem | None)``."""
+    lineno = 0
+    try:
+        with _open_binary(path) as fh:
+            while True:
+                line = fh.readline(max_bytes + 1)
+                if not line:
+                    return
+                lineno += 1
+                if len(line) > max_bytes and not line.endswith(b"\n"):
+                    while line and not line.endswith(b"\n"):  # drain the rest of the long line
+                        line = fh.readline(max_bytes)
+                    yield lineno, None, "line_too_long"
+                    continue
+                yield lineno, line.rstrip(b"\r\n"), None
+    except (EOFError, OSError, zlib.error, ValueError) as exc:  # truncated/corrupt compressed stream
+        if isinstance(exc, FileNotFoundError):
+            raise
+        log.warning("%s: stopped after line %d: %s", path, lineno, exc)
+        yield lineno + 1, None, "truncated_file"
+    except Exception as exc:  # zstandard.ZstdError and friends
+        if type(exc).__name__ != "ZstdError":
+            raise
+        log.warning("%s: stopped after line %d: %s", path, lineno, exc)
+        yield lineno + 1, None, "truncated_file"
+
+
+def iter_raw_docs(files: list[Path], cfg: BuildConfig) -> Iterator[RawDoc]:
+    for path in files:
+        name = str(path)
+        is_json = ".json" in path.name
+        if is_json or cfg.doc_sep == "line":
+            for lineno, data, problem in _read_lines(path, cfg.max_line_bytes):
+                yield RawDoc(name, lineno, data, problem)
+            continue
+        buf: list[bytes] = []
+        start = 0
+        for lineno, data, problem in _read_lines(path, cfg.max_line_bytes):
+            if problem:
+                if buf:
+                    yield RawDoc(name, start, b"\n".join(buf))
+                    buf = []
+                yield RawDoc(name, lineno, None, problem)
+            elif data.strip():
+                if not buf:
+                    start = lineno
+                buf.append(data)
+            elif buf:
+                yield RawDoc(name, start, b"\n".join(buf))
+                buf = []
+        if buf:
+            yield RawDoc(name, start, b"\n".join(buf))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processing one chunk of documents into one shard (runs in a worker process).
+
+_STATE: dict = {}
+
+
+def _init_worker(cfg_dict: dict) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from clueforge.text.tokenizer import load_tokenizer
+
+    cfg = BuildConfig(**cfg_dict)
+    _STATE["cfg"] = cfg
+    _STATE["tok"] = load_tokenizer(cfg.vocab)
+    _STATE["seg"] = Segmenter(cfg.user_dict)
+
+
+def _decode(doc: RawDoc, cfg: BuildConfig) -> tuple[str | None, str | None]:
+    """Return ``(text, None)`` or ``(None, reason)``."""
+    if doc.payload is None:
+        return None, doc.problem or "unreadable"
+    try:
+        raw = doc.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+    if doc.file.endswith((".jsonl", ".json", ".jsonl.gz", ".jsonl.zst")):
+        if not raw.strip():
+            return None, "empty"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError:
+            return None, "bad_json"
+        if not isinstance(obj, dict) or cfg.text_field not in obj:
+            return None, "missing_field"
+        raw = obj[cfg.text_field]
+        if not isinstance(raw, str):
+            return None, "bad_field_type"
+    if is_probably_binary(raw):
+        return None, "binary"
+    text = normalize(raw, t2s=cfg.t2s, keep_newlines=True)
+    if not text:
+        return None, "empty"
+    if len(text) < cfg.min_chars:
+        return None, "too_short"
+    return text, None
+
+
+def encode_documents(texts: list[str], tok, seg: Segmenter) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Tokenise ``texts`` and align word/sentence/document starts and POS ids to the tokens.
+
+    Returns ``ids (uint16), flags (uint8), pos (uint8), tokens_per_doc (int64)``.
+    """
+    encs = tok.encode_batch(texts, add_special_tokens=False)
+    ntok = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+    total = int(ntok.sum())
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=total)
+    offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), dtype=np.int64, count=2 * total)
+    tok_char = offs[0::2]  # (N,) token start, doc-relative
+
+    doc_len = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    doc_base = np.cumsum(doc_len) - doc_len
+    tok_char = tok_char + np.repeat(doc_base, ntok)  # chunk-relative char offsets
+
+    words: list[int] = []
+    tags: list[int] = []
+    pos_lookup = POS_ID.get
+    for text in texts:
+        tagged = seg.tag(text)
+        ws, ts = zip(*tagged) if tagged else ((), ())
+        lens = list(map(len, ws))
+        if sum(lens) != len(text):  # never seen; keep alignment safe: one word per char
+            lens, ts = [1] * len(text), ["x"] * len(text)
+        words.extend(lens)
+        tags.extend(pos_lookup(t, 0) for t in ts)
+    wlen = np.asarray(words, dtype=np.int64)
+    char_is_word_start = np.zeros(int(doc_len.sum()) + 1, dtype=bool)
+    char_is_word_start[np.cumsum(wlen) - wlen] = True
+    char_pos = np.repeat(np.asarray(tags, dtype=np.uint8), wlen)
+
+    flags = np.zeros(total, dtype=np.uint8)
+    if total:
+        flags[char_is_word_start[tok_char]] |= WORD_START
+        sent_chars = np.fromiter(
+            chain.from_iterable((b + s for s in sentence_starts(t)) for b, t in zip(doc_base.tolist(), texts)), dtype=np.int64
+        )
+        sent_tok = np.searchsorted(tok_char, sent_chars)
+        flags[sent_tok[sent_tok < total]] |= SENT_START
+        doc_first = (np.cumsum(ntok) - ntok)[ntok > 0]
+        flags[doc_first] |= DOC_START | SENT_START | WORD_START
+    pos = char_pos[tok_char] if total else np.zeros(0, dtype=np.uint8)
+    return ids, flags, pos, ntok
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: str) -> dict:
+    cfg: BuildConfig = _STATE["cfg"]
+    stats = ShardStats(name=name, docs_read=len(docs), config_hash=config_hash)
+    skipped: Counter[str] = Counter()
+    texts: list[str] = []
+    for doc in docs:
+        text, reason = _decode(doc, cfg)
+        if reason:
+            skipped[reason] += 1
+            if skipped[reason] <= MAX_EXAMPLES:  # the first few of each reason, with file and line
+                preview = (doc.payload or b"")[:60].decode("utf-8", "replace")
+                stats.examples.append({"file": doc.file, "line": doc.line, "reason": reason, "preview": preview})
+            continue
+        texts.append(text)
+    ids, flags, pos, ntok = encode_documents(texts, _STATE["tok"], _STATE["seg"])
+    empty = int((ntok == 0).sum())  # e.g. only characters the tokenizer drops
+    if empty:
+        skipped["no_tokens"] += empty
+    if ids.size and int(ids.max()) > 0xFFFF:
+        raise ValueError(f"token id {int(ids.max())} does not fit uint16: vocabulary too large")
+    stats.docs_skipped = dict(sorted(skipped.items()))
+    stats.docs_kept = len(texts) - empty
+    stats.tokens = int(ids.size)
+    stats.chars = sum(len(t) for t, n in zip(texts, ntok.tolist()) if n)
+    stats.sentences = int(np.count_nonzero(flags & SENT_START))
+    out = Path(shard_dir)
+    _atomic_write(out / f"{name}.ids.u16", ids.astype("<u2").tobytes())
+    _atomic_write(out / f"{name}.flags.u8", flags.tobytes())
+    _atomic_write(out / f"{name}.pos.u8", pos.astype(np.uint8).tobytes())
+    _atomic_write(out / f"{name}.json", json.dumps(asdict(stats), ensure_ascii=False).encode())
+    return asdict(stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_fingerprint(cfg: BuildConfig, files: list[Path]) -> dict:
+    from clueforge.text.tokenizer import resolve_vocab
+
+    vocab_sha = _sha256_file(resolve_vocab(cfg.vocab))
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("vocab", "user_dict")}
+    fields["user_dict_sha256"] = _sha256_file(Path(cfg.user_dict)) if cfg.user_dict else None
+    fields["inputs"] = [{"name": f.name, "bytes": f.stat().st_size} for f in files]
+    fields["format_version"] = FORMAT_VERSION
+    blob = json.dumps({"config": fields, "vocab_sha256": vocab_sha}, sort_keys=True)
+    return {"config": fields, "vocab_sha256": vocab_sha, "config_hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+
+
+def _chunks(docs: Iterator[RawDoc], size: int) -> Iterator[list[RawDoc]]:
+    buf: list[RawDoc] = []
+    for doc in docs:
+        buf.append(doc)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _shard_done(shard_dir: Path, name: str, config_hash: str) -> dict | None:
+    meta = shard_dir / f"{name}.json"
+    if not meta.is_file():
+        return None
+    try:
+        stats = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    if stats.get("config_hash") != config_hash:
+        return None
+    for ext in ("ids.u16", "flags.u8", "pos.u8"):
+        if not (shard_dir / f"{name}.{ext}").is_file():
+            return None
+    return stats
+
+
+def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *, workers: int = 1, progress=None) -> dict:
+    """Build shards under ``out`` and return the manifest. Re-running resumes."""
+    files = expand_inputs(inputs)
+    out = Path(out)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    fp = config_fingerprint(cfg, files)
+    chash = fp["config_hash"]
+    manifest_path = out / "manifest.json"
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        if old.get("config_hash") != chash:
+            raise FileExistsError(
+                f"{out} holds a corpus built with another config or vocabulary (hash {old.get('config_hash')} ≠ {chash}); "
+                "use a new --out directory"
+            )
+    from clueforge.text.tokenizer import resolve_vocab
+
+    # The corpus carries its vocabulary: pretraining reads it from here.
+    _atomic_write(out / "vocab.txt", resolve_vocab(cfg.vocab).read_bytes())
+    results: dict[int, dict] = {}
+    bytes_total = sum(f.stat().st_size for f in files)
+    resumed = 0
+
+    def finish(idx: int, stats: dict) -> None:
+        results[idx] = stats
+        if progress:
+            progress(stats)
+
+    cfg_dict = asdict(cfg)
+    chunks = _chunks(iter_raw_docs(files, cfg), cfg.docs_per_shard)
+    if workers <= 1:
+        _init_worker(cfg_dict)
+        for idx, docs in enumerate(chunks):
+            name = f"shard-{idx:06d}"
+            done = _shard_done(shard_dir, name, chash)
+            if done is None:
+                done = process_chunk(str(shard_dir), name, docs, chash)
+            else:
+                resumed += 1
+            finish(idx, done)
+    else:
+        import multiprocessing as mp
+
+        pending: dict[Future, int] = {}
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(cfg_dict,)) as pool:
+            for idx, docs in enumerate(chunks):
+                name = f"shard-{idx:06d}"
+                done = _shard_done(shard_dir, name, chash)
+                if done is not None:
+                    resumed += 1
+                    finish(idx, done)
+                    continue
+                pending[pool.submit(process_chunk, str(shard_dir), name, docs, chash)] = idx
+                while len(pending) >= 2 * workers:  # bounded: memory stays flat
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        finish(pending.pop(f), f.result())
+            for f in list(pending):
+                finish(pending.pop(f), f.result())
+
+    ordered = [results[i] for i in sorted(results)]
+    skipped: Counter[str] = Counter()
+    examples: list[dict] = []
+    for s in ordered:
+        skipped.update(s["docs_skipped"])
+        for ex in s["examples"]:
+            if sum(1 for e in examples if e["reason"] == ex["reason"]) < MAX_EXAMPLES:
+                examples.append(ex)
+    for ex in examples:
+        log.warning("skipped %s:%d (%s): %r", ex["file"], ex["line"], ex["reason"], ex["preview"])
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "docs_read": sum(s["docs_read"] for s in ordered),
+        "docs_kept": sum(s["docs_kept"] for s in ordered),
+        "docs_skipped": dict(sorted(skipped.items())),
+        "skipped_examples": examples,
+        "tokens": sum(s["tokens"] for s in ordered),
+        "chars": sum(s["chars"] for s in ordered),
+        "sentences": sum(s["sentences"] for s in ordered),
+        "input_bytes": bytes_total,
+        "shards": [{"name": s["name"], "tokens": s["tokens"], "docs": s["docs_kept"]} for s in ordered],
+        "shards_resumed": resumed,
+        "channels": {"ids": "uint16", "flags": "uint8 (1 word start, 2 sentence start, 4 doc start)", "pos": "uint8"},
+        **fp,
+        "pos_tags": list(POS_ID),
+    }
+    _atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2).encode())
+    return manifest
+
+
+def iter_texts(inputs: list[str | Path], cfg: BuildConfig) -> Iterator[str]:
+    """Normalised document texts of ``inputs``; bad documents are skipped (and counted in
+    ``iter_texts.skipped``-style by the caller if needed)."""
+    for doc in iter_raw_docs(expand_inputs(inputs), cfg):
+        text, _ = _decode(doc, cfg)
+        if text is not None:
+            yield text

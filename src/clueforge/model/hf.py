@@ -1,0 +1,211 @@
+"""Hugging Face BERT layout ↔ clueforge encoder, through one explicit key map.
+
+Reads any local ``BertModel`` / ``BertForMaskedLM`` / ``BertForPreTraining`` directory
+(bert-base-chinese, RoBERTa-wwm-ext, MacBERT and Mengzi-BERT all use this layout): weights from
+``model.safetensors`` (also sharded) or, failing that, ``pytorch_model.bin`` read with
+``torch.load(weights_only=True)`` (no arbitrary unpickling). Writes ``config.json`` +
+``model.safetensors`` that ``transformers.AutoModelForMaskedLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clueforge.model.bert import BertForMLM, ModelConfig
+
+# ours (per layer: {i}) → HF, relative to the "bert." prefix unless it starts with "cls.".
+_LAYER_MAP = {
+    "attn.out.weight": "attention.output.dense.weight",
+    "attn.out.bias": "attention.output.dense.bias",
+    "ln1.weight": "attention.output.LayerNorm.weight",
+    "ln1.bias": "attention.output.LayerNorm.bias",
+    "mlp_in.weight": "intermediate.dense.weight",
+    "mlp_in.bias": "intermediate.dense.bias",
+    "mlp_out.weight": "output.dense.weight",
+    "mlp_out.bias": "output.dense.bias",
+    "ln2.weight": "output.LayerNorm.weight",
+    "ln2.bias": "output.LayerNorm.bias",
+}
+_FIXED_MAP = {
+    "encoder.embeddings.word.weight": "bert.embeddings.word_embeddings.weight",
+    "encoder.embeddings.position.weight": "bert.embeddings.position_embeddings.weight",
+    "encoder.embeddings.token_type.weight": "bert.embeddings.token_type_embeddings.weight",
+    "encoder.embeddings.ln.weight": "bert.embeddings.LayerNorm.weight",
+    "encoder.embeddings.ln.bias": "bert.embeddings.LayerNorm.bias",
+    "encoder.final_ln.weight": "bert.encoder.final_layer_norm.weight",  # pre-LN only (clueforge)
+    "encoder.final_ln.bias": "bert.encoder.final_layer_norm.bias",
+    "head.dense.weight": "cls.predictions.transform.dense.weight",
+    "head.dense.bias": "cls.predictions.transform.dense.bias",
+    "head.ln.weight": "cls.predictions.transform.LayerNorm.weight",
+    "head.ln.bias": "cls.predictions.transform.LayerNorm.bias",
+    "head.bias": "cls.predictions.bias",
+}
+_QKV = ("query", "key", "value")
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    out = {
+        "architectures": ["BertForMaskedLM"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position,
+        "type_vocab_size": cfg.type_vocab_size,
+        "hidden_dropout_prob": cfg.dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "initializer_range": cfg.initializer_range,
+        "pad_token_id": cfg.pad_token_id,
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "clueforge": {"pre_ln": cfg.pre_ln},
+    }
+    if cfg.pre_ln:  # not a BERT transformers can run: make it refuse rather than compute garbage
+        out["model_type"] = "clueforge-bert-preln"
+        out["architectures"] = ["ClueforgeBertPreLN"]
+    return out
+
+
+def config_from_hf(d: dict, path: Path | None = None) -> ModelConfig:
+    where = f"{path}: " if path else ""
+    act = d.get("hidden_act", "gelu")
+    if act not in ("gelu",):
+        raise ValueError(f"{where}hidden_act {act!r} is not supported (exact GELU only)")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"{where}only absolute position embeddings are supported")
+    return ModelConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        max_position=d.get("max_position_embeddings", 512),
+        type_vocab_size=d.get("type_vocab_size", 2),
+        dropout=d.get("hidden_dropout_prob", 0.1),
+        attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+        initializer_range=d.get("initializer_range", 0.02),
+        pad_token_id=d.get("pad_token_id", 0) or 0,
+        pre_ln=bool(d.get("clueforge", {}).get("pre_ln", False)),
+    )
+
+
+def to_hf_state_dict(model: BertForMLM) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for i in range(model.cfg.num_layers):
+        ours = f"encoder.layers.{i}."
+        hf = f"bert.encoder.layer.{i}."
+        for part in ("weight", "bias"):
+            for name, t in zip(_QKV, sd[ours + f"attn.qkv.{part}"].chunk(3, dim=0)):
+                out[hf + f"attention.self.{name}.{part}"] = t
+        for k, v in _LAYER_MAP.items():
+            out[hf + v] = sd[ours + k]
+    for k, v in _FIXED_MAP.items():
+        if k in sd:
+            out[v] = sd[k]
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def _normalise_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if not k.startswith(("bert.", "cls.")):
+            k = "bert." + k  # a bare BertModel checkpoint
+        out[k] = v
+    return out
+
+
+def from_hf_state_dict(model: BertForMLM, hf: dict[str, torch.Tensor], *, strict_head: bool = False) -> list[str]:
+    """Copy HF weights into ``model``. Returns the names of our parameters that the checkpoint
+    lacked (e.g. the MLM head of a bare ``BertModel``), which keep their initialisation."""
+    hf = _normalise_hf_keys(hf)
+    target: dict[str, torch.Tensor] = {}
+    for i in range(model.cfg.num_layers):
+        ours = f"encoder.layers.{i}."
+        src = f"bert.encoder.layer.{i}."
+        for part in ("weight", "bias"):
+            keys = [src + f"attention.self.{n}.{part}" for n in _QKV]
+            missing = [k for k in keys if k not in hf]
+            if missing:
+                raise KeyError(f"checkpoint lacks {missing[0]}")
+            target[ours + f"attn.qkv.{part}"] = torch.cat([hf[k] for k in keys], dim=0)
+        for k, v in _LAYER_MAP.items():
+            if src + v not in hf:
+                raise KeyError(f"checkpoint lacks {src + v}")
+            target[ours + k] = hf[src + v]
+    absent = []
+    for k, v in _FIXED_MAP.items():
+        if v in hf:
+            target[k] = hf[v]
+        elif k.startswith("head.") or k.startswith("encoder.final_ln"):
+            absent.append(k)
+        else:
+            raise KeyError(f"checkpoint lacks {v}")
+    absent = [k for k in absent if k in dict(model.named_parameters())]
+    if strict_head and absent:
+        raise KeyError(f"checkpoint lacks {absent}")
+    own = model.state_dict()
+    for k, v in target.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)} ≠ model {tuple(own[k].shape)}")
+    model.load_state_dict(target, strict=False)
+    return absent
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(path / f))
+        return sd
+    legacy = path / "pytorch_model.bin"
+    if legacy.is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_hf(path: str | Path) -> BertForMLM:
+    """Build a ``BertForMLM`` from a local HF BERT-family directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: not a Hugging Face model directory")
+    cfg = config_from_hf(json.loads(cfg_file.read_text()), cfg_file)
+    model = BertForMLM(cfg)
+    from_hf_state_dict(model, read_hf_weights(path))
+    return model
+
+
+def save_hf(model: BertForMLM, out: str | Path, *, vocab: str | Path | None = None) -> Path:
+    """Write ``out/`` in the HF layout (atomically: a temporary directory renamed at the end)."""
+    from clueforge.text.tokenizer import save_tokenizer_files
+
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    if vocab is not None:
+        save_tokenizer_files(vocab, tmp, max_length=model.cfg.max_position)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

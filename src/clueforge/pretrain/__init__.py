@@ -1,0 +1,1 @@
+"""Pretraining: typed config, packed data with dynamic masking, checkpoints, the training loop."""

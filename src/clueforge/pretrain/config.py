@@ -1,0 +1,164 @@
+"""Typed pretraining config: ``model`` (``ModelConfig``) + ``train`` (``TrainConfig``), from YAML.
+
+YAML is read with ``yaml.safe_load``; unknown keys are errors (a typo must not pass silently);
+``--set train.lr=3e-4`` overrides any field, its value parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from clueforge.model.bert import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 128
+    """Tokens per packed row, [CLS] and [SEP]s included."""
+    batch_size: int = 32
+    """Rows per device per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps; the learning-rate schedule spans them."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of ``lr``."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to ``lr``."""
+    schedule: str = "linear"
+    """Decay after warm-up: ``linear``, ``cosine`` or ``constant``."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not applied to biases, LayerNorm and embeddings' padding)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Max global gradient norm (0 = off)."""
+    precision: str = "auto"
+    """``auto`` (bf16 where the GPU supports it, else fp32), ``fp32``, ``bf16`` or ``fp16``."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (memory for time)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    masking: str = "wwm"
+    """``token`` (BERT) or ``wwm`` (whole words from the segmentation side channel)."""
+    mask_ratio: float = 0.15
+    """Share of real tokens per row that are predicted (exact per row, in tokens)."""
+    mask_token_prob: float = 0.8
+    """Of the predicted tokens: share replaced by [MASK]..."""
+    random_token_prob: float = 0.1
+    """...share replaced by a random token; the rest are kept unchanged."""
+    pack_docs: bool = True
+    """Fill rows with consecutive sentences across documents ([SEP] between documents), as
+    RoBERTa's FULL-SENTENCES; ``false`` keeps each row inside one document (DOC-SENTENCES)."""
+    doc_attention: bool = False
+    """With ``pack_docs``: keep attention inside each document of a row (block-diagonal mask)."""
+    seed: int = 1234
+    """Seeds initialisation, data order, masking and dropout."""
+    log_every: int = 10
+    """Steps between metrics lines."""
+    eval_every: int = 200
+    """Steps between held-out evaluations (0 = only at the end)."""
+    eval_batches: int = 20
+    """Held-out batches per evaluation."""
+    save_every: int = 500
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept on disk."""
+    prefetch: int = 4
+    """Batches prepared ahead by a background thread."""
+    init_from: str | None = None
+    """A local HF BERT directory to continue pretraining from (its vocab must match the corpus)."""
+    peak_tflops: float | None = None
+    """Device peak for MFU; measured with a large matmul when not given."""
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, d: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for k, v in d.items():
+        kwargs[k] = _coerce(v, str(known[k].type), f"{where} {k}")
+    return cls(**kwargs)
+
+
+def _coerce(v, type_name: str, where: str):
+    """YAML reads ``1e-3`` as a string (YAML 1.1 wants ``1.0e-3``): coerce to the field's type."""
+    if v is None:
+        if "None" in type_name:
+            return None
+        raise ValueError(f"{where}: null is not allowed")
+    try:
+        if type_name.startswith("tuple"):
+            return tuple(float(x) for x in v)
+        if type_name.startswith("float"):
+            return float(v)
+        if type_name.startswith("int"):
+            if isinstance(v, float) and not v.is_integer():
+                raise ValueError
+            return int(v)
+        if type_name.startswith("bool"):
+            if not isinstance(v, bool):
+                raise ValueError
+            return v
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {v!r} is not a valid {type_name}") from None
+    return v
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"config {name_or_path!r}: not a file and not a shipped config ({', '.join(names)})")
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    if "=" not in item:
+        raise ValueError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    path = resolve_config_path(name_or_path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping with 'model' and 'train'")
+    unknown = sorted(set(raw) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; expected 'model' and 'train'")
+    raw = {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 2 or keys[0] not in raw:
+            raise ValueError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+        raw[keys[0]][keys[1]] = value
+    return PretrainConfig(
+        model=_build(ModelConfig, raw["model"], f"{path} [model]"),
+        train=_build(TrainConfig, raw["train"], f"{path} [train]"),
+    )

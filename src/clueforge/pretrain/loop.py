@@ -1,0 +1,370 @@
+"""The pretraining loop: one explicit loop, Accelerate for devices and processes.
+
+One process (CPU or one GPU)::
+
+    clueforge pretrain --config mini --data runs/corpus --out runs/mini
+
+Several processes (DDP; on CPU with gloo)::
+
+    accelerate launch --num_processes 2 -m clueforge pretrain --config mini --data runs/corpus --out runs/mini
+    torchrun --nproc_per_node 2 -m clueforge pretrain --config mini --data runs/corpus --out runs/mini
+
+Running the same command on an ``--out`` that holds checkpoints resumes from the newest valid one,
+exactly: data order and masking are functions of the step, and RNG/optimizer/scheduler state is
+restored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clueforge.corpus.shards import Corpus
+from clueforge.model.bert import BertForMLM, flops_per_token
+from clueforge.pretrain import checkpoint as ckpt
+from clueforge.pretrain.config import PretrainConfig
+from clueforge.pretrain.data import (Collator, MaskingConfig, Prefetcher, Sampler, batch_digest,
+                                     build_row_index, split_heldout)
+
+log = logging.getLogger("clueforge.pretrain")
+
+
+def lr_lambda(cfg, step: int) -> float:
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / max(1, t.warmup_steps)
+    if t.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    if t.schedule == "linear":
+        decay = 1.0 - progress
+    elif t.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"schedule {t.schedule!r}: expected linear, cosine or constant")
+    return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or ".ln" in name or "embeddings.ln" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, iters: int = 5) -> float:
+    """Best achieved FLOP/s of a large square matmul (best of 3 timings): the ceiling MFU is
+    measured against."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    g = torch.Generator(device=device).manual_seed(0)  # never touch the global RNG (exact resume)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * iters / best
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's ``mixed_precision`` for our config value."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard on the main process; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, out: Path, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = out / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            keep = []
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if rec.get("step", 0) <= resume_step:
+                    keep.append(line)
+            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # pragma: no cover
+            log.warning("tensorboardX missing: no TensorBoard events")
+
+    def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(enabled: bool, total: int, start: int):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    p = Progress(TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                 disable=not enabled)
+    task = p.add_task("steps", total=total, completed=start, rate="", info="")
+    return p, task
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True) -> dict:
+    """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary."""
+    from accelerate import Accelerator
+
+    from clueforge.model.hf import load_hf, save_hf
+    from clueforge.text.tokenizer import load_tokenizer, special_ids
+
+    t = cfg.train
+    data, out = Path(data), Path(out)
+    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+
+    corpus = Corpus(data)
+    vocab = data / "vocab.txt"
+    tok = load_tokenizer(vocab)
+    specials = special_ids(tok)
+    vocab_size = tok.get_vocab_size()
+    if cfg.model.vocab_size != vocab_size:
+        log.info("model.vocab_size set to the corpus vocabulary size %d", vocab_size)
+        cfg.model.vocab_size = vocab_size
+    if t.seq_len > cfg.model.max_position:
+        raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}")
+
+    index = build_row_index(corpus, t.seq_len, t.pack_docs)
+    train_rows, eval_rows = split_heldout(index, corpus)
+    sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
+    masking = MaskingConfig(t.masking, t.mask_ratio, t.mask_token_prob, t.random_token_prob)
+    collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    if t.init_from:
+        model = load_hf(t.init_from)
+        if model.cfg.vocab_size != vocab_size:
+            raise ValueError(f"{t.init_from}: vocab size {model.cfg.vocab_size} ≠ corpus vocab {vocab_size}")
+        cfg.model = model.cfg
+    else:
+        model = BertForMLM(cfg.model)
+    model.encoder.gradient_checkpointing = t.gradient_checkpointing
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
+                                  fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
+
+    ck_root = out / "checkpoints"
+    start_step, tokens_seen = 0, 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(ck_root)
+    accelerator.wait_for_everyone()
+    found = ckpt.latest_valid(ck_root)
+    if found is not None:
+        path, state = found
+        if state["world_size"] != world:
+            log.warning("resuming a %d-process run with %d processes: data order changes", state["world_size"], world)
+        ckpt.load_checkpoint(path, state, model, optimizer, rank)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, tokens_seen = state["step"], state["tokens"]
+        log.info("resumed from %s (step %d)", path, start_step)
+    else:
+        torch.manual_seed(t.seed + 1 + rank)  # dropout differs per rank
+    if main:
+        (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "data": str(data)}, indent=2))
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if found is not None and accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    raw_model: BertForMLM = accelerator.unwrap_model(model)
+    step_model = torch.compile(model) if t.compile else model
+
+    def to_device(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+    def make_batch(step: int, micro: int):
+        idx = sampler.rows(step, micro, rank)
+        rows = train_rows.select(idx)
+        rng = np.random.default_rng([t.seed, 1, step, micro, rank])
+        batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng)
+        return batch, batch_digest(rows.shard, rows.span)
+
+    def evaluate() -> dict:
+        model.eval()
+        n_batches = min(t.eval_batches, max(1, math.ceil(len(eval_rows) / t.batch_size)))
+        loss_sum = torch.zeros(3, device=device)  # loss·count, correct, count
+        with torch.no_grad():
+            for b in range(rank, n_batches, world):
+                sel = np.arange(b * t.batch_size, min(len(eval_rows), (b + 1) * t.batch_size))
+                if sel.size == 0:
+                    continue
+                rows = eval_rows.select(sel)
+                batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
+                                np.random.default_rng([t.seed, 2, b]))
+                with accelerator.autocast():
+                    o = raw_model(**to_device(batch))
+                n = o.labels.numel()
+                loss_sum += torch.stack([o.loss.float() * n, (o.logits.argmax(-1) == o.labels).sum().float(),
+                                         torch.tensor(float(n), device=device)])
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+        model.train()
+        c = max(1.0, loss_sum[2].item())
+        return {"eval_loss": loss_sum[0].item() / c, "eval_mlm_acc": loss_sum[1].item() / c}
+
+    flops_tok = flops_per_token(cfg.model, t.seq_len, mlm_fraction=t.mask_ratio)  # useful work: the head runs on masked tokens only
+    peak = (t.peak_tflops * 1e12) if t.peak_tflops else measure_peak_flops(
+        device, torch.bfloat16 if accelerator.mixed_precision == "bf16" and device.type == "cuda" else torch.float32)
+
+    metrics = MetricsWriter(out, start_step, main)
+    rank_log = None
+    if world > 1:
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        rank_log = (out / "logs" / f"rank{rank}.jsonl").open("a" if start_step else "w", encoding="utf-8")
+    if main:
+        log.info("model %.1fM params, %d train rows, %d held-out rows, %d processes, precision %s, device %s",
+                 sum(p.numel() for p in raw_model.parameters()) / 1e6, len(train_rows), len(eval_rows), world,
+                 accelerator.mixed_precision, device)
+
+    prefetch = Prefetcher(make_batch, start_step, t.grad_accum, t.prefetch)
+    progress, task = _progress(show_progress and main, t.max_steps, start_step)
+    model.train()
+    def new_window() -> dict:
+        return {"sums": torch.zeros(3, device=device, dtype=torch.float64), "tokens": 0, "wait": 0.0,
+                "t0": time.perf_counter()}
+
+    window = new_window()
+    unlogged_tokens = 0  # this rank's tokens not yet added to ``tokens_seen``
+    last_eval: dict = {}
+    step = start_step
+    try:
+        with progress:
+            while step < t.max_steps:
+                for micro in range(t.grad_accum):
+                    (batch, digest), waited = prefetch.get()
+                    window["wait"] += waited
+                    if rank_log is not None:
+                        rank_log.write(json.dumps({"step": step, "micro": micro, "rows": digest}) + "\n")
+                    tb = to_device(batch)
+                    sync = micro == t.grad_accum - 1
+                    with accelerator.no_sync(model) if not sync else nullcontext():
+                        with accelerator.autocast():
+                            o = step_model(**tb)
+                        accelerator.backward(o.loss / t.grad_accum)
+                    n = o.labels.numel()
+                    window["sums"] += torch.stack([o.loss.detach().double() * n,
+                                                   (o.logits.detach().argmax(-1) == o.labels).sum().double(),
+                                                   torch.tensor(float(n), device=device, dtype=torch.float64)])
+                    real = int(batch["attention_mask"].sum())
+                    window["tokens"] += real
+                    unlogged_tokens += real
+                grad_norm = None
+                if t.clip_grad > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                if step % t.log_every == 0 or step == t.max_steps:
+                    extra = torch.tensor([window["tokens"], unlogged_tokens], device=device, dtype=torch.float64)
+                    stats = accelerator.reduce(torch.cat([window["sums"], extra]), "sum")
+                    elapsed = time.perf_counter() - window["t0"]
+                    tokens_seen += int(stats[4].item())
+                    unlogged_tokens = 0
+                    tps = stats[3].item() / elapsed
+                    rec = {
+                        "step": step,
+                        "loss": stats[0].item() / max(1.0, stats[2].item()),
+                        "mlm_acc": stats[1].item() / max(1.0, stats[2].item()),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens": tokens_seen,
+                        "tokens_per_s": tps,
+                        "mfu": tps * flops_tok / (peak * world),
+                        "data_wait_share": window["wait"] / elapsed,
+                        "epoch": sampler.epoch_of(step),
+                    }
+                    if grad_norm is not None:
+                        rec["grad_norm"] = float(grad_norm)
+                    if t.eval_every and step % t.eval_every == 0 or step == t.max_steps:
+                        last_eval = evaluate()
+                        rec.update(last_eval)
+                    metrics.write(rec)
+                    progress.update(task, completed=step, rate=f"{tps:,.0f} tok/s",
+                                    info=f"loss {rec['loss']:.3f} acc {rec['mlm_acc']:.3f}")
+                    window = new_window()
+                else:
+                    progress.update(task, completed=step)
+
+                if step % t.save_every == 0 or step == t.max_steps:
+                    tokens_seen += int(accelerator.reduce(
+                        torch.tensor([unlogged_tokens], device=device, dtype=torch.float64), "sum").item())
+                    unlogged_tokens = 0
+                    state = {"tokens": tokens_seen, "scheduler": scheduler.state_dict(),
+                             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                             "config": cfg.to_dict()}
+                    ckpt.write_rank_rng(ckpt.tmp_dir(ck_root, step), rank)
+                    accelerator.wait_for_everyone()
+                    if main:
+                        ckpt.save_checkpoint(ck_root, step, raw_model, optimizer, state, world, t.keep_checkpoints)
+                    accelerator.wait_for_everyone()
+    finally:
+        prefetch.close()
+        metrics.close()
+
+    digest = state_digest(raw_model)
+    if rank_log is not None:
+        rank_log.write(json.dumps({"final_state_sha": digest}) + "\n")
+        rank_log.close()
+    if main:
+        save_hf(raw_model, out / "final", vocab=vocab)
+    accelerator.wait_for_everyone()
+    summary = {"steps": step, "tokens": tokens_seen, "final": str(out / "final"), "state_sha": digest, **last_eval}
+    accelerator.end_training()
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()})
+
+

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from clueforge.model.bert import BertForMLM, ModelConfig
+from clueforge.model.hf import load_hf, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_hf(tmp_path, **kw):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, max_position_embeddings=64, **kw)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    # random non-trivial LayerNorm/bias values so the key map is really exercised
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 211, (3, 24), generator=g)
+    mask = torch.ones(3, 24, dtype=torch.long)
+    mask[1, 17:] = 0
+    types = torch.zeros(3, 24, dtype=torch.long)
+    types[2, 12:] = 1
+    return ids, mask, types
+
+
+def test_hf_to_clueforge_logits_equal(tmp_path):
+    hf, path = _tiny_hf(tmp_path)
+    ours = load_hf(path).eval()
+    ids, mask, types = _inputs()
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        b = ours(ids, mask, types).logits
+    keep = mask.bool()
+    assert_close(b[keep], a[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_clueforge_to_hf_logits_equal(tmp_path):
+    torch.manual_seed(3)
+    ours = BertForMLM(ModelConfig(vocab_size=211, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96,
+                                  max_position=64)).eval()
+    save_hf(ours, tmp_path / "ours")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    ids, mask, types = _inputs()
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        b = ours(ids, mask, types).logits
+    keep = mask.bool()
+    assert_close(a[keep], b[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_bare_bert_model_and_legacy_names(tmp_path):
+    """A ``BertModel`` directory (no MLM head, old gamma/beta names) loads; the head stays initialised."""
+    from safetensors.torch import load_file, save_file
+
+    hf, path = _tiny_hf(tmp_path)
+    sd = load_file(path / "model.safetensors")
+    bare = {k.removeprefix("bert.").replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+            for k, v in sd.items() if k.startswith("bert.")}
+    save_file(bare, path / "model.safetensors")
+    ours = load_hf(path).eval()
+    ids, mask, _ = _inputs()
+    with torch.no_grad():
+        ref = hf.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours.encoder(ids, mask)
+    assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_mlm_loss_equals_dense():
+    torch.manual_seed(0)
+    m = BertForMLM(ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                               max_position=32)).eval()
+    ids = torch.randint(5, 101, (4, 20))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::5] = ids[:, ::5]
+    s = m(ids, labels=labels, sparse=True)
+    d = m(ids, labels=labels, sparse=False)
+    assert_close(s.loss, d.loss)
+    assert_close(s.logits, d.logits)
+    s.loss.backward()
+    g_sparse = m.encoder.embeddings.word.weight.grad.clone()
+    m.zero_grad()
+    d.loss.backward()
+    assert_close(g_sparse, m.encoder.embeddings.word.weight.grad)
+
+
+def test_gradient_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position=32,
+                      dropout=0.0, attention_dropout=0.0)
+    m = BertForMLM(cfg).train()
+    ids = torch.randint(5, 101, (2, 16))
+    labels = ids.clone()
+    m(ids, labels=labels).loss.backward()
+    ref = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.encoder.gradient_checkpointing = True
+    m(ids, labels=labels).loss.backward()
+    for a, b in zip(ref, [p.grad for p in m.parameters()]):
+        assert_close(a, b)
+
+
+def test_doc_attention_keeps_documents_apart():
+    torch.manual_seed(0)
+    m = BertForMLM(ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                               max_position=32)).eval()
+    ids = torch.randint(5, 101, (1, 12))
+    docs = torch.tensor([[0] * 6 + [1] * 6])
+    other = ids.clone()
+    other[0, 6:] = torch.randint(5, 101, (6,))
+    with torch.no_grad():
+        a = m.encoder(ids, doc_ids=docs)
+        b = m.encoder(other, doc_ids=docs)
+        c = m.encoder(other)
+    assert_close(a[0, :6], b[0, :6])  # the first document cannot see the second
+    assert not torch.allclose(a[0, :6], c[0, :6])  # without the mask it can
+
+
+def test_pre_ln_saves_but_transformers_refuses(tmp_path):
+    m = BertForMLM(ModelConfig(vocab_size=101, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                               max_position=32, pre_ln=True)).eval()
+    save_hf(m, tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["model_type"] != "bert"
+    again = load_hf(tmp_path / "p").eval()
+    ids = torch.randint(5, 101, (2, 8))
+    with torch.no_grad():
+        assert_close(again(ids).logits, m(ids).logits)
+
+
+def test_missing_weights_named(tmp_path):
+    _, path = _tiny_hf(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(path / "model.safetensors")
+    sd.pop("bert.encoder.layer.1.output.dense.weight")
+    save_file(sd, path / "model.safetensors")
+    with pytest.raises(KeyError, match="layer.1.output.dense.weight"):
+        load_hf(path)
