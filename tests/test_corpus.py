@@ -120,3 +120,33 @@ def test_real_corpus_slice(tmp_path, bert_vocab):
     st = c.stats(vocab_unk_id=100)
     assert st["unk_rate"] < 0.01 and 1.2 < st["word_tokens"]["mean"] < 2.5
     shutil.rmtree(tmp_path / "o")
+
+
+MIXED_DOCS = ["我在ＡＢＣ公司买了iPhone 15 Pro，花了7999元！", "Naïve café résumé 2024年12月31日。", "",
+              "表情🙂👍🏻与符号©®™，网址https://example.com/a_b?x=1。\n第二行", "   ", "x", "……“引号”（括号）【方括号】"]
+
+
+def _fast_equals_plain(texts, vocab):
+    from clueforge.text.tokenizer import FastChineseEncoder
+
+    tok, seg = load_tokenizer(vocab), Segmenter()
+    plain = encode_documents(texts, tok, seg)
+    fast = encode_documents(texts, tok, seg, FastChineseEncoder(tok))
+    for a, b in zip(plain, fast):
+        np.testing.assert_array_equal(a, b)
+    return plain
+
+
+def test_fast_tokenizer_path_equals_plain_on_mixed_text(bert_vocab, sample_vocab):
+    for vocab in (bert_vocab, sample_vocab):
+        ids, *_ = _fast_equals_plain(MIXED_DOCS, vocab)
+        assert ids.size > 50
+
+
+def test_fast_tokenizer_path_equals_plain_on_real_corpus(bert_vocab):
+    from clueforge.text.normalize import normalize
+
+    src = shared("corpus", "corpus.jsonl")
+    with open(src, encoding="utf-8") as fh:
+        texts = [normalize(json.loads(next(fh))["text"], keep_newlines=True) for _ in range(4000)]
+    _fast_equals_plain(texts, bert_vocab)

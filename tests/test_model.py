@@ -146,3 +146,27 @@ def test_missing_weights_named(tmp_path):
     save_file(sd, path / "model.safetensors")
     with pytest.raises(KeyError, match="layer.1.output.dense.weight"):
         load_hf(path)
+
+
+def test_sequence_classifier_parity_both_ways(tmp_path):
+    from clueforge.model.hf import load_hf_classifier
+
+    torch.manual_seed(0)
+    hc = transformers.BertConfig(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=96, max_position_embeddings=64, num_labels=3)
+    hf = transformers.BertForSequenceClassification(hc).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_classifier(tmp_path / "hf", 3).eval()
+    ids, mask, types = _inputs()
+    with torch.no_grad():
+        assert_close(ours(ids, mask, types)[1], hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits,
+                     atol=1e-5, rtol=1e-5)
+    save_hf(ours, tmp_path / "back")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert_close(again(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, ours(ids, mask, types)[1],
+                     atol=1e-5, rtol=1e-5)
+    # a pretrained MLM directory gives the encoder; the classifier head starts fresh
+    _, mlm_dir = _tiny_hf(tmp_path / "mlm")
+    fresh = load_hf_classifier(mlm_dir, 5)
+    assert fresh.classifier.weight.shape == (5, 48)

@@ -189,11 +189,12 @@ _STATE: dict = {}
 
 def _init_worker(cfg_dict: dict) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from clueforge.text.tokenizer import load_tokenizer
+    from clueforge.text.tokenizer import FastChineseEncoder, load_tokenizer
 
     cfg = BuildConfig(**cfg_dict)
     _STATE["cfg"] = cfg
     _STATE["tok"] = load_tokenizer(cfg.vocab)
+    _STATE["fast"] = FastChineseEncoder(_STATE["tok"])
     _STATE["seg"] = Segmenter(cfg.user_dict)
 
 
@@ -227,21 +228,27 @@ def _decode(doc: RawDoc, cfg: BuildConfig) -> tuple[str | None, str | None]:
     return text, None
 
 
-def encode_documents(texts: list[str], tok, seg: Segmenter) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def encode_documents(texts: list[str], tok, seg: Segmenter, fast=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Tokenise ``texts`` and align word/sentence/document starts and POS ids to the tokens.
 
-    Returns ``ids (uint16), flags (uint8), pos (uint8), tokens_per_doc (int64)``.
+    ``fast`` is a ``FastChineseEncoder`` for ``tok`` (table lookups for Chinese characters and
+    punctuation; equal ids, see the equivalence test) or ``None`` for plain ``encode_batch``.
+    Returns ``ids (int64), flags (uint8), pos (uint8), tokens_per_doc (int64)``.
     """
-    encs = tok.encode_batch(texts, add_special_tokens=False)
-    ntok = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
-    total = int(ntok.sum())
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=total)
-    offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), dtype=np.int64, count=2 * total)
-    tok_char = offs[0::2]  # (N,) token start, doc-relative
-
+    if fast is not None:
+        ids, tok_char, ntok = fast.encode(texts)  # tok_char: chunk-relative token starts
+        total = int(ids.size)
+    else:
+        encs = tok.encode_batch(texts, add_special_tokens=False)
+        ntok = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        total = int(ntok.sum())
+        ids = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.int64, count=total)
+        offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), dtype=np.int64,
+                           count=2 * total)
     doc_len = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
     doc_base = np.cumsum(doc_len) - doc_len
-    tok_char = tok_char + np.repeat(doc_base, ntok)  # chunk-relative char offsets
+    if fast is None:
+        tok_char = offs[0::2] + np.repeat(doc_base, ntok)  # (N,) chunk-relative token starts
 
     words: list[int] = []
     tags: list[int] = []
@@ -296,7 +303,7 @@ def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: st
                 stats.examples.append({"file": doc.file, "line": doc.line, "reason": reason, "preview": preview})
             continue
         texts.append(text)
-    ids, flags, pos, ntok = encode_documents(texts, _STATE["tok"], _STATE["seg"])
+    ids, flags, pos, ntok = encode_documents(texts, _STATE["tok"], _STATE["seg"], _STATE["fast"])
     empty = int((ntok == 0).sum())  # e.g. only characters the tokenizer drops
     if empty:
         skipped["no_tokens"] += empty

@@ -39,12 +39,26 @@ _FIXED_MAP = {
     "encoder.embeddings.ln.bias": "bert.embeddings.LayerNorm.bias",
     "encoder.final_ln.weight": "bert.encoder.final_layer_norm.weight",  # pre-LN only (clueforge)
     "encoder.final_ln.bias": "bert.encoder.final_layer_norm.bias",
+}
+_MLM_HEAD_MAP = {
     "head.dense.weight": "cls.predictions.transform.dense.weight",
     "head.dense.bias": "cls.predictions.transform.dense.bias",
     "head.ln.weight": "cls.predictions.transform.LayerNorm.weight",
     "head.ln.bias": "cls.predictions.transform.LayerNorm.bias",
     "head.bias": "cls.predictions.bias",
 }
+_CLS_HEAD_MAP = {
+    "pooler.weight": "bert.pooler.dense.weight",
+    "pooler.bias": "bert.pooler.dense.bias",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
+}
+
+
+def _head_map(model) -> dict[str, str]:
+    from clueforge.model.heads import SequenceClassifier
+
+    return _CLS_HEAD_MAP if isinstance(model, SequenceClassifier) else _MLM_HEAD_MAP
 _QKV = ("query", "key", "value")
 
 
@@ -99,7 +113,8 @@ def config_from_hf(d: dict, path: Path | None = None) -> ModelConfig:
     )
 
 
-def to_hf_state_dict(model: BertForMLM) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """A ``BertForMLM`` or ``SequenceClassifier`` state dict under HF names."""
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for i in range(model.cfg.num_layers):
@@ -110,7 +125,7 @@ def to_hf_state_dict(model: BertForMLM) -> dict[str, torch.Tensor]:
                 out[hf + f"attention.self.{name}.{part}"] = t
         for k, v in _LAYER_MAP.items():
             out[hf + v] = sd[ours + k]
-    for k, v in _FIXED_MAP.items():
+    for k, v in {**_FIXED_MAP, **_head_map(model)}.items():
         if k in sd:
             out[v] = sd[k]
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
@@ -120,15 +135,16 @@ def _normalise_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if not k.startswith(("bert.", "cls.")):
+        if not k.startswith(("bert.", "cls.", "classifier.")):
             k = "bert." + k  # a bare BertModel checkpoint
         out[k] = v
     return out
 
 
-def from_hf_state_dict(model: BertForMLM, hf: dict[str, torch.Tensor], *, strict_head: bool = False) -> list[str]:
-    """Copy HF weights into ``model``. Returns the names of our parameters that the checkpoint
-    lacked (e.g. the MLM head of a bare ``BertModel``), which keep their initialisation."""
+def from_hf_state_dict(model, hf: dict[str, torch.Tensor], *, strict_head: bool = False) -> list[str]:
+    """Copy HF weights into ``model`` (``BertForMLM`` or ``SequenceClassifier``). Returns the names
+    of our head parameters that the checkpoint lacked (e.g. the MLM head of a bare ``BertModel``,
+    the classifier of a pretrained encoder), which keep their initialisation."""
     hf = _normalise_hf_keys(hf)
     target: dict[str, torch.Tensor] = {}
     for i in range(model.cfg.num_layers):
@@ -148,11 +164,15 @@ def from_hf_state_dict(model: BertForMLM, hf: dict[str, torch.Tensor], *, strict
     for k, v in _FIXED_MAP.items():
         if v in hf:
             target[k] = hf[v]
-        elif k.startswith("head.") or k.startswith("encoder.final_ln"):
-            absent.append(k)
-        else:
+        elif not k.startswith("encoder.final_ln"):
             raise KeyError(f"checkpoint lacks {v}")
-    absent = [k for k in absent if k in dict(model.named_parameters())]
+    for k, v in _head_map(model).items():
+        if v in hf:
+            target[k] = hf[v]
+        else:
+            absent.append(k)
+    if model.cfg.pre_ln and "encoder.final_ln.weight" not in target:
+        raise KeyError("checkpoint lacks bert.encoder.final_layer_norm (a pre-LN model needs it)")
     if strict_head and absent:
         raise KeyError(f"checkpoint lacks {absent}")
     own = model.state_dict()
@@ -180,19 +200,34 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def load_hf(path: str | Path) -> BertForMLM:
-    """Build a ``BertForMLM`` from a local HF BERT-family directory."""
-    path = Path(path)
-    cfg_file = path / "config.json"
+def read_hf_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: not a Hugging Face model directory")
-    cfg = config_from_hf(json.loads(cfg_file.read_text()), cfg_file)
+    raw = json.loads(cfg_file.read_text())
+    return config_from_hf(raw, cfg_file), raw
+
+
+def load_hf(path: str | Path) -> BertForMLM:
+    """Build a ``BertForMLM`` from a local HF BERT-family directory."""
+    cfg, _ = read_hf_config(path)
     model = BertForMLM(cfg)
-    from_hf_state_dict(model, read_hf_weights(path))
+    from_hf_state_dict(model, read_hf_weights(Path(path)))
     return model
 
 
-def save_hf(model: BertForMLM, out: str | Path, *, vocab: str | Path | None = None) -> Path:
+def load_hf_classifier(path: str | Path, num_labels: int):
+    """A ``SequenceClassifier`` from a local HF directory: a pretrained encoder (head initialised)
+    or a fine-tuned ``BertForSequenceClassification`` (head loaded; ``num_labels`` must match)."""
+    from clueforge.model.heads import SequenceClassifier
+
+    cfg, _ = read_hf_config(path)
+    model = SequenceClassifier(cfg, num_labels)
+    from_hf_state_dict(model, read_hf_weights(Path(path)))
+    return model
+
+
+def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_config: dict | None = None) -> Path:
     """Write ``out/`` in the HF layout (atomically: a temporary directory renamed at the end)."""
     from clueforge.text.tokenizer import save_tokenizer_files
 
@@ -200,7 +235,15 @@ def save_hf(model: BertForMLM, out: str | Path, *, vocab: str | Path | None = No
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    cfg = hf_config(model.cfg)
+    from clueforge.model.heads import SequenceClassifier
+
+    if isinstance(model, SequenceClassifier) and not model.cfg.pre_ln:
+        cfg["architectures"] = ["BertForSequenceClassification"]
+        cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        cfg["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+    cfg.update(extra_config or {})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     if vocab is not None:
         save_tokenizer_files(vocab, tmp, max_length=model.cfg.max_position)
     if out.exists():

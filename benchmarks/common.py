@@ -1,0 +1,72 @@
+"""Helpers shared by the benchmarks: where the data is, a corpus to read, machine facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+BERT_VOCAB = SHARED / "vocab" / "bert-chinese-vocab.txt"
+CORPUS = SHARED / "corpus" / "corpus.jsonl"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        info["cpu"] = model
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def benchmark_corpus(data: str | None, lines: int = 20000) -> Path:
+    """A built corpus: ``data`` if given, else the first ``lines`` documents of the real corpus with
+    the Chinese BERT vocab, else the embedded sample with its own vocab."""
+    from clueforge.corpus.build import BuildConfig, build_corpus, iter_texts
+    from clueforge.text.vocab import build_vocab
+
+    if data:
+        return Path(data)
+    tmp = Path(tempfile.mkdtemp(prefix="clueforge-bench-"))
+    if CORPUS.is_file() and BERT_VOCAB.is_file():
+        src = tmp / "head.jsonl"
+        with open(CORPUS, "rb") as fh, open(src, "wb") as out:
+            for _, line in zip(range(lines), fh):
+                out.write(line)
+        build_corpus([src], tmp / "corpus", BuildConfig(vocab=str(BERT_VOCAB)), workers=1)
+        return tmp / "corpus"
+    sample = ROOT / "src" / "clueforge" / "data" / "sample_corpus.txt"
+    cfg = BuildConfig(vocab="", doc_sep="blank")
+    build_vocab(iter_texts([sample], cfg), tmp / "vocab.txt", vocab_size=2000, min_frequency=1)
+    cfg.vocab = str(tmp / "vocab.txt")
+    build_corpus([sample], tmp / "corpus", cfg)
+    return tmp / "corpus"
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    print(json.dumps(obj, indent=2, ensure_ascii=False))

@@ -1,0 +1,127 @@
+"""Sentence-pair classification latency: clueforge against transformers.BertForSequenceClassification.
+
+    python benchmarks/inference.py --out bench-out/inference.json
+    python benchmarks/inference.py --configs mini --batches 1 --threads 1 --repeats 50
+
+For each config (tiny, mini), batch size (1, 32) and thread count (1, all cores): the same random
+weights in both models (ours loaded from the transformers model through the HF key map, so the
+outputs are checked equal first), the same sentence pairs of length 128 (real OCNLI pairs when
+``../shared/data`` is there), median latency over ``--repeats`` calls after warm-up, sides
+alternating, all under ``torch.inference_mode``; transformers with its default attention.
+
+Contenders: transformers fp32 (what a user runs by default) and the same model with dynamic int8
+quantisation (so the int8 comparison is like for like); clueforge fp32, bf16 and int8
+(``clueforge.model.inference.optimize_for_inference``). ``latency_ratio`` = clueforge fp32 /
+transformers fp32; ``int8_ratio`` = clueforge int8 / transformers fp32; ``int8_vs_int8`` =
+clueforge int8 / transformers int8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
+
+from clueforge.model.hf import load_hf_classifier  # noqa: E402
+from clueforge.model.inference import optimize_for_inference  # noqa: E402
+from clueforge.pretrain.config import load_config  # noqa: E402
+
+
+def pairs(n: int) -> list[tuple[str, str]]:
+    f = SHARED / "tasks" / "ocnli" / "dev.json"
+    if f.is_file():
+        rows = [json.loads(line) for line in f.open(encoding="utf-8")]
+        return [(r["sentence1"] * 4, r["sentence2"] * 4) for r in rows[:n]]  # long enough to fill 128
+    return [("今天天气很好，我们一起去公园散步吧。" * 6, "天气不错，适合出门。" * 8)] * n
+
+
+def tokenizer():
+    from transformers import BertTokenizerFast
+
+    d = Path(tempfile.mkdtemp())
+    if BERT_VOCAB.is_file():
+        (d / "vocab.txt").write_bytes(BERT_VOCAB.read_bytes())
+    else:
+        chars = sorted(set("".join(a + b for a, b in pairs(1))))
+        (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n")
+    return BertTokenizerFast.from_pretrained(d)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["tiny", "mini"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, os.cpu_count()])
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default="bench-out/inference.json")
+    args = ap.parse_args()
+
+    import transformers
+
+    tok = tokenizer()
+    results = []
+    for name in args.configs:
+        mc = load_config(name).model
+        hc = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=mc.hidden_size,
+                                     num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
+                                     intermediate_size=mc.intermediate_size, max_position_embeddings=mc.max_position,
+                                     num_labels=3)
+        torch.manual_seed(0)
+        hf = transformers.BertForSequenceClassification(hc).eval()
+        d = Path(tempfile.mkdtemp())
+        hf.save_pretrained(d)
+        ours = load_hf_classifier(d, 3).eval()
+        variants = {"clueforge_fp32": ours, "clueforge_bf16": optimize_for_inference(ours, "bf16"),
+                    "clueforge_int8": optimize_for_inference(ours, "int8")}
+        hf_int8 = torch.ao.quantization.quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
+        for bs in args.batches:
+            a, b = zip(*pairs(bs))
+            enc = tok(list(a), list(b), truncation=True, max_length=args.seq_len, padding="max_length", return_tensors="pt")
+            with torch.inference_mode():
+                ref = hf(**enc).logits
+                got = ours(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[1]
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                fns = {"transformers_fp32": lambda: hf(**enc), "transformers_int8": lambda: hf_int8(**enc)}
+                for k, m in variants.items():
+                    fns[k] = lambda m=m: m(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+                times: dict[str, list[float]] = {k: [] for k in fns}
+                with torch.inference_mode():
+                    for fn in fns.values():
+                        timed(fn, 3)
+                    for _ in range(3):  # alternate in rounds
+                        for k, fn in fns.items():
+                            times[k] += timed(fn, max(1, args.repeats // 3))
+                row = {"config": name, "batch": bs, "seq_len": args.seq_len, "threads": threads}
+                row.update({f"{k}_ms": round(1000 * statistics.median(v), 2) for k, v in times.items()})
+                row["latency_ratio"] = round(row["clueforge_fp32_ms"] / row["transformers_fp32_ms"], 3)
+                row["int8_ratio"] = round(row["clueforge_int8_ms"] / row["transformers_fp32_ms"], 3)
+                row["int8_vs_int8"] = round(row["clueforge_int8_ms"] / row["transformers_int8_ms"], 3)
+                results.append(row)
+                print(row, flush=True)
+    write_json(args.out, {"benchmark": "inference", "rows": results, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
