@@ -170,3 +170,32 @@ def test_sequence_classifier_parity_both_ways(tmp_path):
     _, mlm_dir = _tiny_hf(tmp_path / "mlm")
     fresh = load_hf_classifier(mlm_dir, 5)
     assert fresh.classifier.weight.shape == (5, 48)
+
+
+@pytest.mark.parametrize("head,cls_name,labels", [
+    ("sequence", "BertForSequenceClassification", 3), ("choice", "BertForMultipleChoice", 1),
+    ("token", "BertForTokenClassification", 7), ("span", "BertForQuestionAnswering", 2)])
+def test_every_task_head_matches_transformers(tmp_path, head, cls_name, labels):
+    from clueforge.model.hf import load_hf_task
+
+    torch.manual_seed(0)
+    hc = transformers.BertConfig(vocab_size=211, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=96, max_position_embeddings=64, num_labels=labels)
+    hf = getattr(transformers, cls_name)(hc).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_task(tmp_path / "hf", head, labels).eval()
+    ids, mask, types = _inputs()
+    if head == "choice":
+        ids, mask, types = ids.view(1, 3, -1), mask.view(1, 3, -1), types.view(1, 3, -1)
+    with torch.no_grad():
+        out = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        ref = torch.stack([out.start_logits, out.end_logits], -1) if head == "span" else out.logits
+        got = ours(ids, mask, types)
+    keep = mask.bool() if head in ("token", "span") else slice(None)
+    assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    save_hf(ours, tmp_path / "back")
+    again = getattr(transformers, cls_name).from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        out = again(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        ref = torch.stack([out.start_logits, out.end_logits], -1) if head == "span" else out.logits
+    assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)

@@ -178,6 +178,21 @@ class MLMHead(nn.Module):
         return F.linear(h, self.decoder.weight, self.bias)  # (..., V)
 
 
+def init_weights(model: nn.Module, std: float) -> None:
+    """BERT initialisation: normal(0, std) weights, zero biases and padding row, unit LayerNorm."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.padding_idx is not None:
+                m.weight.data[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 @dataclass
 class MLMOutput:
     loss: torch.Tensor | None
@@ -194,20 +209,7 @@ class BertForMLM(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.head = MLMHead(cfg, self.encoder.embeddings.word)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        std = self.cfg.initializer_range
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, std)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, std)
-            if m.padding_idx is not None:
-                m.weight.data[m.padding_idx].zero_()
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_weights(self, cfg.initializer_range)
 
     def forward(
         self,

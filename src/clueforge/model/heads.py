@@ -1,39 +1,65 @@
-"""Task heads on the shared encoder (the HF ``BertFor*`` layouts, so checkpoints interoperate)."""
+"""Task heads on the shared encoder, in the Hugging Face ``BertFor*`` layouts so fine-tuned
+checkpoints load in ``transformers`` too.
+
+=========  ==========================================  ====================================
+head       computes                                    HF class / weight names
+=========  ==========================================  ====================================
+sequence   [CLS] → pooler(tanh) → dropout → C logits    BertForSequenceClassification
+choice     each (context, choice) row → 1 score         BertForMultipleChoice
+token      every token → C logits                       BertForTokenClassification
+span       every token → start/end logits               BertForQuestionAnswering
+=========  ==========================================  ====================================
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clueforge.model.bert import Encoder, ModelConfig
+from clueforge.model.bert import Encoder, ModelConfig, init_weights
+
+HEADS = ("sequence", "choice", "token", "span")
 
 
-class SequenceClassifier(nn.Module):
-    """[CLS] → pooler (dense + tanh) → dropout → linear: ``BertForSequenceClassification``."""
+class TaskModel(nn.Module):
+    """Encoder + one task head. ``forward`` returns logits:
+    sequence (B, C); choice (B, K) from inputs (B, K, T); token (B, T, C); span (B, T, 2)."""
+
+    def __init__(self, cfg: ModelConfig, head: str, num_labels: int):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head {head!r}: expected one of {HEADS}")
+        self.cfg, self.head, self.num_labels = cfg, head, num_labels
+        self.encoder = Encoder(cfg)
+        d = cfg.hidden_size
+        self.drop = nn.Dropout(cfg.dropout)
+        if head in ("sequence", "choice"):
+            self.pooler = nn.Linear(d, d)
+        out = {"sequence": num_labels, "choice": 1, "token": num_labels, "span": 2}[head]
+        self.classifier = nn.Linear(d, out)
+        init_weights(self, cfg.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        shape = input_ids.shape
+        if self.head == "choice":  # (B, K, T) → (B·K, T)
+            flat = lambda x: None if x is None else x.reshape(-1, shape[-1])  # noqa: E731
+            input_ids, attention_mask, token_type_ids = flat(input_ids), flat(attention_mask), flat(token_type_ids)
+        h = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, D)
+        if self.head in ("sequence", "choice"):
+            pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, D)
+            logits = self.classifier(self.drop(pooled))  # (B, C) or (B·K, 1)
+            return logits.view(shape[0], shape[1]) if self.head == "choice" else logits
+        return self.classifier(self.drop(h))  # (B, T, C) or (B, T, 2)
+
+
+class SequenceClassifier(TaskModel):
+    """``TaskModel`` with the sequence head; ``forward`` also takes labels: ``(loss, logits)``."""
 
     def __init__(self, cfg: ModelConfig, num_labels: int):
-        super().__init__()
-        self.cfg = cfg
-        self.num_labels = num_labels
-        self.encoder = Encoder(cfg)
-        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
-        for m in (self.pooler, self.classifier):
-            nn.init.normal_(m.weight, 0.0, cfg.initializer_range)
-            nn.init.zeros_(m.bias)
+        super().__init__(cfg, "sequence", num_labels)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Returns ``(loss or None, logits (B, num_labels))``."""
-        h = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, D)
-        pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, D)
-        logits = self.classifier(self.drop(pooled))  # (B, C)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):  # type: ignore[override]
+        logits = super().forward(input_ids, attention_mask, token_type_ids)
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
         return loss, logits

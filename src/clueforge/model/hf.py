@@ -47,18 +47,21 @@ _MLM_HEAD_MAP = {
     "head.ln.bias": "cls.predictions.transform.LayerNorm.bias",
     "head.bias": "cls.predictions.bias",
 }
-_CLS_HEAD_MAP = {
-    "pooler.weight": "bert.pooler.dense.weight",
-    "pooler.bias": "bert.pooler.dense.bias",
-    "classifier.weight": "classifier.weight",
-    "classifier.bias": "classifier.bias",
+_POOLER = {"pooler.weight": "bert.pooler.dense.weight", "pooler.bias": "bert.pooler.dense.bias"}
+_CLASSIFIER = {"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+_TASK_HEAD_MAPS = {
+    "sequence": {**_POOLER, **_CLASSIFIER},
+    "choice": {**_POOLER, **_CLASSIFIER},
+    "token": _CLASSIFIER,
+    "span": {"classifier.weight": "qa_outputs.weight", "classifier.bias": "qa_outputs.bias"},
 }
+HF_ARCHITECTURES = {"sequence": "BertForSequenceClassification", "choice": "BertForMultipleChoice",
+                    "token": "BertForTokenClassification", "span": "BertForQuestionAnswering"}
 
 
 def _head_map(model) -> dict[str, str]:
-    from clueforge.model.heads import SequenceClassifier
-
-    return _CLS_HEAD_MAP if isinstance(model, SequenceClassifier) else _MLM_HEAD_MAP
+    head = getattr(model, "head", None)
+    return _TASK_HEAD_MAPS[head] if isinstance(head, str) else _MLM_HEAD_MAP
 _QKV = ("query", "key", "value")
 
 
@@ -135,7 +138,7 @@ def _normalise_hf_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        if not k.startswith(("bert.", "cls.", "classifier.")):
+        if not k.startswith(("bert.", "cls.", "classifier.", "qa_outputs.")):
             k = "bert." + k  # a bare BertModel checkpoint
         out[k] = v
     return out
@@ -217,12 +220,22 @@ def load_hf(path: str | Path) -> BertForMLM:
 
 
 def load_hf_classifier(path: str | Path, num_labels: int):
-    """A ``SequenceClassifier`` from a local HF directory: a pretrained encoder (head initialised)
-    or a fine-tuned ``BertForSequenceClassification`` (head loaded; ``num_labels`` must match)."""
+    """A ``SequenceClassifier`` from a local HF directory (see ``load_hf_task``)."""
     from clueforge.model.heads import SequenceClassifier
 
     cfg, _ = read_hf_config(path)
     model = SequenceClassifier(cfg, num_labels)
+    from_hf_state_dict(model, read_hf_weights(Path(path)))
+    return model
+
+
+def load_hf_task(path: str | Path, head: str, num_labels: int):
+    """A ``TaskModel`` from a local HF directory: a pretrained encoder (head initialised) or a
+    fine-tuned ``BertFor*`` checkpoint of that head (head loaded; shapes must match)."""
+    from clueforge.model.heads import TaskModel
+
+    cfg, _ = read_hf_config(path)
+    model = TaskModel(cfg, head, num_labels)
     from_hf_state_dict(model, read_hf_weights(Path(path)))
     return model
 
@@ -236,10 +249,10 @@ def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_co
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
     cfg = hf_config(model.cfg)
-    from clueforge.model.heads import SequenceClassifier
-
-    if isinstance(model, SequenceClassifier) and not model.cfg.pre_ln:
-        cfg["architectures"] = ["BertForSequenceClassification"]
+    head = getattr(model, "head", None)
+    if isinstance(head, str) and not model.cfg.pre_ln:
+        cfg["architectures"] = [HF_ARCHITECTURES[head]]
+    if head in ("sequence", "token"):
         cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
         cfg["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
     cfg.update(extra_config or {})

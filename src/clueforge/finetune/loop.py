@@ -1,0 +1,285 @@
+"""Fine-tune, evaluate and predict any CLUE-family task: one loop for every task family.
+
+    clueforge finetune ocnli --data ../shared/data/tasks/ocnli --model runs/mini/final --out runs/ft/ocnli
+    clueforge predict ocnli --model runs/ft/ocnli/best --input ../shared/data/tasks/ocnli/test.json --out sub/ocnli_50k_predict.json
+
+The family module of the task (``clueforge.tasks.<family>``) supplies loading, encoding, the head,
+the loss, decoding, the metric and the submission rows; this loop owns batching, the optimizer
+and schedule, the tricks (``finetune.tricks``), evaluation each epoch, the best checkpoint and
+the metrics files. ``state`` carries what a family needs beyond its examples (the label list, the
+knowledge base of KgCLUE), and is saved with the checkpoint so that ``predict`` needs only it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clueforge.finetune.tricks import EMA, FGM, llrd_param_groups, symmetric_kl
+from clueforge.model.hf import load_hf_task, read_hf_config, save_hf
+from clueforge.tasks.io import TaskDataError
+from clueforge.tasks.registry import Task, get_task, with_overrides
+from clueforge.text.tokenizer import load_tokenizer, save_tokenizer_files
+
+log = logging.getLogger("clueforge.finetune")
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int | None = None
+    """Epochs (default: the task's CLUE baseline value)."""
+    lr: float | None = None
+    """Peak learning rate (default: the task's)."""
+    batch_size: int | None = None
+    max_length: int | None = None
+    seed: int = 42
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (tests, quick runs)."""
+    max_train: int | None = None
+    """Use only the first N training examples."""
+    max_eval: int | None = None
+    """Score only the first N dev examples."""
+    eval_batch_size: int = 64
+    rdrop: float = 0.0
+    """R-Drop weight α (0 = off)."""
+    fgm: float = 0.0
+    """FGM adversarial step ε on word embeddings (0 = off)."""
+    ema: float = 0.0
+    """EMA decay of the weights used for evaluation and saving (0 = off)."""
+    llrd: float = 1.0
+    """Layer-wise learning-rate decay γ (1 = off)."""
+    train_file: str | None = None
+    """Override the task's training file name (inside --data)."""
+    dev_file: str | None = None
+    """Override the task's dev file name (inside --data)."""
+    log_every: int = 20
+
+
+def family(task: Task):
+    return importlib.import_module(f"clueforge.tasks.{task.family}")
+
+
+def _num_labels(fam, state: dict) -> int:
+    return {"choice": 1, "span": 2}.get(fam.HEAD, len(state.get("labels") or [])) or 2
+
+
+def _batches(features: list[dict], size: int, rng: random.Random | None):
+    order = list(range(len(features)))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, len(order), size):
+        yield [features[j] for j in order[i:i + size]]
+
+
+def run_model(model, fam, features: list[dict], batch_size: int, pad_id: int, device) -> list[np.ndarray]:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for batch in _batches(features, batch_size, None):
+            b = {k: v.to(device) for k, v in fam.collate(batch, pad_id).items()}
+            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            out.append(logits.float().cpu().numpy())
+    return out
+
+
+def _split_path(data: Path, name: str) -> list[Path]:
+    return [data / n for n in name.split(",")]
+
+
+def load_split(task: Task, fam, data: Path, name: str, state: dict, with_labels: bool) -> list[dict]:
+    examples = []
+    for path in _split_path(data, name):
+        examples.extend(fam.load(task, path, state, with_labels))
+    return examples
+
+
+def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str | Path,
+             cfg: FinetuneConfig = FinetuneConfig(), show_progress: bool = True) -> dict:
+    """Fine-tune ``model_dir`` on ``task_name``; write ``out/best`` and ``out/results.json``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    data, model_dir, out = Path(data), Path(model_dir), Path(out)
+    task = with_overrides(get_task(task_name), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                          max_length=cfg.max_length)
+    fam = family(task)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    state = fam.prepare(task, data, cfg)
+    train_ex = load_split(task, fam, data, cfg.train_file or task.files["train"], state, True)[: cfg.max_train]
+    dev_ex = load_split(task, fam, data, cfg.dev_file or task.files["dev"], state, True)[: cfg.max_eval]
+    if not train_ex:
+        raise TaskDataError(f"{data}: no training examples for {task.name}")
+    tok = load_tokenizer(model_dir)
+    pad_id = tok.token_to_id("[PAD]")
+    train_f = fam.encode(task, train_ex, tok, task.max_length, state)
+    dev_f = fam.encode(task, dev_ex, tok, task.max_length, state)
+
+    _, raw_cfg = read_hf_config(model_dir)
+    if "clueforge_task" in raw_cfg and raw_cfg["clueforge_task"]["task"] != task.name:
+        log.info("%s was fine-tuned for %s: its head is replaced", model_dir, raw_cfg["clueforge_task"]["task"])
+    model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state)).to(device)
+    steps_per_epoch = math.ceil(len(train_f) / task.batch_size)
+    total = steps_per_epoch * task.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    opt = torch.optim.AdamW(llrd_param_groups(model, task.lr, cfg.llrd, cfg.weight_decay), lr=task.lr)
+    warmup = int(cfg.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    fgm = FGM(model, cfg.fgm) if cfg.fgm else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_f = (out / "metrics.jsonl").open("w", encoding="utf-8")
+    rng = random.Random(cfg.seed)
+    best: dict = {"score": -1.0}
+    step = 0
+    t0 = time.perf_counter()
+
+    def forward_loss(b):
+        logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        loss = fam.loss(logits, b)
+        parts = {"task_loss": loss.item()}
+        if cfg.rdrop:
+            logits2 = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            kl = symmetric_kl(logits, logits2, fam.kl_mask(b) if hasattr(fam, "kl_mask") else None)
+            loss = 0.5 * (loss + fam.loss(logits2, b)) + cfg.rdrop * kl
+            parts["rdrop_kl"] = kl.item()
+        return loss, parts
+
+    def evaluate() -> dict:
+        ctx = ema.applied() if ema else _nullctx()
+        with ctx:
+            logits = run_model(model, fam, dev_f, cfg.eval_batch_size, pad_id, device)
+        preds = fam.decode(task, logits, dev_f, dev_ex, state)
+        return fam.score(task, preds, dev_ex)
+
+    progress = Progress(TextColumn(f"finetune {task.name}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not show_progress)
+    with progress:
+        bar = progress.add_task("steps", total=total, info="")
+        for epoch in range(1, task.epochs + 1):
+            model.train()
+            for batch in _batches(train_f, task.batch_size, rng):
+                b = {k: v.to(device) for k, v in fam.collate(batch, pad_id).items()}
+                loss, parts = forward_loss(b)
+                loss.backward()
+                if fgm and fgm.attack():
+                    adv, _ = forward_loss(b)
+                    adv.backward()
+                    parts["fgm_loss"] = adv.item()
+                    fgm.restore()
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update()
+                step += 1
+                if step % cfg.log_every == 0:
+                    metrics_f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
+                                                "lr": sched.get_last_lr()[0], **parts}) + "\n")
+                progress.update(bar, completed=step, info=f"epoch {epoch} loss {loss.item():.3f}")
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+            scores = evaluate()
+            metrics_f.write(json.dumps({"step": step, "epoch": epoch, **{f"dev_{k}": v for k, v in scores.items()}}) + "\n")
+            metrics_f.flush()
+            log.info("%s epoch %d: %s", task.name, epoch, {k: round(v, 2) for k, v in scores.items()})
+            if scores[task.metric] > best["score"]:
+                best = {"score": scores[task.metric], "epoch": epoch, "metrics": scores}
+                ctx = ema.applied() if ema else _nullctx()
+                with ctx:
+                    save_checkpoint(model, out / "best", model_dir, task, state)
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+    metrics_f.close()
+    results = {
+        "task": task.name, "metric": best["metrics"], "main_metric": task.metric, "best_epoch": best["epoch"],
+        "train_examples": len(train_ex), "dev_examples": len(dev_ex), "steps": step,
+        "seconds": round(time.perf_counter() - t0, 1), "model": str(model_dir),
+        "hyperparameters": {**asdict(cfg), "epochs": task.epochs, "lr": task.lr, "batch_size": task.batch_size,
+                            "max_length": task.max_length},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    return results
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict) -> None:
+    fam = family(task)
+    meta = {"task": task.name, "max_length": task.max_length, **fam.state_to_json(state)}
+    save_hf(model, path, vocab=model_dir, extra_config={"clueforge_task": meta})
+    if hasattr(fam, "save_state_files"):
+        fam.save_state_files(state, path)
+
+
+def load_finetuned(model_dir: str | Path, task_name: str):
+    """``(task, family, state, model, tokenizer)`` of a fine-tuned checkpoint; refuses another task's."""
+    model_dir = Path(model_dir)
+    _, raw = read_hf_config(model_dir)
+    meta = raw.get("clueforge_task")
+    if meta is None:
+        raise ValueError(f"{model_dir} is not a fine-tuned clueforge checkpoint (no clueforge_task in config.json)")
+    if meta["task"] != task_name:
+        raise ValueError(f"{model_dir} was fine-tuned for {meta['task']!r}, not {task_name!r}")
+    task = with_overrides(get_task(task_name), max_length=meta.get("max_length"))
+    fam = family(task)
+    state = fam.state_from_json(meta, model_dir)
+    model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state))
+    return task, fam, state, model, load_tokenizer(model_dir)
+
+
+def predict(task_name: str, model_dir: str | Path, input_file: str | Path, out_file: str | Path,
+            batch_size: int = 64) -> int:
+    """Predict an official test file into the task's submission format. Returns the row count."""
+    task, fam, state, model, tok = load_finetuned(model_dir, task_name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    examples = []
+    for path in str(input_file).split(","):
+        examples.extend(fam.load(task, Path(path), state, False))
+    feats = fam.encode(task, examples, tok, task.max_length, state)
+    logits = run_model(model, fam, feats, batch_size, tok.token_to_id("[PAD]"), device)
+    preds = fam.decode(task, logits, feats, examples, state)
+    rows = fam.submission(task, examples, preds, state)
+    write_submission(out_file, rows)
+    return len(examples)
+
+
+def write_submission(path: str | Path, rows) -> None:
+    """A list is written as JSON lines; a dict (CMRC2018, CHID) as one JSON object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(rows, dict):
+        tmp.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    else:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+__all__ = ["FinetuneConfig", "finetune", "predict", "load_finetuned", "save_tokenizer_files"]

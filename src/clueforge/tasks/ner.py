@@ -1,0 +1,146 @@
+"""Token classification (NER): MSRA (``char<TAB>tag`` lines, blank line between sentences) and
+CLUENER (JSON lines ``{text, label: {type: {entity: [[start, end], ...]}}}``), BIO tags.
+
+Characters are fed to the tokenizer as pre-split words, so every character keeps its own label;
+the first sub-token of a character carries it (a character without tokens, e.g. a space, is
+predicted ``O``). Scored by entity-level precision, recall and F1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clueforge.tasks.io import TaskDataError, field, read_jsonl
+from clueforge.tasks.metrics import bio_spans, entity_prf
+from clueforge.tasks.registry import Task
+
+HEAD = "token"
+
+
+def prepare(task: Task, data_dir: Path, cfg=None) -> dict:
+    return {"labels": list(task.labels)}
+
+
+def state_to_json(state: dict) -> dict:
+    return {"labels": state["labels"]}
+
+
+def state_from_json(meta: dict, model_dir: Path) -> dict:
+    return {"labels": meta["labels"]}
+
+
+def _load_bio(path: Path, labels: set[str], with_labels: bool) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such task file")
+    out, chars, tags, start = [], [], [], 1
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(list(fh) + ["\n"], 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                if chars:
+                    out.append({"id": len(out), "chars": chars, "tags": tags if with_labels else None, "line": start})
+                chars, tags = [], []
+                continue
+            if not chars:
+                start = lineno
+            parts = line.split("\t") if "\t" in line else line.split(" ")
+            if with_labels:
+                if len(parts) != 2:
+                    raise TaskDataError(f"{path}:{lineno}: expected 'char<TAB>tag', got {line!r}")
+                if parts[1] not in labels:
+                    raise TaskDataError(f"{path}:{lineno}: unknown label {parts[1]!r}")
+                tags.append(parts[1])
+            chars.append(parts[0] or " ")
+    return out
+
+
+def _load_cluener(path: Path, labels: set[str], with_labels: bool) -> list[dict]:
+    out = []
+    for lineno, obj in read_jsonl(path):
+        text = field(obj, "text", path, lineno)
+        tags = None
+        if with_labels:
+            tags = ["O"] * len(text)
+            for kind, ents in field(obj, "label", path, lineno, (dict,)).items():
+                if f"B-{kind}" not in labels:
+                    raise TaskDataError(f"{path}:{lineno}: unknown entity type {kind!r}")
+                for name, spans in ents.items():
+                    for s, e in spans:
+                        if text[s:e + 1] != name:
+                            raise TaskDataError(f"{path}:{lineno}: entity {name!r} is not at [{s}, {e}]")
+                        tags[s] = f"B-{kind}"
+                        for k in range(s + 1, e + 1):
+                            tags[k] = f"I-{kind}"
+        out.append({"id": obj.get("id", len(out)), "chars": list(text), "tags": tags, "line": lineno})
+    return out
+
+
+def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
+    labels = set(state["labels"])
+    return _load_bio(path, labels, with_labels) if task.fmt == "bio" else _load_cluener(path, labels, with_labels)
+
+
+def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict) -> list[dict]:
+    index = {t: i for i, t in enumerate(state["labels"])}
+    tok.enable_truncation(max_length)
+    encs = tok.encode_batch([e["chars"] for e in examples], is_pretokenized=True)
+    tok.no_truncation()
+    feats = []
+    for i, (e, enc) in enumerate(zip(examples, encs)):
+        char_tok = [-1] * len(e["chars"])
+        labels = [-100] * len(enc.ids)
+        for t, w in enumerate(enc.word_ids):
+            if w is not None and char_tok[w] < 0:
+                char_tok[w] = t
+                if e["tags"] is not None:
+                    labels[t] = index[e["tags"][w]]
+        feats.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": labels,
+                      "char_tok": char_tok, "example": i})
+    return feats
+
+
+def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    T = max(len(f["input_ids"]) for f in features)
+    ids = np.full((len(features), T), pad_id, dtype=np.int64)
+    labels = np.full_like(ids, -100)
+    mask = np.zeros_like(ids)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = f["input_ids"], f["labels"], 1
+    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.zeros_like(torch.from_numpy(ids)),
+            "attention_mask": torch.from_numpy(mask), "labels": torch.from_numpy(labels)}
+
+
+def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+def kl_mask(batch: dict) -> torch.Tensor:
+    return batch["attention_mask"].bool()
+
+
+def decode(task: Task, logits: list[np.ndarray], features: list[dict], examples: list[dict], state: dict):
+    rows = [row for block in logits for row in block]
+    preds = []
+    for row, f in zip(rows, features):
+        best = row.argmax(-1)
+        preds.append([state["labels"][int(best[t])] if t >= 0 else "O" for t in f["char_tok"]])
+    return preds
+
+
+def score(task: Task, preds: list, examples: list[dict]) -> dict[str, float]:
+    return entity_prf(preds, [e["tags"] for e in examples])
+
+
+def submission(task: Task, examples: list[dict], preds: list, state: dict) -> list[dict]:
+    rows = []
+    for e, tags in zip(examples, preds):
+        label: dict[str, dict[str, list]] = {}
+        for kind, s, end in sorted(bio_spans(tags), key=lambda x: x[1]):
+            label.setdefault(kind, {}).setdefault("".join(e["chars"][s:end + 1]), []).append([s, end])
+        rows.append({"id": e["id"], "label": label})
+    return rows
