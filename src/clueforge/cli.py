@@ -5,6 +5,11 @@
     clueforge corpus build INPUT... --out DIR --vocab vocab.txt [--workers N]
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
+    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--set key=value ...]
+    clueforge predict TASK --model DIR --input FILE --out FILE
+    clueforge submit DIR --data DIR
+    clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
+    clueforge tasks                           the task registry
 """
 
 from __future__ import annotations
@@ -213,6 +218,123 @@ def quickstart(
     console.print(f"[3/4] pretrained {summary['steps']} steps: held-out MLM loss {summary.get('eval_loss', float('nan')):.3f}, "
                   f"accuracy {summary.get('eval_mlm_acc', float('nan')):.3f} → {summary['final']}")
     _fill_mask_demo(Path(summary["final"]))
+
+
+def _finetune_config(items: list[str] | None, seed: int | None = None):
+    import yaml
+
+    from clueforge.finetune.loop import FinetuneConfig
+    from clueforge.pretrain.config import build_dataclass
+
+    raw = {}
+    for item in items or []:
+        if "=" not in item:
+            _fail(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        raw[k.strip()] = yaml.safe_load(v)
+    if seed is not None:
+        raw["seed"] = seed
+    try:
+        return build_dataclass(FinetuneConfig, raw, "--set")
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def tasks() -> None:
+    """List the task registry: family, metric, CLUE hyper-parameters, submission file."""
+    from rich.table import Table
+
+    from clueforge.tasks.registry import TASKS
+
+    table = Table("task", "family", "metric", "epochs", "max len", "lr", "batch", "submission")
+    for t in TASKS.values():
+        table.add_row(t.name, t.family, t.metric, str(t.epochs), str(t.max_length), f"{t.lr:g}", str(t.batch_size),
+                      t.submission)
+    Console().print(table)
+
+
+@app.command()
+def finetune(
+    task: Annotated[str, typer.Argument(help="Task name (see `clueforge tasks`).")],
+    data: Annotated[Path, typer.Option(help="The task's folder in its official format.")],
+    model: Annotated[Path, typer.Option(help="A clueforge or local Hugging Face BERT-family directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory (best/, results.json, metrics.jsonl).")],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fine-tune on a task; dev scores each epoch; keep the best checkpoint."""
+    from clueforge.finetune.loop import finetune as run
+    from clueforge.tasks.io import TaskDataError
+
+    _logging()
+    cfg = _finetune_config(set_, seed)
+    try:
+        res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
+    except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
+        _fail(str(exc).strip("'\""))
+    print(json.dumps({"task": res["task"], "metric": res["metric"], "best_epoch": res["best_epoch"]}, ensure_ascii=False))
+
+
+@app.command()
+def predict(
+    task: Annotated[str, typer.Argument(help="Task name.")],
+    model: Annotated[Path, typer.Option(help="A checkpoint fine-tuned for TASK (its best/ folder).")],
+    input: Annotated[str, typer.Option(help="The official test file (comma-separated for several).")],
+    out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
+) -> None:
+    """Predict an official test file in the task's submission format."""
+    from clueforge.finetune.loop import predict as run
+    from clueforge.tasks.io import TaskDataError
+
+    _logging()
+    try:
+        n = run(task, model, input, out)
+    except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
+        _fail(str(exc).strip("'\""))
+    console.print(f"wrote {n} predictions to {out}")
+
+
+@app.command()
+def submit(
+    predictions: Annotated[Path, typer.Argument(help="Folder of *_predict.json files.")],
+    data: Annotated[Path, typer.Option(help="Root holding the tasks' test files.")],
+    out: Annotated[Optional[Path], typer.Option(help="Zip to write (default: PREDICTIONS/submission.zip).")] = None,
+) -> None:
+    """Validate prediction files against the test files (names, ids, labels) and zip them."""
+    from clueforge.tasks.submit import validate_and_zip
+
+    _logging()
+    zip_path, problems = validate_and_zip(predictions, data, out)
+    if problems:
+        for p in problems[:50]:
+            console.print(f"[red]✗[/] {p}")
+        if len(problems) > 50:
+            console.print(f"… and {len(problems) - 50} more")
+        _fail(f"{len(problems)} problem(s); nothing zipped")
+    console.print(f"all files valid → {zip_path}")
+
+
+@app.command()
+def benchmark(
+    suite: Annotated[str, typer.Argument(help="clue1.1, fewclue or all-local.")],
+    model: Annotated[Path, typer.Option(help="Model directory.")],
+    data: Annotated[Path, typer.Option(help="Root holding the task folders.")],
+    out: Annotated[Path, typer.Option(help="Output directory (report.json, report.md).")],
+    seeds: Annotated[int, typer.Option(help="Seeds per task.")] = 3,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
+) -> None:
+    """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
+    from clueforge.tasks.suite import run_suite
+
+    _logging()
+    try:
+        report = run_suite(suite, model, data, out, seeds, _finetune_config(set_), show_progress=sys.stderr.isatty())
+    except KeyError as exc:
+        _fail(str(exc).strip("'\""))
+    print((out / "report.md").read_text(encoding="utf-8"))
+    del report
 
 
 def _fill_mask_demo(final: Path) -> None:

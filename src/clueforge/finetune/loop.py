@@ -37,6 +37,8 @@ log = logging.getLogger("clueforge.finetune")
 class FinetuneConfig:
     epochs: int | None = None
     """Epochs (default: the task's CLUE baseline value)."""
+    kb: str | None = None
+    """KgCLUE: a ``head<TAB>relation<TAB>tail`` file as the knowledge base (default: the task's answers)."""
     lr: float | None = None
     """Peak learning rate (default: the task's)."""
     batch_size: int | None = None
@@ -126,7 +128,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
         raise TaskDataError(f"{data}: no training examples for {task.name}")
     tok = load_tokenizer(model_dir)
     pad_id = tok.token_to_id("[PAD]")
-    train_f = fam.encode(task, train_ex, tok, task.max_length, state)
+    train_f = fam.encode(task, train_ex, tok, task.max_length, state, training=True)
     dev_f = fam.encode(task, dev_ex, tok, task.max_length, state)
 
     _, raw_cfg = read_hf_config(model_dir)

@@ -91,7 +91,8 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, d: dict, where: str):
+def build_dataclass(cls, d: dict, where: str):
+    """``cls(**d)`` with unknown keys rejected and values coerced to the fields' types."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
@@ -159,6 +160,6 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
             raise ValueError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
         raw[keys[0]][keys[1]] = value
     return PretrainConfig(
-        model=_build(ModelConfig, raw["model"], f"{path} [model]"),
-        train=_build(TrainConfig, raw["train"], f"{path} [train]"),
+        model=build_dataclass(ModelConfig, raw["model"], f"{path} [model]"),
+        train=build_dataclass(TrainConfig, raw["train"], f"{path} [train]"),
     )

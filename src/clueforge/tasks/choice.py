@@ -122,7 +122,7 @@ def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
     return _load_chid_clue(path, with_labels)
 
 
-def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict) -> list[dict]:
+def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False) -> list[dict]:
     feats = []
     if task.fmt == "c3":
         tok.enable_truncation(max_length, strategy="only_first")

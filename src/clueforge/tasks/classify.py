@@ -73,8 +73,10 @@ def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
     examples = []
     for lineno, obj in read_jsonl(path):
         ex_id = obj.get(task.id_field, obj.get("id", obj.get("idx")))
-        if ex_id is None:
-            raise TaskDataError(f"{path}:{lineno}: missing field {task.id_field!r}")
+        if ex_id is None:  # CLUE train/dev files of some tasks carry no ids; test files must
+            if not with_labels:
+                raise TaskDataError(f"{path}:{lineno}: missing field {task.id_field!r}")
+            ex_id = lineno - 1
         if task.fmt == "wsc":
             text = mark_wsc(field(obj, "text", path, lineno), field(obj, "target", path, lineno, (dict,)), path, lineno)
             a, b = text, None
@@ -111,7 +113,7 @@ def label_set(task: Task, data_dir: Path) -> list[str]:
     return sorted(seen)
 
 
-def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict) -> list[dict]:
+def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False) -> list[dict]:
     tok.enable_truncation(max_length, strategy="longest_first")
     index = {lab: i for i, lab in enumerate(state["labels"])}
     out = []

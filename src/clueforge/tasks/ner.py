@@ -84,7 +84,7 @@ def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
     return _load_bio(path, labels, with_labels) if task.fmt == "bio" else _load_cluener(path, labels, with_labels)
 
 
-def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict) -> list[dict]:
+def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False) -> list[dict]:
     index = {t: i for i, t in enumerate(state["labels"])}
     tok.enable_truncation(max_length)
     encs = tok.encode_batch([e["chars"] for e in examples], is_pretokenized=True)

@@ -70,7 +70,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("chid", "choice", "chid_clue", {"train": "train.json", "dev": "dev.json", "test": "test1.1.json"}, epochs=3,
          max_length=64, lr=2e-5, batch_size=16, submission="chid11_predict.json"),
     Task("c3", "choice", "c3", {"train": "m-train.json,d-train.json", "dev": "m-dev.json,d-dev.json",
-                                "test": "c3_test.json"}, epochs=8, max_length=512, lr=2e-5, batch_size=8,
+                                "test": "test1.1.json"}, epochs=8, max_length=512, lr=2e-5, batch_size=8,
          submission="c311_predict.json"),
     # FewCLUE --------------------------------------------------------------------------------
     _few("eprstmt", "single", family="classify", labels=("Negative", "Positive")),

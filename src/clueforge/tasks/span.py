@@ -82,7 +82,7 @@ def _locate(ctx: str, text: str, given: int) -> int | None:
     return min(hits, key=lambda h: abs(h - given)) if hits else None
 
 
-def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict) -> list[dict]:
+def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False) -> list[dict]:
     tok.enable_truncation(max_length, stride=min(STRIDE, max_length // 4), strategy="only_second")
     feats = []
     for i, e in enumerate(examples):
