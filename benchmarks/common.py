@@ -65,6 +65,29 @@ def benchmark_corpus(data: str | None, lines: int = 20000) -> Path:
     return tmp / "corpus"
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (Linux keeps ``ru_maxrss`` across fork/exec, so a
+    child would otherwise report its parent's peak)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """This process's RSS high-water mark since the last ``reset_peak_rss`` (VmHWM), in MiB."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_json(path: str | Path, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import benchmark_corpus, machine, write_json  # noqa: E402
+from common import benchmark_corpus, machine, peak_rss_mb, reset_peak_rss, write_json  # noqa: E402
 
 from clueforge.corpus.shards import Corpus  # noqa: E402
 from clueforge.model.bert import BertForMLM, flops_per_token  # noqa: E402
 from clueforge.pretrain.config import load_config  # noqa: E402
-from clueforge.pretrain.data import Collator, MaskingConfig, build_row_index  # noqa: E402
+from clueforge.pretrain.data import Collator, build_row_index  # noqa: E402
+from clueforge.pretrain.masking import MaskingConfig  # noqa: E402
 from clueforge.pretrain.loop import measure_peak_flops, param_groups  # noqa: E402
 from clueforge.text.tokenizer import load_tokenizer, special_ids  # noqa: E402
 
@@ -50,7 +50,7 @@ class Side:
         self.specials = special_ids(tok)
         self.vocab_size = tok.get_vocab_size()
         cfg.model.vocab_size = self.vocab_size
-        self.collate = Collator(corpus, self.specials, self.vocab_size, MaskingConfig("wwm", cfg.train.mask_ratio))
+        self.collate = Collator(corpus, self.specials, self.vocab_size, MaskingConfig(ratio=cfg.train.mask_ratio, weights={"wwm": 1.0}))
         self.rows = rows
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
         torch.manual_seed(0)
@@ -68,8 +68,8 @@ class Side:
                 self._hf_tokenizer(corpus.path), whole_word_mask=True, mlm_probability=cfg.train.mask_ratio)
             self.examples = [self._hf_examples(i) for i in range(len(rows))]
         self.model.train()
-        fused = device.type == "cuda" or kind == "clueforge" and args.fused_cpu
-        self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, fused=fused or None)
+        # fused AdamW on both sides: it is transformers' Trainer default (adamw_torch_fused)
+        self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, fused=True)
 
     @staticmethod
     def _hf_tokenizer(corpus_dir: Path):
@@ -85,10 +85,11 @@ class Side:
     def _hf_examples(self, i: int) -> list[dict]:
         """The same rows, with offsets encoding the jieba word boundaries (a gap between words),
         padded to the batch's longest row as a user's ``padding=True`` preprocessing would."""
-        built = [self.collate._row(shard, a, b) for shard, a, b in self.rows[i]]
-        T = max(ids.size for ids, _, _ in built)
+        built = [self.collate._row(shard, a, b)[0] for shard, a, b in self.rows[i]]
+        T = max(r.ids.size for r in built)
         out = []
-        for ids, word, _ in built:
+        for r in built:
+            ids, word = r.ids, r.word
             n, pad = ids.size, T - ids.size
             start = np.arange(n) + np.where(word >= 0, word, 0)
             offsets = np.stack([start, start + 1], axis=1)
@@ -133,11 +134,12 @@ def _mem_child(kind: str, args, corpus_dir: str, q) -> None:
     cfg = load_config(args.config, [f"train.seq_len={args.seq_len}"])
     corpus = Corpus(corpus_dir)
     rows = _row_batches(corpus, args.seq_len, args.batch_size, 3)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()
+    before = peak_rss_mb()
     side = Side(kind, args, cfg, corpus, rows, torch.device("cpu"))
     for i in range(3):
         side.step(i)
-    q.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+    q.put((before, peak_rss_mb()))
 
 
 def main() -> None:
@@ -151,7 +153,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--data", default=None, help="a built corpus directory (default: 20k docs of the real corpus)")
-    ap.add_argument("--fused-cpu", action="store_true", help="fused AdamW on CPU for clueforge too")
     ap.add_argument("--out", default="bench-out/pretrain_throughput.json")
     args = ap.parse_args()
 
@@ -192,8 +193,8 @@ def main() -> None:
             p.start()
             before, after = q.get()
             p.join()
-            peak_mem[k] = after / 1024  # ru_maxrss is KiB on Linux
-            peak_mem[k + "_model_delta"] = (after - before) / 1024
+            peak_mem[k] = after
+            peak_mem[k + "_training_delta"] = after - before
 
     peak_dtype = torch.bfloat16 if args.precision == "bf16" and device.type == "cuda" else torch.float32
     peak = measure_peak_flops(device, peak_dtype)
@@ -208,7 +209,10 @@ def main() -> None:
         "ratio": round(tps["clueforge"] / tps["transformers"], 3),
         "clueforge_peak_mem_mb": round(peak_mem["clueforge"], 1),
         "transformers_peak_mem_mb": round(peak_mem["transformers"], 1),
-        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "child process peak RSS",
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "child process peak RSS (VmHWM)",
+        **({"clueforge_training_delta_mb": round(peak_mem["clueforge_training_delta"], 1),
+            "transformers_training_delta_mb": round(peak_mem["transformers_training_delta"], 1)}
+           if device.type == "cpu" else {}),
         "flops_per_token": fpt,
         "peak_flops_measured": peak,
         "clueforge_mfu": round(tps["clueforge"] * fpt / peak, 4),

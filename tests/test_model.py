@@ -199,3 +199,53 @@ def test_every_task_head_matches_transformers(tmp_path, head, cls_name, labels):
         out = again(input_ids=ids, attention_mask=mask, token_type_ids=types)
         ref = torch.stack([out.start_logits, out.end_logits], -1) if head == "span" else out.logits
     assert_close(got[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position=32,
+                      dropout=0.0, attention_dropout=0.0)
+    m = BertForMLM(cfg)
+    compiled = torch.compile(m)
+    ids = torch.randint(5, 300, (2, 16))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::4] = ids[:, ::4]
+    got = compiled(ids, labels=labels)
+    got.loss.backward()
+    g = m.encoder.embeddings.word.weight.grad.clone()
+    m.zero_grad()
+    ref = m(ids, labels=labels)
+    ref.loss.backward()
+    assert_close(got.loss, ref.loss, atol=1e-5, rtol=1e-5)
+    assert_close(g, m.encoder.embeddings.word.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_adamw_matches_plain():
+    """The fused AdamW kernel (used on GPU) gives the plain optimizer's update."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(2)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    a = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, fused=True)
+    b = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ps, qs):
+        assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32():
+    torch.manual_seed(0)
+    m = BertForMLM(ModelConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                               max_position=32)).eval()
+    ids = torch.randint(5, 300, (2, 16))
+    labels = ids.clone()
+    with torch.no_grad():
+        ref = m(ids, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m(ids, labels=labels).loss
+    assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 0.05 and got.item() != ref.item()

@@ -4,7 +4,8 @@ import pytest
 from clueforge.corpus.build import DOC_START, SENT_START, WORD_START
 from clueforge.corpus.shards import Corpus
 from clueforge.pretrain.config import CONFIG_DIR, load_config
-from clueforge.pretrain.data import Collator, MaskingConfig, Sampler, build_row_index, pack_rows, split_heldout
+from clueforge.pretrain.data import Collator, Sampler, build_row_index, pack_rows, split_heldout
+from clueforge.pretrain.masking import MaskingConfig
 from clueforge.pretrain.loop import lr_lambda
 from clueforge.text.tokenizer import load_tokenizer, special_ids
 
@@ -15,6 +16,7 @@ class FakeShard:
     def __init__(self, ids, flags):
         self.ids, self.flags = np.asarray(ids, np.uint16), np.asarray(flags, np.uint8)
         self.pos = np.zeros_like(self.flags)
+        self.ent = self.etype = None
 
 
 class FakeCorpus:
@@ -62,7 +64,7 @@ def _collator(ratio=0.15, strategy="wwm", vocab=100):
     ids = np.arange(10, 10 + 60) % vocab
     flags = _flags([[1, 2, 3, 1], [2, 2, 2], [1, 1, 4, 2], [3, 3, 1]] * 2, doc_starts=(0, 4))
     corpus = FakeCorpus([FakeShard(ids[: flags.size], flags)])
-    return Collator(corpus, SPECIALS, vocab, MaskingConfig(strategy, ratio)), flags
+    return Collator(corpus, SPECIALS, vocab, MaskingConfig(ratio=ratio, weights={strategy: 1.0})), flags
 
 
 @pytest.mark.parametrize("strategy", ["token", "wwm"])
@@ -82,7 +84,7 @@ def test_mask_budget_exact_and_specials_untouched(strategy, ratio):
 def test_whole_word_masking_never_splits_a_word():
     col, flags = _collator(0.3, "wwm")
     n = flags.size
-    row_ids, word, _ = col._row(0, 0, n)
+    word = col._row(0, 0, n)[0].word
     for seed in range(50):
         chosen = col.choose(word, np.random.default_rng(seed))
         for w in np.unique(word[word >= 0]):
@@ -128,7 +130,7 @@ def test_row_index_on_sample_corpus(sample_corpus):
     train, held = split_heldout(idx, corpus)
     assert len(train) + len(held) == len(idx) and set(held.shard.tolist()) == {len(corpus) - 1}
     tok = load_tokenizer(sample_corpus / "vocab.txt")
-    col = Collator(corpus, special_ids(tok), tok.get_vocab_size(), MaskingConfig("wwm", 0.15))
+    col = Collator(corpus, special_ids(tok), tok.get_vocab_size(), MaskingConfig(ratio=0.15))
     b = col([(int(train.shard[i]), *map(int, train.span[i])) for i in range(8)], np.random.default_rng(0))
     assert b["input_ids"].shape[1] <= 64 and (b["input_ids"][:, 0] == tok.token_to_id("[CLS]")).all()
     # unmasked tokens decode back to the corpus text

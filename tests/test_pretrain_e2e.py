@@ -38,8 +38,9 @@ def test_train_save_reload_identical(tmp_path, sample_corpus):
     assert state_digest(ck) == summary["state_sha"]
     lines = _metrics(tmp_path / "run")
     assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "mlm_acc", "lr", "tokens", "tokens_per_s", "mfu", "data_wait_share"):
+    for key in ("loss", "mlm_acc", "lr", "tokens", "tokens_per_s", "mfu", "data_wait_share", "padding_share"):
         assert key in lines[-1]
+    assert all(0 <= r["padding_share"] < 0.5 for r in lines)
     assert "eval_loss" in lines[-1]
     assert any(p.name.startswith("events") for p in (tmp_path / "run" / "tensorboard").iterdir())
     transformers = pytest.importorskip("transformers")

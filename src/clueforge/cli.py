@@ -86,9 +86,13 @@ def corpus_build(
     min_chars: Annotated[int, typer.Option(help="Skip shorter documents.")] = 2,
     t2s: Annotated[bool, typer.Option(help="Traditional → simplified (OpenCC).")] = False,
     user_dict: Annotated[Optional[Path], typer.Option(help="rjieba user dictionary.")] = None,
+    entities: Annotated[Optional[list[Path]], typer.Option(help="Typed entity list (entity<TAB>type) or folder of per-type files; repeatable.")] = None,
+    triples: Annotated[Optional[list[Path]], typer.Option(help="KG triples (head<TAB>relation<TAB>tail) whose heads are marked; repeatable.")] = None,
+    pos_entities: Annotated[bool, typer.Option(help="With knowledge files: also mark rjieba's person/place/org/proper-noun words.")] = True,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Normalise, split, segment (+POS) and tokenise text into memory-mapped shards."""
+    """Normalise, split, segment (+POS) and tokenise text into memory-mapped shards (and mark
+    entity mentions when knowledge files are given)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn
 
     from clueforge.corpus.build import BuildConfig, build_corpus, expand_inputs
@@ -97,7 +101,9 @@ def corpus_build(
     if doc_sep not in ("line", "blank"):
         _fail(f"--doc-sep {doc_sep!r}: expected 'line' or 'blank'")
     cfg = BuildConfig(vocab=str(vocab), text_field=text_field, doc_sep=doc_sep, docs_per_shard=docs_per_shard,
-                      min_chars=min_chars, t2s=t2s, user_dict=str(user_dict) if user_dict else None)
+                      min_chars=min_chars, t2s=t2s, user_dict=str(user_dict) if user_dict else None,
+                      entities=tuple(str(p) for p in entities or ()), triples=tuple(str(p) for p in triples or ()),
+                      pos_entities=pos_entities)
     try:
         total_bytes = sum(f.stat().st_size for f in expand_inputs(inputs))
     except FileNotFoundError as exc:
@@ -127,6 +133,8 @@ def corpus_build(
     )
     if m["docs_skipped"]:
         console.print(f"skipped: {m['docs_skipped']}")
+    if m.get("entity_types"):
+        console.print(f"entity mentions: {m['mentions']:,} ({m['entity_tokens']:,} tokens), types {m['entity_types'][1:]}")
 
 
 @corpus_app.command("stats")

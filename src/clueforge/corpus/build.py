@@ -6,6 +6,9 @@ Layout of ``OUT/``::
     shards/shard-000000.ids.u16   token ids (uint16; the vocab must have < 65,536 entries)
     shards/shard-000000.flags.u8  per token: bit 0 word start, bit 1 sentence start, bit 2 doc start
     shards/shard-000000.pos.u8    per token: POS id of the word it belongs to (``POS_TAGS``)
+    shards/shard-000000.ent.u32   with knowledge files: entity id of the mention a token is in (0: none;
+                                  ids index ``entities.tsv``), and flag bit 3 on a mention's first token
+    shards/shard-000000.etype.u8  with knowledge files: entity type id (0: none; ``entity_types`` in the manifest)
     shards/shard-000000.json      the shard's own statistics; written last, it marks completion
 
 Design choices:
@@ -48,7 +51,7 @@ from clueforge.text.segment import POS_ID, Segmenter
 log = logging.getLogger("clueforge.corpus")
 
 FORMAT_VERSION = 1
-WORD_START, SENT_START, DOC_START = 1, 2, 4
+WORD_START, SENT_START, DOC_START, ENT_START = 1, 2, 4, 8
 MAX_EXAMPLES = 5
 INPUT_SUFFIXES = (".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
 
@@ -73,6 +76,16 @@ class BuildConfig:
     """Convert traditional to simplified script (OpenCC)."""
     user_dict: str | None = None
     """rjieba user dictionary (``word [freq] [tag]`` per line)."""
+    entities: tuple[str, ...] = ()
+    """Typed entity lists (``entity<TAB>type`` files or folders of per-type files) to mark."""
+    triples: tuple[str, ...] = ()
+    """KG triple files whose head and tail names are marked as entities too."""
+    pos_entities: bool = True
+    """With knowledge files: also mark rjieba's person/place/organisation/proper-noun words."""
+
+    @property
+    def marks_entities(self) -> bool:
+        return bool(self.entities or self.triples)
 
 
 @dataclass
@@ -93,6 +106,8 @@ class ShardStats:
     tokens: int = 0
     chars: int = 0
     sentences: int = 0
+    entity_tokens: int = 0
+    mentions: int = 0
     config_hash: str = ""
 
 
@@ -191,8 +206,16 @@ def _init_worker(cfg_dict: dict) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from clueforge.text.tokenizer import FastChineseEncoder, load_tokenizer
 
-    cfg = BuildConfig(**cfg_dict)
+    cfg = BuildConfig(**{**cfg_dict, "entities": tuple(cfg_dict.get("entities", ())),
+                         "triples": tuple(cfg_dict.get("triples", ()))})
     _STATE["cfg"] = cfg
+    if cfg.marks_entities:
+        from clueforge.knowledge.matcher import EntityMatcher
+        from clueforge.knowledge.sources import EntityTable
+
+        _STATE["matcher"] = EntityMatcher(EntityTable.build(cfg.entities, cfg.triples), use_pos=cfg.pos_entities)
+    else:
+        _STATE["matcher"] = None
     _STATE["tok"] = load_tokenizer(cfg.vocab)
     _STATE["fast"] = FastChineseEncoder(_STATE["tok"])
     _STATE["seg"] = Segmenter(cfg.user_dict)
@@ -228,12 +251,13 @@ def _decode(doc: RawDoc, cfg: BuildConfig) -> tuple[str | None, str | None]:
     return text, None
 
 
-def encode_documents(texts: list[str], tok, seg: Segmenter, fast=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def encode_documents(texts: list[str], tok, seg: Segmenter, fast=None, matcher=None):
     """Tokenise ``texts`` and align word/sentence/document starts and POS ids to the tokens.
 
     ``fast`` is a ``FastChineseEncoder`` for ``tok`` (table lookups for Chinese characters and
     punctuation; equal ids, see the equivalence test) or ``None`` for plain ``encode_batch``.
-    Returns ``ids (int64), flags (uint8), pos (uint8), tokens_per_doc (int64)``.
+    Returns ``ids (int64), flags (uint8), pos (uint8), tokens_per_doc (int64)`` and, with an
+    ``EntityMatcher``, two more: ``entity ids (uint32), entity types (uint8)`` per token.
     """
     if fast is not None:
         ids, tok_char, ntok = fast.encode(texts)  # tok_char: chunk-relative token starts
@@ -253,8 +277,11 @@ def encode_documents(texts: list[str], tok, seg: Segmenter, fast=None) -> tuple[
     words: list[int] = []
     tags: list[int] = []
     pos_lookup = POS_ID.get
-    for text in texts:
+    mentions: list[tuple[int, int, int, int]] = []
+    for base, text in zip(doc_base.tolist(), texts):
         tagged = seg.tag(text)
+        if matcher is not None:
+            mentions.extend((base + s, base + e, i, t) for s, e, i, t in matcher.find(text, tagged))
         ws, ts = zip(*tagged) if tagged else ((), ())
         lens = list(map(len, ws))
         if sum(lens) != len(text):  # never seen; keep alignment safe: one word per char
@@ -277,7 +304,18 @@ def encode_documents(texts: list[str], tok, seg: Segmenter, fast=None) -> tuple[
         doc_first = (np.cumsum(ntok) - ntok)[ntok > 0]
         flags[doc_first] |= DOC_START | SENT_START | WORD_START
     pos = char_pos[tok_char] if total else np.zeros(0, dtype=np.uint8)
-    return ids, flags, pos, ntok
+    if matcher is None:
+        return ids, flags, pos, ntok
+    n_chars = int(doc_len.sum()) + 1
+    char_mention = np.zeros(n_chars, dtype=np.int64)  # mention number (1-based) per character
+    char_ent = np.zeros(n_chars, dtype=np.uint32)
+    char_type = np.zeros(n_chars, dtype=np.uint8)
+    for k, (s, e, ent, kind) in enumerate(mentions, 1):
+        char_mention[s:e], char_ent[s:e], char_type[s:e] = k, ent, kind
+    tm = char_mention[tok_char] if total else np.zeros(0, dtype=np.int64)
+    starts = (tm > 0) & (tm != np.concatenate([[0], tm[:-1]]))
+    flags[starts] |= ENT_START
+    return ids, flags, pos, ntok, char_ent[tok_char], char_type[tok_char]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -303,7 +341,8 @@ def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: st
                 stats.examples.append({"file": doc.file, "line": doc.line, "reason": reason, "preview": preview})
             continue
         texts.append(text)
-    ids, flags, pos, ntok = encode_documents(texts, _STATE["tok"], _STATE["seg"], _STATE["fast"])
+    ids, flags, pos, ntok, *ent = encode_documents(texts, _STATE["tok"], _STATE["seg"], _STATE["fast"],
+                                                   _STATE["matcher"])
     empty = int((ntok == 0).sum())  # e.g. only characters the tokenizer drops
     if empty:
         skipped["no_tokens"] += empty
@@ -318,6 +357,11 @@ def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: st
     _atomic_write(out / f"{name}.ids.u16", ids.astype("<u2").tobytes())
     _atomic_write(out / f"{name}.flags.u8", flags.tobytes())
     _atomic_write(out / f"{name}.pos.u8", pos.astype(np.uint8).tobytes())
+    if ent:
+        _atomic_write(out / f"{name}.ent.u32", ent[0].astype("<u4").tobytes())
+        _atomic_write(out / f"{name}.etype.u8", ent[1].tobytes())
+        stats.entity_tokens = int(np.count_nonzero(ent[1]))
+        stats.mentions = int(np.count_nonzero(flags & ENT_START))
     _atomic_write(out / f"{name}.json", json.dumps(asdict(stats), ensure_ascii=False).encode())
     return asdict(stats)
 
@@ -334,12 +378,22 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sha256_path(path: Path) -> str:
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.txt")):
+            h.update(f.name.encode() + _sha256_file(f).encode())
+        return h.hexdigest()
+    return _sha256_file(path)
+
+
 def config_fingerprint(cfg: BuildConfig, files: list[Path]) -> dict:
     from clueforge.text.tokenizer import resolve_vocab
 
     vocab_sha = _sha256_file(resolve_vocab(cfg.vocab))
-    fields = {k: v for k, v in asdict(cfg).items() if k not in ("vocab", "user_dict")}
+    fields = {k: v for k, v in asdict(cfg).items() if k not in ("vocab", "user_dict", "entities", "triples")}
     fields["user_dict_sha256"] = _sha256_file(Path(cfg.user_dict)) if cfg.user_dict else None
+    fields["knowledge_sha256"] = [_sha256_path(Path(p)) for p in (*cfg.entities, *cfg.triples)]
     fields["inputs"] = [{"name": f.name, "bytes": f.stat().st_size} for f in files]
     fields["format_version"] = FORMAT_VERSION
     blob = json.dumps({"config": fields, "vocab_sha256": vocab_sha}, sort_keys=True)
@@ -357,7 +411,7 @@ def _chunks(docs: Iterator[RawDoc], size: int) -> Iterator[list[RawDoc]]:
         yield buf
 
 
-def _shard_done(shard_dir: Path, name: str, config_hash: str) -> dict | None:
+def _shard_done(shard_dir: Path, name: str, config_hash: str, with_entities: bool = False) -> dict | None:
     meta = shard_dir / f"{name}.json"
     if not meta.is_file():
         return None
@@ -367,7 +421,8 @@ def _shard_done(shard_dir: Path, name: str, config_hash: str) -> dict | None:
         return None
     if stats.get("config_hash") != config_hash:
         return None
-    for ext in ("ids.u16", "flags.u8", "pos.u8"):
+    exts = ("ids.u16", "flags.u8", "pos.u8") + (("ent.u32", "etype.u8") if with_entities else ())
+    for ext in exts:
         if not (shard_dir / f"{name}.{ext}").is_file():
             return None
     return stats
@@ -391,8 +446,17 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
             )
     from clueforge.text.tokenizer import resolve_vocab
 
-    # The corpus carries its vocabulary: pretraining reads it from here.
+    # The corpus carries its vocabulary (and entity list): pretraining reads them from here.
     _atomic_write(out / "vocab.txt", resolve_vocab(cfg.vocab).read_bytes())
+    entity_types: list[str] = []
+    if cfg.marks_entities:
+        from clueforge.knowledge.matcher import EntityMatcher
+        from clueforge.knowledge.sources import EntityTable
+
+        table = EntityTable.build(cfg.entities, cfg.triples)
+        EntityMatcher(table, use_pos=cfg.pos_entities)  # registers the POS types, as in the workers
+        table.write(out / "entities.tsv")
+        entity_types = table.type_names
     results: dict[int, dict] = {}
     bytes_total = sum(f.stat().st_size for f in files)
     resumed = 0
@@ -408,7 +472,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         _init_worker(cfg_dict)
         for idx, docs in enumerate(chunks):
             name = f"shard-{idx:06d}"
-            done = _shard_done(shard_dir, name, chash)
+            done = _shard_done(shard_dir, name, chash, cfg.marks_entities)
             if done is None:
                 done = process_chunk(str(shard_dir), name, docs, chash)
             else:
@@ -421,7 +485,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(cfg_dict,)) as pool:
             for idx, docs in enumerate(chunks):
                 name = f"shard-{idx:06d}"
-                done = _shard_done(shard_dir, name, chash)
+                done = _shard_done(shard_dir, name, chash, cfg.marks_entities)
                 if done is not None:
                     resumed += 1
                     finish(idx, done)
@@ -453,10 +517,14 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         "tokens": sum(s["tokens"] for s in ordered),
         "chars": sum(s["chars"] for s in ordered),
         "sentences": sum(s["sentences"] for s in ordered),
+        "mentions": sum(s.get("mentions", 0) for s in ordered),
+        "entity_tokens": sum(s.get("entity_tokens", 0) for s in ordered),
         "input_bytes": bytes_total,
         "shards": [{"name": s["name"], "tokens": s["tokens"], "docs": s["docs_kept"]} for s in ordered],
         "shards_resumed": resumed,
-        "channels": {"ids": "uint16", "flags": "uint8 (1 word start, 2 sentence start, 4 doc start)", "pos": "uint8"},
+        "channels": {"ids": "uint16", "flags": "uint8 (1 word start, 2 sentence start, 4 doc start, 8 entity start)",
+                     "pos": "uint8", **({"ent": "uint32", "etype": "uint8"} if cfg.marks_entities else {})},
+        "entity_types": entity_types,
         **fp,
         "pos_tags": list(POS_ID),
     }

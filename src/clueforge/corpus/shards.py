@@ -18,6 +18,8 @@ class Shard:
     ids: np.ndarray  # (N,) uint16
     flags: np.ndarray  # (N,) uint8
     pos: np.ndarray  # (N,) uint8
+    ent: np.ndarray | None = None  # (N,) uint32 entity id (corpora built with knowledge files)
+    etype: np.ndarray | None = None  # (N,) uint8 entity type id
 
 
 class Corpus:
@@ -47,7 +49,9 @@ class Corpus:
                 raise ValueError(f"{f}: {arr.size} entries, manifest says {n}: corrupt or partial shard")
             return arr
 
-        return Shard(self.names[i], mm("ids.u16", np.dtype("<u2")), mm("flags.u8", np.uint8), mm("pos.u8", np.uint8))
+        has_ent = "ent" in self.manifest.get("channels", {})
+        return Shard(self.names[i], mm("ids.u16", np.dtype("<u2")), mm("flags.u8", np.uint8), mm("pos.u8", np.uint8),
+                     mm("ent.u32", np.dtype("<u4")) if has_ent else None, mm("etype.u8", np.uint8) if has_ent else None)
 
     @cached_property
     def shards(self) -> list[Shard]:

@@ -139,7 +139,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     total = steps_per_epoch * task.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    opt = torch.optim.AdamW(llrd_param_groups(model, task.lr, cfg.llrd, cfg.weight_decay), lr=task.lr)
+    opt = torch.optim.AdamW(llrd_param_groups(model, task.lr, cfg.llrd, cfg.weight_decay), lr=task.lr, fused=True)
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))

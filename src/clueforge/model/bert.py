@@ -152,17 +152,23 @@ class Encoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        keep: tuple[int, ...] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``input_ids`` (B, T) → hidden states (B, T, D). ``doc_ids`` (B, T) keeps attention
-        inside each packed document (padding gets its own id)."""
+        inside each packed document (padding gets its own id). With ``keep`` (1-based layer
+        numbers) also returns those layers' outputs."""
         mask = attention_bias(attention_mask, doc_ids)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
-        for layer in self.layers:
+        kept = []
+        for i, layer in enumerate(self.layers, 1):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
                 x = layer(x, mask)
-        return self.final_ln(x) if self.final_ln is not None else x
+            if i in keep:
+                kept.append(x)
+        x = self.final_ln(x) if self.final_ln is not None else x
+        return (x, kept) if keep else x
 
 
 class MLMHead(nn.Module):
@@ -199,6 +205,7 @@ class MLMOutput:
     logits: torch.Tensor  # (M, V) at masked positions, or (B, T, V) without labels
     labels: torch.Tensor | None  # (M,) the targets matching ``logits`` rows
     hidden: torch.Tensor  # (B, T, D)
+    layer_logits: list[torch.Tensor] | None = None  # (M, V) per kept layer, at the same positions
 
 
 class BertForMLM(nn.Module):
@@ -219,10 +226,15 @@ class BertForMLM(nn.Module):
         labels: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         sparse: bool = True,
+        distill_layers: tuple[int, ...] = (),
     ) -> MLMOutput:
         """With ``labels`` (B, T; -100 = not predicted) returns the MLM loss; ``sparse`` computes
-        logits only at labelled positions (the dense path exists for equivalence tests)."""
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids)  # (B, T, D)
+        logits only at labelled positions (the dense path exists for equivalence tests).
+        ``distill_layers`` (1-based) also predicts through the MLM head from those layers."""
+        if distill_layers:
+            hidden, kept = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids, keep=distill_layers)
+        else:
+            hidden, kept = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids), []  # (B, T, D)
         if labels is None:
             return MLMOutput(None, self.head(hidden), None, hidden)
         if sparse:
@@ -230,7 +242,8 @@ class BertForMLM(nn.Module):
             targets = labels[sel]  # (M,)
             logits = self.head(hidden[sel])  # (M, V)
             loss = F.cross_entropy(logits.float(), targets)
-            return MLMOutput(loss, logits, targets, hidden)
+            layer_logits = [self.head(h[sel]) for h in kept] if kept else None
+            return MLMOutput(loss, logits, targets, hidden, layer_logits)
         logits = self.head(hidden)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
         sel = labels != -100

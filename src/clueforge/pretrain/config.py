@@ -50,7 +50,16 @@ class TrainConfig:
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
     masking: str = "wwm"
-    """``token`` (BERT) or ``wwm`` (whole words from the segmentation side channel)."""
+    """One strategy for every row: token, wwm, entity, span, discourse or corrective (see
+    ``pretrain.masking``); ``masking_weights`` mixes several."""
+    masking_weights: dict | None = None
+    """Strategy → weight, drawn per row (overrides ``masking``), e.g. ``{wwm: 0.5, entity: 0.3, span: 0.2}``."""
+    span_p: float = 0.2
+    """Span masking: geometric parameter of the span length in words (mean 1/p)."""
+    extra_connectives: list | None = None
+    """Discourse masking: connectives added to the built-in list."""
+    curriculum: list | None = None
+    """OBERT curriculum: stages ``{at: 0..1, ratio, span_p, weights}`` interpolated over training."""
     mask_ratio: float = 0.15
     """Share of real tokens per row that are predicted (exact per row, in tokens)."""
     mask_token_prob: float = 0.8
@@ -62,6 +71,14 @@ class TrainConfig:
     RoBERTa's FULL-SENTENCES; ``false`` keeps each row inside one document (DOC-SENTENCES)."""
     doc_attention: bool = False
     """With ``pack_docs``: keep attention inside each document of a row (block-diagonal mask)."""
+    self_distill_instance: float = 0.0
+    """Shenzhou instance-wise self-distillation weight: the batch runs twice (two dropout masks),
+    symmetric KL between the two MLM distributions at masked positions (0 = off)."""
+    self_distill_layers: list | None = None
+    """Shenzhou layer-wise self-distillation: 1-based layers whose MLM predictions are pulled
+    (KL, final layer detached as teacher) toward the final layer's."""
+    self_distill_layer_weight: float = 1.0
+    """Weight of the layer-wise term."""
     seed: int = 1234
     """Seeds initialisation, data order, masking and dropout."""
     log_every: int = 10
@@ -118,6 +135,8 @@ def _coerce(v, type_name: str, where: str):
             if isinstance(v, float) and not v.is_integer():
                 raise ValueError
             return int(v)
+        if type_name.startswith("dict") and not isinstance(v, dict) or type_name.startswith("list") and not isinstance(v, list):
+            raise ValueError
         if type_name.startswith("bool"):
             if not isinstance(v, bool):
                 raise ValueError

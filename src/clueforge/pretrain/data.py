@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clueforge.corpus.build import DOC_START, SENT_START, WORD_START
+from clueforge.corpus.build import DOC_START, ENT_START, SENT_START, WORD_START
 from clueforge.corpus.shards import Corpus
+from clueforge.pretrain.masking import Curriculum, Masker, MaskingConfig, Row, _groups, pick_strategy
 
 
 def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool) -> np.ndarray:
@@ -119,93 +120,99 @@ class Sampler:
         return (step * self.A * self.W * self.B) / self.n
 
 
-@dataclass
-class MaskingConfig:
-    strategy: str = "wwm"
-    ratio: float = 0.15
-    mask_prob: float = 0.8
-    random_prob: float = 0.1
-
-
 class Collator:
-    """Rows → padded numpy batch with MLM inputs and labels."""
+    """Rows → padded numpy batch with MLM inputs and labels (``masking.Masker`` chooses what)."""
 
     def __init__(self, corpus: Corpus, specials: dict[str, int], vocab_size: int, masking: MaskingConfig,
-                 doc_attention: bool = False):
-        if masking.strategy not in ("token", "wwm"):
-            raise ValueError(f"masking {masking.strategy!r}: expected 'token' or 'wwm'")
+                 doc_attention: bool = False, tokenizer=None, curriculum: Curriculum | None = None):
         self.shards = corpus.shards
         self.cls, self.sep, self.pad, self.mask = specials["cls"], specials["sep"], specials["pad"], specials["mask"]
         special_set = set(specials.values())
         self.random_pool = np.array([i for i in range(vocab_size) if i not in special_set], dtype=np.int64)
         self.m = masking
+        self.curriculum = curriculum
+        strategies = set(masking.weights) | {k for st in (curriculum.stages if curriculum else []) for k in st.get("weights", {})}
+        if "entity" in strategies and not all(sh.ent is not None for sh in self.shards):
+            raise ValueError("entity masking needs a corpus built with knowledge files (--entities/--triples)")
+        connective_ids = []
+        if "discourse" in strategies:
+            if tokenizer is None:
+                raise ValueError("discourse masking needs the tokenizer to spell the connectives")
+            connective_ids = [tuple(tokenizer.encode(c, add_special_tokens=False).ids) for c in masking.connectives]
+        self.masker = Masker(masking, connective_ids)
+        self.inventory = build_word_inventory(self.shards) if "corrective" in strategies else None
         self.doc_attention = doc_attention
 
-    def _row(self, shard: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Token ids, word-group ids (-1 = special, never masked) and document ids of one row."""
+    def _row(self, shard: int, start: int, end: int) -> tuple[Row, np.ndarray]:
+        """One row's per-position views (specials get word -1) and its document ids."""
         sh = self.shards[shard]
         ids = np.asarray(sh.ids[start:end], dtype=np.int64)
         fl = np.asarray(sh.flags[start:end])
+        pos = np.asarray(sh.pos[start:end])
         doc_pos = np.flatnonzero(fl & DOC_START)
         doc_pos = doc_pos[doc_pos > 0]
         ids = np.insert(ids, doc_pos, self.sep)
         is_special = np.zeros(ids.size, dtype=bool)
         is_special[doc_pos + np.arange(doc_pos.size)] = True
         word_start = np.insert((fl & WORD_START) != 0, doc_pos, True)
+        sent_start = np.insert((fl & SENT_START) != 0, doc_pos, False)
         doc = np.cumsum((fl & DOC_START) != 0)
         doc = np.insert(doc, doc_pos, doc[doc_pos] - 1)  # a [SEP] closes the previous document
-        ids = np.concatenate([[self.cls], ids, [self.sep]])
-        is_special = np.concatenate([[True], is_special, [True]])
-        word_start = np.concatenate([[True], word_start, [True]]) | is_special
-        word = np.cumsum(word_start) - 1
+        if sh.ent is not None:
+            etype = np.asarray(sh.etype[start:end])
+            m_start = (fl & ENT_START) != 0
+            mention = np.where(etype > 0, np.cumsum(m_start), 0)
+            mention = np.insert(mention, doc_pos, 0)
+        else:
+            mention = np.zeros(ids.size, dtype=np.int64)
+        pos = np.insert(pos, doc_pos, 0)
+
+        def wrap(a, v):
+            return np.concatenate([[v], a, [v]])
+
+        ids, is_special = wrap(ids, self.cls), wrap(is_special, True)
+        ids[-1] = self.sep
+        word = np.cumsum(wrap(word_start, True) | is_special) - 1
         word[is_special] = -1
-        doc = np.concatenate([doc[:1], doc, doc[-1:]])
-        return ids, word, doc
+        row = Row(ids=ids, word=word, sent_start=wrap(sent_start, False), mention=wrap(mention, 0), pos=wrap(pos, 0))
+        return row, np.concatenate([doc[:1], doc, doc[-1:]])
 
-    def choose(self, word: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Boolean mask of predicted positions: exactly ``round(ratio · real tokens)`` (≥ 1)
-        tokens; with ``wwm`` only whole words (a word that would overshoot is skipped)."""
-        cand = np.flatnonzero(word >= 0)
-        chosen = np.zeros(word.size, dtype=bool)
-        if cand.size == 0:
-            return chosen
-        budget = min(cand.size, max(1, int(round(self.m.ratio * cand.size))))
-        if self.m.strategy == "token":
-            chosen[rng.choice(cand, budget, replace=False)] = True
-            return chosen
-        wids, first, lens = np.unique(word[cand], return_index=True, return_counts=True)
-        order = rng.permutation(wids.size)
-        csum = np.cumsum(lens[order])
-        take = int(np.searchsorted(csum, budget, side="right"))
-        picked = list(order[:take])
-        left = budget - (int(csum[take - 1]) if take else 0)
-        for j in order[take:]:  # fill the remainder exactly with words that still fit
-            if left == 0:
-                break
-            if lens[j] <= left:
-                picked.append(j)
-                left -= int(lens[j])
-        for j in picked:
-            s = cand[first[j]]
-            chosen[s:s + lens[j]] = True
-        return chosen
+    def choose(self, word: np.ndarray, rng: np.random.Generator, strategy: str = "wwm") -> np.ndarray:
+        """Positions to predict for a row given only its word ids (token / wwm)."""
+        z = np.zeros(word.size, dtype=np.int64)
+        row = Row(ids=z, word=word, sent_start=z.astype(bool), mention=z, pos=z)
+        return self.masker.choose(strategy, row, rng)
 
-    def __call__(self, rows: list[tuple[int, int, int]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def settings(self, progress: float) -> dict:
+        """Ratio, span parameter and strategy weights in force at ``progress`` (curriculum)."""
+        if self.curriculum is None:
+            return {"ratio": self.m.ratio, "span_p": self.m.span_p, "weights": dict(self.m.weights)}
+        return self.curriculum.at(progress, self.m)
+
+    def __call__(self, rows: list[tuple[int, int, int]], rng: np.random.Generator, progress: float = 0.0
+                 ) -> dict[str, np.ndarray]:
         built = [self._row(*r) for r in rows]
-        T = max(b[0].size for b in built)
+        T = max(b[0].ids.size for b in built)
         B = len(built)
         input_ids = np.full((B, T), self.pad, dtype=np.int64)
         labels = np.full((B, T), -100, dtype=np.int64)
         attn = np.zeros((B, T), dtype=np.int64)
         docs = np.full((B, T), -1, dtype=np.int64)
-        for i, (ids, word, doc) in enumerate(built):
+        st = self.settings(progress)
+        self.masker.cfg.span_p = st["span_p"]
+        for i, (row, doc) in enumerate(built):
+            ids = row.ids
             n = ids.size
-            chosen = self.choose(word, rng)
+            strategy = pick_strategy(st["weights"], rng)
+            chosen = self.masker.choose(strategy, row, rng, st["ratio"])
             pos = np.flatnonzero(chosen)
             labels[i, pos] = ids[pos]
-            r = rng.random(pos.size)
             masked = ids.copy()
-            masked[pos[r < self.m.mask_prob]] = self.mask
+            r = rng.random(pos.size)
+            to_mask = pos[r < self.m.mask_prob]
+            if strategy == "corrective":
+                to_mask = self._correct(masked, row, chosen, to_mask, rng)
+            masked[to_mask] = self.mask
             rnd = pos[(r >= self.m.mask_prob) & (r < self.m.mask_prob + self.m.random_prob)]
             masked[rnd] = self.random_pool[rng.integers(0, self.random_pool.size, rnd.size)]
             input_ids[i, :n] = masked
@@ -215,6 +222,51 @@ class Collator:
         if self.doc_attention:
             batch["doc_ids"] = docs
         return batch
+
+    def _correct(self, masked: np.ndarray, row: Row, chosen: np.ndarray, to_mask: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
+        """MacBERT: write a same-POS, same-length real word over each selected word; positions
+        with no such word fall back to [MASK] (returned)."""
+        sel = np.zeros(masked.size, dtype=bool)
+        sel[to_mask] = True
+        fallback = []
+        for s, n in _groups(np.where(chosen, row.word + 1, 0)):
+            if not sel[s]:
+                continue
+            options = self.inventory.get((int(row.pos[s]), n)) if self.inventory else None
+            if options is None or len(options) < 2:
+                fallback.extend(range(s, s + n))
+                continue
+            for _ in range(3):  # a word other than the original
+                cand = options[int(rng.integers(len(options)))]
+                if not np.array_equal(cand, row.ids[s:s + n]):
+                    masked[s:s + n] = cand
+                    break
+            else:
+                fallback.extend(range(s, s + n))
+        return np.asarray(fallback, dtype=np.int64)
+
+
+def build_word_inventory(shards, max_words: int = 400_000, per_key: int = 4000) -> dict[tuple[int, int], np.ndarray]:
+    """``(POS id, token length) → (K, length) token ids`` of real words seen in the first shards."""
+    buckets: dict[tuple[int, int], set] = {}
+    seen = 0
+    for sh in shards:
+        starts = np.flatnonzero(np.asarray(sh.flags) & WORD_START)
+        ends = np.append(starts[1:], sh.ids.size)
+        ids = np.asarray(sh.ids)
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            n = e - s
+            if 1 <= n <= 6:
+                b = buckets.setdefault((int(sh.pos[s]), n), set())
+                if len(b) < per_key:
+                    b.add(tuple(ids[s:e].tolist()))
+            seen += 1
+            if seen >= max_words:
+                break
+        if seen >= max_words:
+            break
+    return {k: np.array(sorted(v), dtype=np.int64) for k, v in buckets.items()}
 
 
 def batch_digest(shard: np.ndarray, span: np.ndarray) -> str:

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clueforge.corpus.shards import Corpus
 from clueforge.model.bert import BertForMLM, flops_per_token
 from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import PretrainConfig
-from clueforge.pretrain.data import (Collator, MaskingConfig, Prefetcher, Sampler, batch_digest,
-                                     build_row_index, split_heldout)
+from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
+from clueforge.pretrain.masking import DEFAULT_CONNECTIVES, Curriculum, MaskingConfig
 
 log = logging.getLogger("clueforge.pretrain")
 
@@ -51,6 +52,36 @@ def lr_lambda(cfg, step: int) -> float:
     else:
         raise ValueError(f"schedule {t.schedule!r}: expected linear, cosine or constant")
     return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
+
+
+def mlm_objective(model, batch: dict, t) -> tuple:
+    """The MLM loss plus the self-distillation terms the config turns on.
+
+    Returns ``(loss, output, parts)``; ``parts`` maps each term's name to its detached value.
+    """
+    from clueforge.finetune.tricks import symmetric_kl
+
+    layers = tuple(t.self_distill_layers or ())
+    if t.self_distill_instance:  # the batch twice in one forward: two dropout masks, one graph
+        batch = {k: torch.cat([v, v]) for k, v in batch.items()}
+    o = model(**batch, distill_layers=layers) if layers else model(**batch)
+    loss = o.loss  # with the doubled batch: the mean of both passes' MLM losses
+    parts = {}
+    if t.self_distill_instance:
+        m = o.logits.shape[0] // 2  # masked positions come row by row: first copy, then second
+        kl = symmetric_kl(o.logits[:m], o.logits[m:])
+        loss = loss + t.self_distill_instance * kl
+        parts["sd_instance_kl"] = kl.detach()
+    if layers:
+        teacher = F.log_softmax(o.logits.detach().float(), -1)
+        kls = [F.kl_div(F.log_softmax(lg.float(), -1), teacher, log_target=True, reduction="batchmean")
+               for lg in o.layer_logits]
+        layer_kl = torch.stack(kls).mean()
+        loss = loss + t.self_distill_layer_weight * layer_kl
+        parts["sd_layer_kl"] = layer_kl.detach()
+    if parts:
+        parts["mlm_loss"] = o.loss.detach()
+    return loss, o, parts
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -177,8 +208,12 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     index = build_row_index(corpus, t.seq_len, t.pack_docs)
     train_rows, eval_rows = split_heldout(index, corpus)
     sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
-    masking = MaskingConfig(t.masking, t.mask_ratio, t.mask_token_prob, t.random_token_prob)
-    collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs)
+    masking = MaskingConfig(ratio=t.mask_ratio, weights=dict(t.masking_weights or {t.masking: 1.0}),
+                            mask_prob=t.mask_token_prob, random_prob=t.random_token_prob, span_p=t.span_p,
+                            connectives=DEFAULT_CONNECTIVES + tuple(t.extra_connectives or ()))
+    curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
+    collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
+                       tokenizer=tok, curriculum=curriculum)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     if t.init_from:
@@ -189,9 +224,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     else:
         model = BertForMLM(cfg.model)
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps,
-                                  fused=fused or None)
+    # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
 
     ck_root = out / "checkpoints"
@@ -227,7 +261,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         idx = sampler.rows(step, micro, rank)
         rows = train_rows.select(idx)
         rng = np.random.default_rng([t.seed, 1, step, micro, rank])
-        batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng)
+        batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng,
+                        progress=step / max(1, t.max_steps))
         return batch, batch_digest(rows.shard, rows.span)
 
     def evaluate() -> dict:
@@ -241,7 +276,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     continue
                 rows = eval_rows.select(sel)
                 batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
-                                np.random.default_rng([t.seed, 2, b]))
+                                np.random.default_rng([t.seed, 2, b]), progress=1.0)  # fixed: comparable over time
                 with accelerator.autocast():
                     o = raw_model(**to_device(batch))
                 n = o.labels.numel()
@@ -270,8 +305,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     progress, task = _progress(show_progress and main, t.max_steps, start_step)
     model.train()
     def new_window() -> dict:
-        return {"sums": torch.zeros(3, device=device, dtype=torch.float64), "tokens": 0, "wait": 0.0,
-                "t0": time.perf_counter()}
+        return {"sums": torch.zeros(3, device=device, dtype=torch.float64), "tokens": 0, "slots": 0, "wait": 0.0,
+                "parts": {}, "steps": 0, "t0": time.perf_counter()}
 
     window = new_window()
     unlogged_tokens = 0  # this rank's tokens not yet added to ``tokens_seen``
@@ -289,14 +324,17 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     sync = micro == t.grad_accum - 1
                     with accelerator.no_sync(model) if not sync else nullcontext():
                         with accelerator.autocast():
-                            o = step_model(**tb)
-                        accelerator.backward(o.loss / t.grad_accum)
+                            loss, o, parts = mlm_objective(step_model, tb, t)
+                        accelerator.backward(loss / t.grad_accum)
+                    for k, v in parts.items():
+                        window["parts"][k] = window["parts"].get(k, 0.0) + v.float() / t.grad_accum
                     n = o.labels.numel()
                     window["sums"] += torch.stack([o.loss.detach().double() * n,
                                                    (o.logits.detach().argmax(-1) == o.labels).sum().double(),
                                                    torch.tensor(float(n), device=device, dtype=torch.float64)])
                     real = int(batch["attention_mask"].sum())
                     window["tokens"] += real
+                    window["slots"] += batch["attention_mask"].size
                     unlogged_tokens += real
                 grad_norm = None
                 if t.clip_grad > 0:
@@ -305,6 +343,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                window["steps"] += 1
 
                 if step % t.log_every == 0 or step == t.max_steps:
                     extra = torch.tensor([window["tokens"], unlogged_tokens], device=device, dtype=torch.float64)
@@ -322,10 +361,17 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         "tokens_per_s": tps,
                         "mfu": tps * flops_tok / (peak * world),
                         "data_wait_share": window["wait"] / elapsed,
+                        "padding_share": 1.0 - window["tokens"] / max(1, window["slots"]),  # this rank's batches
                         "epoch": sampler.epoch_of(step),
                     }
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
+                    for k, v in sorted(window["parts"].items()):  # each objective's own loss
+                        rec[k] = accelerator.reduce(v.detach(), "mean").item() / window["steps"]
+                    if curriculum is not None or len(masking.weights) > 1:
+                        st = collate.settings(step / max(1, t.max_steps))
+                        rec["mask_ratio"] = st["ratio"]
+                        rec.update({f"mask_w_{k}": v for k, v in st["weights"].items()})
                     if t.eval_every and step % t.eval_every == 0 or step == t.max_steps:
                         last_eval = evaluate()
                         rec.update(last_eval)
