@@ -68,6 +68,7 @@ class Side:
                 self._hf_tokenizer(corpus.path), whole_word_mask=True, mlm_probability=cfg.train.mask_ratio)
             self.examples = [self._hf_examples(i) for i in range(len(rows))]
         self.model.train()
+        self.forward = torch.compile(self.model) if kind == "clueforge" and args.compile else self.model
         # fused AdamW on both sides: it is transformers' Trainer default (adamw_torch_fused)
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, fused=True)
 
@@ -108,7 +109,7 @@ class Side:
             batch = self.hf_collator(self.examples[i])
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.model(**batch).loss
+            loss = self.forward(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -153,6 +154,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--data", default=None, help="a built corpus directory (default: 20k docs of the real corpus)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the clueforge model (warm-up compiles)")
     ap.add_argument("--out", default="bench-out/pretrain_throughput.json")
     args = ap.parse_args()
 
@@ -202,7 +204,7 @@ def main() -> None:
     tps = {k: tokens[k] / elapsed[k] for k in elapsed}
     result = {
         "benchmark": "pretrain_throughput",
-        "config": args.config, "device": args.device, "precision": args.precision,
+        "config": args.config, "device": args.device, "precision": args.precision, "clueforge_compiled": args.compile,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "timed_steps_per_side": args.steps * args.rounds,
         "clueforge_tokens_per_s": round(tps["clueforge"], 1),
         "transformers_tokens_per_s": round(tps["transformers"], 1),

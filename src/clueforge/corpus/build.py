@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from clueforge.text.normalize import is_probably_binary, normalize, sentence_starts
+from clueforge.utils import atomic_write, sha256_file
 from clueforge.text.segment import POS_ID, Segmenter
 
 log = logging.getLogger("clueforge.corpus")
@@ -318,15 +319,6 @@ def encode_documents(texts: list[str], tok, seg: Segmenter, fast=None, matcher=N
     return ids, flags, pos, ntok, char_ent[tok_char], char_type[tok_char]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: str) -> dict:
     cfg: BuildConfig = _STATE["cfg"]
     stats = ShardStats(name=name, docs_read=len(docs), config_hash=config_hash)
@@ -354,15 +346,15 @@ def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: st
     stats.chars = sum(len(t) for t, n in zip(texts, ntok.tolist()) if n)
     stats.sentences = int(np.count_nonzero(flags & SENT_START))
     out = Path(shard_dir)
-    _atomic_write(out / f"{name}.ids.u16", ids.astype("<u2").tobytes())
-    _atomic_write(out / f"{name}.flags.u8", flags.tobytes())
-    _atomic_write(out / f"{name}.pos.u8", pos.astype(np.uint8).tobytes())
+    atomic_write(out / f"{name}.ids.u16", ids.astype("<u2").tobytes())
+    atomic_write(out / f"{name}.flags.u8", flags.tobytes())
+    atomic_write(out / f"{name}.pos.u8", pos.astype(np.uint8).tobytes())
     if ent:
-        _atomic_write(out / f"{name}.ent.u32", ent[0].astype("<u4").tobytes())
-        _atomic_write(out / f"{name}.etype.u8", ent[1].tobytes())
+        atomic_write(out / f"{name}.ent.u32", ent[0].astype("<u4").tobytes())
+        atomic_write(out / f"{name}.etype.u8", ent[1].tobytes())
         stats.entity_tokens = int(np.count_nonzero(ent[1]))
         stats.mentions = int(np.count_nonzero(flags & ENT_START))
-    _atomic_write(out / f"{name}.json", json.dumps(asdict(stats), ensure_ascii=False).encode())
+    atomic_write(out / f"{name}.json", json.dumps(asdict(stats), ensure_ascii=False).encode())
     return asdict(stats)
 
 
@@ -370,29 +362,21 @@ def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: st
 # Driver.
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_path(path: Path) -> str:
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(path.glob("*.txt")):
-            h.update(f.name.encode() + _sha256_file(f).encode())
+            h.update(f.name.encode() + sha256_file(f).encode())
         return h.hexdigest()
-    return _sha256_file(path)
+    return sha256_file(path)
 
 
 def config_fingerprint(cfg: BuildConfig, files: list[Path]) -> dict:
     from clueforge.text.tokenizer import resolve_vocab
 
-    vocab_sha = _sha256_file(resolve_vocab(cfg.vocab))
+    vocab_sha = sha256_file(resolve_vocab(cfg.vocab))
     fields = {k: v for k, v in asdict(cfg).items() if k not in ("vocab", "user_dict", "entities", "triples")}
-    fields["user_dict_sha256"] = _sha256_file(Path(cfg.user_dict)) if cfg.user_dict else None
+    fields["user_dict_sha256"] = sha256_file(Path(cfg.user_dict)) if cfg.user_dict else None
     fields["knowledge_sha256"] = [_sha256_path(Path(p)) for p in (*cfg.entities, *cfg.triples)]
     fields["inputs"] = [{"name": f.name, "bytes": f.stat().st_size} for f in files]
     fields["format_version"] = FORMAT_VERSION
@@ -447,7 +431,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
     from clueforge.text.tokenizer import resolve_vocab
 
     # The corpus carries its vocabulary (and entity list): pretraining reads them from here.
-    _atomic_write(out / "vocab.txt", resolve_vocab(cfg.vocab).read_bytes())
+    atomic_write(out / "vocab.txt", resolve_vocab(cfg.vocab).read_bytes())
     entity_types: list[str] = []
     if cfg.marks_entities:
         from clueforge.knowledge.matcher import EntityMatcher
@@ -528,7 +512,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         **fp,
         "pos_tags": list(POS_ID),
     }
-    _atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2).encode())
+    atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=2).encode())
     return manifest
 
 

@@ -15,7 +15,6 @@ with a warning and the previous one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,17 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from clueforge.model.bert import BertForMLM
 from clueforge.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from clueforge.utils import sha256_file
 
 log = logging.getLogger("clueforge.pretrain")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -110,7 +102,7 @@ def save_checkpoint(root: Path, step: int, model: BertForMLM, opt: torch.optim.O
     save_file(opt_t, tmp / "optimizer.safetensors")
     files = ["model.safetensors", "config.json", "optimizer.safetensors"] + [f"rng-rank{r}.safetensors" for r in range(world)]
     state = {**state, "step": step, "world_size": world, "optimizer": opt_meta, "python_rng": _py_rng(),
-             "sha256": {f: _sha256(tmp / f) for f in files}}
+             "sha256": {f: sha256_file(tmp / f) for f in files}}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     final = root / f"step-{step}"
     if final.exists():
@@ -129,7 +121,7 @@ def _py_rng() -> list:
 def verify(path: Path) -> dict:
     state = json.loads((path / "trainer_state.json").read_text())
     for f, digest in state["sha256"].items():
-        if _sha256(path / f) != digest:
+        if sha256_file(path / f) != digest:
             raise ValueError(f"{path / f}: sha256 mismatch")
     return state
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, field, read_jsonl
+from clueforge.tasks.io import TaskDataError, field, pad_features, read_jsonl
 from clueforge.tasks.metrics import accuracy
 from clueforge.tasks.registry import Task
 from clueforge.text.normalize import normalize
@@ -126,15 +126,9 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    T = max(len(f["input_ids"]) for f in features)
-    ids = np.full((len(features), T), pad_id, dtype=np.int64)
-    types = np.zeros_like(ids)
-    mask = np.zeros_like(ids)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], types[i, :n], mask[i, :n] = f["input_ids"], f["token_type_ids"], 1
-    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-            "attention_mask": torch.from_numpy(mask), "labels": torch.tensor([f["label"] for f in features])}
+    ids, types, mask = pad_features(features, pad_id)
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
+            "labels": torch.tensor([f["label"] for f in features])}
 
 
 def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -48,3 +48,20 @@ def field(obj: dict, name: str, path, lineno, types=(str,)):
     if types and not isinstance(v, types):
         raise TaskDataError(f"{path}:{lineno}: field {name!r} has type {type(v).__name__}, expected {types[0].__name__}")
     return v
+
+
+def pad_features(features: list[dict], pad_id: int, keys=("input_ids", "token_type_ids")):
+    """``(input_ids, token_type_ids, attention_mask)`` as (B, T) int64 tensors, right-padded."""
+    import numpy as np
+    import torch
+
+    T = max(len(f["input_ids"]) for f in features)
+    ids = np.full((len(features), T), pad_id, dtype=np.int64)
+    types = np.zeros_like(ids)
+    mask = np.zeros_like(ids)
+    for i, f in enumerate(features):
+        n = len(f[keys[0]])
+        ids[i, :n], mask[i, :n] = f[keys[0]], 1
+        if keys[1] in f:
+            types[i, :n] = f[keys[1]]
+    return torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(mask)

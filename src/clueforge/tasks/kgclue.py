@@ -16,11 +16,11 @@ with the fine-tuned checkpoint as ``kb.tsv``. A head's parenthesised disambiguat
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 
+from clueforge.knowledge.sources import entity_name, load_triples
 from clueforge.tasks import classify
 from clueforge.tasks.io import TaskDataError, field, read_jsonl
 from clueforge.tasks.metrics import kgclue_scores
@@ -29,11 +29,6 @@ from clueforge.tasks.registry import Task
 HEAD = "sequence"
 collate, loss = classify.collate, classify.loss
 MAX_CANDIDATES, TRAIN_NEGATIVES = 48, 7
-_PAREN = re.compile(r"[（(][^（）()]*[）)]\s*$")
-
-
-def entity_name(head: str) -> str:
-    return _PAREN.sub("", head).strip() or head
 
 
 def parse_answer(answer: str, where: str) -> tuple[str, str, str]:
@@ -66,16 +61,10 @@ class KnowledgeBase:
 
     @classmethod
     def read(cls, path: Path) -> "KnowledgeBase":
-        triples = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != 3:
-                    raise TaskDataError(f"{path}:{lineno}: expected head<TAB>relation<TAB>tail")
-                triples.append((parts[0], parts[1], parts[2]))
-        return cls(triples)
+        try:
+            return cls(load_triples(path))
+        except ValueError as exc:
+            raise TaskDataError(str(exc)) from None
 
 
 def prepare(task: Task, data_dir: Path, cfg=None) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, field, read_jsonl
+from clueforge.tasks.io import TaskDataError, field, pad_features, read_jsonl
 from clueforge.tasks.metrics import bio_spans, entity_prf
 from clueforge.tasks.registry import Task
 
@@ -104,15 +104,11 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    T = max(len(f["input_ids"]) for f in features)
-    ids = np.full((len(features), T), pad_id, dtype=np.int64)
-    labels = np.full_like(ids, -100)
-    mask = np.zeros_like(ids)
+    ids, types, mask = pad_features(features, pad_id)
+    labels = torch.full_like(ids, -100)
     for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = f["input_ids"], f["labels"], 1
-    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.zeros_like(torch.from_numpy(ids)),
-            "attention_mask": torch.from_numpy(mask), "labels": torch.from_numpy(labels)}
+        labels[i, :len(f["labels"])] = torch.tensor(f["labels"])
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
 
 
 def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, read_json
+from clueforge.tasks.io import TaskDataError, pad_features, read_json
 from clueforge.tasks.metrics import cmrc_scores
 from clueforge.tasks.registry import Task
 
@@ -106,15 +106,8 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    T = max(len(f["input_ids"]) for f in features)
-    ids = np.full((len(features), T), pad_id, dtype=np.int64)
-    types = np.zeros_like(ids)
-    mask = np.zeros_like(ids)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], types[i, :n], mask[i, :n] = f["input_ids"], f["token_type_ids"], 1
-    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-            "attention_mask": torch.from_numpy(mask),
+    ids, types, mask = pad_features(features, pad_id)
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
             "start": torch.tensor([f["start"] for f in features]), "end": torch.tensor([f["end"] for f in features])}
 
 
