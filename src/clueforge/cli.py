@@ -207,7 +207,7 @@ def quickstart(
 
     _logging()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = BuildConfig(vocab="", doc_sep="blank", docs_per_shard=20)
+    cfg = BuildConfig(vocab="", doc_sep="blank", docs_per_shard=16)  # 4 shards; the last (13 docs) is held out
     vocab = out / "vocab.txt"
     n = build_vocab(iter_texts([SAMPLE], cfg), vocab, vocab_size=2000, min_frequency=1)
     console.print(f"[1/4] vocab: {n} entries → {vocab}")

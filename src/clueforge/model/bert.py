@@ -206,6 +206,7 @@ class MLMOutput:
     labels: torch.Tensor | None  # (M,) the targets matching ``logits`` rows
     hidden: torch.Tensor  # (B, T, D)
     layer_logits: list[torch.Tensor] | None = None  # (M, V) per kept layer, at the same positions
+    aux_logits: dict[str, torch.Tensor] | None = None  # objective → (B', C) from its own batch
 
 
 class BertForMLM(nn.Module):
@@ -217,6 +218,7 @@ class BertForMLM(nn.Module):
         self.encoder = Encoder(cfg)
         self.head = MLMHead(cfg, self.encoder.embeddings.word)
         init_weights(self, cfg.initializer_range)
+        self.aux: nn.Module | None = None  # pretraining-only [CLS] heads (pretrain.objectives.AuxHeads)
 
     def forward(
         self,
@@ -227,10 +229,13 @@ class BertForMLM(nn.Module):
         doc_ids: torch.Tensor | None = None,
         sparse: bool = True,
         distill_layers: tuple[int, ...] = (),
+        aux: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> MLMOutput:
         """With ``labels`` (B, T; -100 = not predicted) returns the MLM loss; ``sparse`` computes
         logits only at labelled positions (the dense path exists for equivalence tests).
-        ``distill_layers`` (1-based) also predicts through the MLM head from those layers."""
+        ``distill_layers`` (1-based) also predicts through the MLM head from those layers; ``aux``
+        maps an objective to its own batch, classified on [CLS] by ``self.aux`` (one forward, so
+        data parallelism sees every parameter)."""
         if distill_layers:
             hidden, kept = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids, keep=distill_layers)
         else:
@@ -243,7 +248,9 @@ class BertForMLM(nn.Module):
             logits = self.head(hidden[sel])  # (M, V)
             loss = F.cross_entropy(logits.float(), targets)
             layer_logits = [self.head(h[sel]) for h in kept] if kept else None
-            return MLMOutput(loss, logits, targets, hidden, layer_logits)
+            aux_logits = {name: self.aux(name, self.encoder(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
+                          for name, b in aux.items()} if aux else None
+            return MLMOutput(loss, logits, targets, hidden, layer_logits, aux_logits)
         logits = self.head(hidden)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
         sel = labels != -100

@@ -101,6 +101,10 @@ def save_checkpoint(root: Path, step: int, model: BertForMLM, opt: torch.optim.O
     opt_t, opt_meta = optimizer_tensors(opt)
     save_file(opt_t, tmp / "optimizer.safetensors")
     files = ["model.safetensors", "config.json", "optimizer.safetensors"] + [f"rng-rank{r}.safetensors" for r in range(world)]
+    if model.aux is not None:  # pretraining-only heads: not part of the HF layout
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.aux.state_dict().items()},
+                  tmp / "aux.safetensors")
+        files.append("aux.safetensors")
     state = {**state, "step": step, "world_size": world, "optimizer": opt_meta, "python_rng": _py_rng(),
              "sha256": {f: sha256_file(tmp / f) for f in files}}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -138,6 +142,10 @@ def latest_valid(root: Path) -> tuple[Path, dict] | None:
 
 def load_checkpoint(path: Path, state: dict, model: BertForMLM, opt: torch.optim.Optimizer, rank: int) -> None:
     from_hf_state_dict(model, load_file(path / "model.safetensors"), strict_head=True)
+    if model.aux is not None:
+        if not (path / "aux.safetensors").is_file():
+            raise ValueError(f"{path}: the config has structure objectives but the checkpoint has no aux.safetensors")
+        model.aux.load_state_dict(load_file(path / "aux.safetensors"))
     load_optimizer(opt, load_file(path / "optimizer.safetensors"), state["optimizer"])
     rng_file = path / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():

@@ -79,6 +79,13 @@ class TrainConfig:
     (KL, final layer detached as teacher) toward the final layer's."""
     self_distill_layer_weight: float = 1.0
     """Weight of the layer-wise term."""
+    structure_weights: dict | None = None
+    """Structure objectives on [CLS] and their loss weights, e.g. ``{reorder: 0.5, distance: 0.5}``
+    (ERNIE 3.0 sentence reordering; 3-class sentence distance)."""
+    structure_batch_size: int = 8
+    """Examples per structure objective per micro-step."""
+    reorder_max_segments: int = 3
+    """Sentence reordering: at most this many segments (Σ k! classes)."""
     seed: int = 1234
     """Seeds initialisation, data order, masking and dropout."""
     log_every: int = 10

@@ -62,9 +62,16 @@ def mlm_objective(model, batch: dict, t) -> tuple:
     from clueforge.finetune.tricks import symmetric_kl
 
     layers = tuple(t.self_distill_layers or ())
+    batch = dict(batch)
+    batch_aux = batch.pop("aux", None)
     if t.self_distill_instance:  # the batch twice in one forward: two dropout masks, one graph
         batch = {k: torch.cat([v, v]) for k, v in batch.items()}
-    o = model(**batch, distill_layers=layers) if layers else model(**batch)
+    extra = {}
+    if layers:
+        extra["distill_layers"] = layers
+    if batch_aux:
+        extra["aux"] = batch_aux
+    o = model(**batch, **extra)
     loss = o.loss  # with the doubled batch: the mean of both passes' MLM losses
     parts = {}
     if t.self_distill_instance:
@@ -79,6 +86,12 @@ def mlm_objective(model, batch: dict, t) -> tuple:
         layer_kl = torch.stack(kls).mean()
         loss = loss + t.self_distill_layer_weight * layer_kl
         parts["sd_layer_kl"] = layer_kl.detach()
+    for name, w in (t.structure_weights or {}).items():
+        logits, labels = o.aux_logits[name], batch_aux[name]["labels"]
+        aux_loss = F.cross_entropy(logits.float(), labels)
+        loss = loss + w * aux_loss
+        parts[f"{name}_loss"] = aux_loss.detach()
+        parts[f"{name}_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
     if parts:
         parts["mlm_loss"] = o.loss.detach()
     return loss, o, parts
@@ -224,6 +237,19 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     else:
         model = BertForMLM(cfg.model)
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
+    structure = None
+    if t.structure_weights:
+        from clueforge.pretrain.objectives import OBJECTIVES, AuxHeads, StructureData, n_reorder_classes
+
+        unknown = sorted(set(t.structure_weights) - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(f"train.structure_weights: unknown objectives {unknown}; known: {OBJECTIVES}")
+        classes = {"reorder": n_reorder_classes(t.reorder_max_segments), "distance": 3}
+        model.aux = AuxHeads(cfg.model.hidden_size, {k: classes[k] for k in t.structure_weights},
+                             cfg.model.initializer_range)
+        held = {len(corpus) - 1} if len(corpus) >= 2 else set()
+        structure = StructureData(corpus, specials, t.seq_len, t.reorder_max_segments,
+                                  shards=[i for i in range(len(corpus)) if i not in held])
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -254,8 +280,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     raw_model: BertForMLM = accelerator.unwrap_model(model)
     step_model = torch.compile(model) if t.compile else model
 
-    def to_device(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+    def to_device(batch: dict) -> dict:
+        return {k: to_device(v) if isinstance(v, dict) else torch.from_numpy(v).to(device, non_blocking=True)
+                for k, v in batch.items()}
 
     def make_batch(step: int, micro: int):
         idx = sampler.rows(step, micro, rank)
@@ -263,6 +290,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         rng = np.random.default_rng([t.seed, 1, step, micro, rank])
         batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng,
                         progress=step / max(1, t.max_steps))
+        if structure is not None:
+            batch["aux"] = {k: structure.batch(k, t.structure_batch_size, rng) for k in t.structure_weights}
         return batch, batch_digest(rows.shard, rows.span)
 
     def evaluate() -> dict:
@@ -332,9 +361,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     window["sums"] += torch.stack([o.loss.detach().double() * n,
                                                    (o.logits.detach().argmax(-1) == o.labels).sum().double(),
                                                    torch.tensor(float(n), device=device, dtype=torch.float64)])
-                    real = int(batch["attention_mask"].sum())
+                    real = int(batch["attention_mask"].sum()) + sum(
+                        int(b["attention_mask"].sum()) for b in batch.get("aux", {}).values())
                     window["tokens"] += real
-                    window["slots"] += batch["attention_mask"].size
+                    window["slots"] += batch["attention_mask"].size + sum(
+                        b["attention_mask"].size for b in batch.get("aux", {}).values())
                     unlogged_tokens += real
                 grad_norm = None
                 if t.clip_grad > 0:
