@@ -160,3 +160,114 @@ def test_self_distillation_adds_its_logged_loss(sample_corpus, tmp_path, setting
     sd = json.loads((tmp_path / "sd" / "metrics.jsonl").read_text().splitlines()[-1])
     assert sd[key] > 0 and "mlm_loss" in sd and key not in plain
     assert sd["loss"] != plain["loss"]
+
+
+TRIPLES = "图书馆\t开放时间\t晚上九点\n火车站\t用途\t旅客进站\n人工智能\t应用领域\t医疗\n"
+
+
+@pytest.fixture(scope="module")
+def knowledge(entity_corpus, tmp_path_factory):
+    from clueforge.pretrain.objectives import KnowledgeData
+
+    f = tmp_path_factory.mktemp("kg") / "triples.tsv"
+    f.write_text(TRIPLES, encoding="utf-8")
+    c = Corpus(entity_corpus)
+    tok = load_tokenizer(entity_corpus / "vocab.txt")
+    return KnowledgeData(c, tok, special_ids(tok), 64, triples=load_triples(f)), tok, f
+
+
+def test_replacement_labels_are_one_exactly_on_swapped_tokens(knowledge):
+    kd, tok, _ = knowledge
+    swapped = 0
+    for seed in range(40):
+        ids, labels, original = kd.replace(np.random.default_rng(seed))
+        assert labels[0] == labels[-1] == -100 and set(labels[1:-1].tolist()) <= {0, 1}
+        kept = ids[1:-1][labels[1:-1] == 0]
+        # what is not labelled 1 is the original row with whole mentions taken out, in order
+        it = iter(original.tolist())
+        assert all(any(x == y for y in it) for x in kept.tolist())
+        runs = np.flatnonzero(np.diff(np.concatenate([[0], (labels == 1).astype(int), [0]])))
+        for a, b in zip(runs[::2], runs[1::2]):
+            name = tok.decode(ids[a:b].tolist()).replace(" ", "")
+            assert kd.table.id(name) > 0  # a real dictionary entity was written in
+            swapped += 1
+    assert swapped > 10
+
+
+def test_triple_text_masking(knowledge):
+    kd, tok, _ = knowledge
+    mask_id = tok.token_to_id("[MASK]")
+    for seed in range(20):
+        ids, types, labels = kd.triple_mlm(np.random.default_rng(seed))
+        sep = ids.tolist().index(tok.token_to_id("[SEP]"))
+        assert (types[: sep + 1] == 0).all() and (types[sep + 1:] == 1).all()
+        assert (ids[labels != -100] == mask_id).all() and (labels[1:sep] != -100).any()
+        assert ((labels == -100) | (ids == mask_id)).all()
+        restored = np.where(labels != -100, labels, ids)
+        head = tok.decode(restored[1:sep].tolist()).replace(" ", "")
+        assert any(head.startswith(t.split("\t")[0]) for t in TRIPLES.splitlines())
+
+
+@pytest.mark.slow
+def test_knowledge_objectives_in_the_loop(entity_corpus, knowledge, tmp_path):
+    from clueforge.pretrain.loop import pretrain
+
+    _, _, triples = knowledge
+    cfg = load_config("tiny", ["train.max_steps=2", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
+                               "train.knowledge_weights={replace: 1.0, triple_mlm: 1.0, relation: 1.0}",
+                               f"train.knowledge_triples={triples}"])
+    pretrain(cfg, entity_corpus, tmp_path / "k", show_progress=False)
+    last = json.loads((tmp_path / "k" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("replace_loss", "replace_acc", "triple_mlm_loss", "triple_mlm_acc", "relation_loss", "mlm_loss"):
+        assert key in last
+    assert last["replace_loss"] > 0 and last["triple_mlm_loss"] > 1.0
+
+
+def test_relation_examples_distant_supervision(knowledge):
+    kd, tok, _ = knowledge
+    sp = special_ids(tok)
+    pairs = kd.relation_pairs()
+    assert pairs, "the sample mentions 图书馆 with 晚上九点 in one sentence"
+    labels = set()
+    for seed in range(40):
+        ids, types, label = kd.relation(np.random.default_rng(seed))
+        seps = [i for i, x in enumerate(ids.tolist()) if x == sp["sep"]]
+        assert len(seps) == 3 and (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1:] == 1).all()
+        head = tok.decode(ids[seps[0] + 1:seps[1]].tolist()).replace(" ", "")
+        tail = tok.decode(ids[seps[1] + 1:seps[2]].tolist()).replace(" ", "")
+        sentence = tok.decode(ids[1:seps[0]].tolist()).replace(" ", "")
+        assert head in sentence
+        if label > 0:
+            assert tail in sentence and (head, kd.relations[label - 1]) in {
+                (h, r) for h, r, t in (x.split("\t") for x in TRIPLES.splitlines()) if t == tail}
+        labels.add(label > 0)
+    assert labels == {True, False}
+
+
+@pytest.mark.slow
+def test_knowledge_recipe_runs_on_real_data_and_logs_every_loss(tmp_path, bert_vocab):
+    """`clueforge pretrain --config knowledge` on a slice of ../shared/data, every objective on."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    corpus, kg = shared("corpus", "corpus.jsonl"), shared("kg")
+    with open(corpus, "rb") as fh:
+        (tmp_path / "head.jsonl").write_bytes(b"".join(next(fh) for _ in range(1500)))
+    run = [sys.executable, "-m", "clueforge"]
+    subprocess.run(run + ["corpus", "build", str(tmp_path / "head.jsonl"), "--out", str(tmp_path / "c"), "--vocab",
+                          str(bert_vocab), "--entities", str(kg / "msra_entities.tsv"), "--entities",
+                          str(kg / "medical_entities"), "--triples", str(kg / "kgclue_triples.tsv"), "--no-progress",
+                          "--docs-per-shard", "500"], check=True, capture_output=True, cwd=ROOT)
+    small = ["model.hidden_size=64", "model.num_heads=4", "model.intermediate_size=128", "model.num_layers=3",
+             "train.batch_size=4", "train.structure_batch_size=2", "train.knowledge_batch_size=2", "train.log_every=1",
+             "train.eval_batches=1", "train.warmup_steps=1"]
+    res = subprocess.run(run + ["pretrain", "--config", "knowledge", "--data", str(tmp_path / "c"), "--out",
+                                str(tmp_path / "r"), "--max-steps", "2", "--no-progress"] + sum((["--set", s] for s in small), []),
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "mlm_loss", "mlm_acc", "reorder_loss", "distance_loss", "replace_loss", "triple_mlm_loss",
+                "relation_loss", "sd_instance_kl", "sd_layer_kl", "mask_ratio", "mask_w_entity", "eval_loss"):
+        assert key in last, key

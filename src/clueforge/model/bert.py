@@ -199,6 +199,9 @@ def init_weights(model: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+MLM_AUX = ("triple_mlm",)  # auxiliary objectives predicted by the MLM head itself
+
+
 @dataclass
 class MLMOutput:
     loss: torch.Tensor | None
@@ -248,8 +251,10 @@ class BertForMLM(nn.Module):
             logits = self.head(hidden[sel])  # (M, V)
             loss = F.cross_entropy(logits.float(), targets)
             layer_logits = [self.head(h[sel]) for h in kept] if kept else None
-            aux_logits = {name: self.aux(name, self.encoder(b["input_ids"], b["attention_mask"], b["token_type_ids"]))
-                          for name, b in aux.items()} if aux else None
+            aux_logits = {}
+            for name, b in (aux or {}).items():
+                h = self.encoder(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # (B', T', D)
+                aux_logits[name] = self.head(h[b["labels"] != -100]) if name in MLM_AUX else self.aux(name, h)
             return MLMOutput(loss, logits, targets, hidden, layer_logits, aux_logits)
         logits = self.head(hidden)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)

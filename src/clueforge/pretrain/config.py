@@ -86,6 +86,15 @@ class TrainConfig:
     """Examples per structure objective per micro-step."""
     reorder_max_segments: int = 3
     """Sentence reordering: at most this many segments (Σ k! classes)."""
+    knowledge_weights: dict | None = None
+    """Knowledge objectives and their loss weights (dual-path: each gets its own batch through the
+    shared encoder), e.g. ``{replace: 0.5, triple_mlm: 0.5}``; needs a corpus built with knowledge files."""
+    knowledge_batch_size: int = 8
+    """Examples per knowledge objective per micro-step."""
+    knowledge_triples: str | None = None
+    """KG triple file (``head<TAB>relation<TAB>tail``) for ``triple_mlm``."""
+    replace_share: float = 0.5
+    """``replace``: share of a row's dictionary mentions swapped for a same-type entity."""
     seed: int = 1234
     """Seeds initialisation, data order, masking and dropout."""
     log_every: int = 10

@@ -86,8 +86,14 @@ def mlm_objective(model, batch: dict, t) -> tuple:
         layer_kl = torch.stack(kls).mean()
         loss = loss + t.self_distill_layer_weight * layer_kl
         parts["sd_layer_kl"] = layer_kl.detach()
-    for name, w in (t.structure_weights or {}).items():
+    from clueforge.model.bert import MLM_AUX
+
+    for name, w in {**(t.structure_weights or {}), **(t.knowledge_weights or {})}.items():
         logits, labels = o.aux_logits[name], batch_aux[name]["labels"]
+        if name in MLM_AUX or logits.dim() == 3:  # token-level labels, -100 where not predicted
+            keep = labels != -100
+            labels = labels[keep]
+            logits = logits if name in MLM_AUX else logits[keep]
         aux_loss = F.cross_entropy(logits.float(), labels)
         loss = loss + w * aux_loss
         parts[f"{name}_loss"] = aux_loss.detach()
@@ -237,19 +243,37 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     else:
         model = BertForMLM(cfg.model)
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
+    train_shards = [i for i in range(len(corpus)) if len(corpus) < 2 or i != len(corpus) - 1]  # not the held-out one
     structure = None
     if t.structure_weights:
-        from clueforge.pretrain.objectives import OBJECTIVES, AuxHeads, StructureData, n_reorder_classes
+        from clueforge.pretrain.objectives import OBJECTIVES, StructureData
 
         unknown = sorted(set(t.structure_weights) - set(OBJECTIVES))
         if unknown:
             raise ValueError(f"train.structure_weights: unknown objectives {unknown}; known: {OBJECTIVES}")
-        classes = {"reorder": n_reorder_classes(t.reorder_max_segments), "distance": 3}
-        model.aux = AuxHeads(cfg.model.hidden_size, {k: classes[k] for k in t.structure_weights},
-                             cfg.model.initializer_range)
-        held = {len(corpus) - 1} if len(corpus) >= 2 else set()
-        structure = StructureData(corpus, specials, t.seq_len, t.reorder_max_segments,
-                                  shards=[i for i in range(len(corpus)) if i not in held])
+        structure = StructureData(corpus, specials, t.seq_len, t.reorder_max_segments, shards=train_shards)
+    knowledge = None
+    if t.knowledge_weights:
+        from clueforge.knowledge.sources import load_triples
+        from clueforge.pretrain.objectives import KNOWLEDGE_OBJECTIVES, KnowledgeData
+
+        unknown = sorted(set(t.knowledge_weights) - set(KNOWLEDGE_OBJECTIVES))
+        if unknown:
+            raise ValueError(f"train.knowledge_weights: unknown objectives {unknown}; known: {KNOWLEDGE_OBJECTIVES}")
+        if "triple_mlm" in t.knowledge_weights and not t.knowledge_triples:
+            raise ValueError("train.knowledge_weights.triple_mlm needs train.knowledge_triples (a triple file)")
+        knowledge = KnowledgeData(corpus, tok, specials, t.seq_len,
+                                  triples=load_triples(t.knowledge_triples) if t.knowledge_triples else None,
+                                  replace_share=t.replace_share, mask_ratio=t.mask_ratio, shards=train_shards)
+    if structure is not None or knowledge is not None:
+        from clueforge.pretrain.objectives import AuxHeads, n_reorder_classes
+
+        classes = {"reorder": n_reorder_classes(t.reorder_max_segments), "distance": 3, "replace": 2,
+                   "relation": 1 + len(knowledge.relations) if knowledge is not None else 1}
+        names = [k for k in (*(t.structure_weights or {}), *(t.knowledge_weights or {})) if k in classes]
+        if names:  # triple_mlm alone needs no head of its own: it predicts through the MLM head
+            model.aux = AuxHeads(cfg.model.hidden_size, {k: classes[k] for k in names}, cfg.model.initializer_range,
+                                 token=("replace",))
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -290,8 +314,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         rng = np.random.default_rng([t.seed, 1, step, micro, rank])
         batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng,
                         progress=step / max(1, t.max_steps))
-        if structure is not None:
-            batch["aux"] = {k: structure.batch(k, t.structure_batch_size, rng) for k in t.structure_weights}
+        if structure is not None or knowledge is not None:
+            batch["aux"] = {k: structure.batch(k, t.structure_batch_size, rng) for k in t.structure_weights or {}}
+            batch["aux"].update({k: knowledge.batch(k, t.knowledge_batch_size, rng) for k in t.knowledge_weights or {}})
         return batch, batch_digest(rows.shard, rows.span)
 
     def evaluate() -> dict:
