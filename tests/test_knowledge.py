@@ -271,3 +271,10 @@ def test_knowledge_recipe_runs_on_real_data_and_logs_every_loss(tmp_path, bert_v
     for key in ("loss", "mlm_loss", "mlm_acc", "reorder_loss", "distance_loss", "replace_loss", "triple_mlm_loss",
                 "relation_loss", "sd_instance_kl", "sd_layer_kl", "mask_ratio", "mask_w_entity", "eval_loss"):
         assert key in last, key
+
+
+def test_self_distill_layers_must_be_intermediate(sample_corpus, tmp_path):
+    from clueforge.pretrain.loop import pretrain
+
+    with pytest.raises(ValueError, match=r"self_distill_layers \[2\]: intermediate layers are 1..1"):
+        pretrain(load_config("tiny", ["train.self_distill_layers=[2]"]), sample_corpus, tmp_path / "x", show_progress=False)

@@ -133,3 +133,18 @@ def test_ema_in_the_loop_saves_averaged_weights(hf_model, tmp_path):
     a = load_file(tmp_path / "plain" / "best" / "model.safetensors")["classifier.weight"]
     b = load_file(tmp_path / "ema" / "best" / "model.safetensors")["classifier.weight"]
     assert not torch.equal(a, b)
+
+
+def test_benchmark_suite_report_and_resume(hf_model, tmp_path, monkeypatch):
+    from clueforge.tasks import suite
+
+    cfg = FinetuneConfig(epochs=1, max_steps=1)
+    monkeypatch.setitem(suite.SUITES, "mini-suite", ("afqmc", "cmnli"))
+    rep = suite.run_suite("mini-suite", hf_model, FIXTURES, tmp_path / "b", seeds=2, cfg=cfg, show_progress=False)
+    assert [r["task"] for r in rep["tasks"]] == ["afqmc", "cmnli"] and len(rep["tasks"][0]["seeds"]) == 2
+    md = (tmp_path / "b" / "report.md").read_text()
+    assert "| afqmc | accuracy |" in md and "74.63" in md  # beside the published BERT-base number
+    stamp = (tmp_path / "b" / "afqmc" / "seed0" / "results.json").stat().st_mtime_ns
+    again = suite.run_suite("mini-suite", hf_model, FIXTURES, tmp_path / "b", seeds=2, cfg=cfg, show_progress=False)
+    assert (tmp_path / "b" / "afqmc" / "seed0" / "results.json").stat().st_mtime_ns == stamp  # reused, not rerun
+    assert again["tasks"][0]["seeds"] == rep["tasks"][0]["seeds"]

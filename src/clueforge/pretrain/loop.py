@@ -221,6 +221,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     if cfg.model.vocab_size != vocab_size:
         log.info("model.vocab_size set to the corpus vocabulary size %d", vocab_size)
         cfg.model.vocab_size = vocab_size
+    bad_layers = [x for x in (t.self_distill_layers or []) if not 1 <= int(x) < cfg.model.num_layers]
+    if bad_layers:
+        raise ValueError(f"train.self_distill_layers {bad_layers}: intermediate layers are 1..{cfg.model.num_layers - 1}")
     if t.seq_len > cfg.model.max_position:
         raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}")
 

@@ -49,7 +49,10 @@ def run_suite(suite: str, model: str | Path, data_root: str | Path, out: str | P
         scores, all_metrics = [], []
         for seed in range(seeds):
             run_cfg = replace(cfg, seed=cfg.seed + seed, train_file=train or cfg.train_file, dev_file=dev or cfg.dev_file)
-            res = finetune(name, folder, model, out / name / f"seed{seed}", run_cfg, show_progress=show_progress)
+            run_dir = out / name / f"seed{seed}"
+            res = _finished(run_dir, model, run_cfg)  # re-running a suite finishes only what is missing
+            if res is None:
+                res = finetune(name, folder, model, run_dir, run_cfg, show_progress=show_progress)
             scores.append(res["metric"][task.metric])
             all_metrics.append(res["metric"])
         anchor = ANCHORS.get(name)
@@ -64,6 +67,17 @@ def run_suite(suite: str, model: str | Path, data_root: str | Path, out: str | P
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
     return report
+
+
+def _finished(run_dir: Path, model, cfg: FinetuneConfig) -> dict | None:
+    """The results of an earlier identical run in ``run_dir``, if it completed."""
+    f = run_dir / "results.json"
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    same = res.get("model") == str(model) and all(res["hyperparameters"].get(k) == v for k, v in vars(cfg).items()
+                                                   if v is not None and k in res["hyperparameters"])
+    return res if same else None
 
 
 def report_markdown(report: dict) -> str:

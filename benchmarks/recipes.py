@@ -1,0 +1,144 @@
+"""Which pretraining components help? The same model, the same number of MLM tokens, then a fixed
+quick fine-tuning suite with several seeds.
+
+    python benchmarks/recipes.py --out bench-out/recipes.json                       # CPU budget
+    python benchmarks/recipes.py --config mini --steps 20000 --finetune-steps 0 --out bench-out/recipes-gpu.json
+
+Recipes: (a) token masking 15 % (what transformers' run_mlm does), (b) whole-word masking, (c) the
+full knowledge recipe of ``configs/knowledge.yaml``, (d) the full recipe minus one component at a
+time (curriculum, mixed masking strategies, structure objectives, knowledge objectives,
+self-distillation). Every recipe trains for ``--steps`` optimizer steps of the same MLM batch
+(same MLM tokens); the auxiliary objectives of (c)/(d) add their own small batches on top, which
+the table reports as extra tokens. Each pretrained model is fine-tuned on OCNLI, FewCLUE
+EPRSTMT/TNEWS/BUSTM and C3 dev with ``--seeds`` seeds; the table gives mean ± std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BERT_VOCAB, CORPUS, SHARED, machine, write_json  # noqa: E402
+
+TASKS = ("ocnli", "fewclue-eprstmt", "fewclue-tnews", "fewclue-bustm", "c3")
+FULL_KEYS = ("masking_weights", "curriculum", "structure_weights", "knowledge_weights", "knowledge_triples",
+             "self_distill_instance", "self_distill_layers", "self_distill_layer_weight", "structure_batch_size",
+             "knowledge_batch_size")
+ABLATIONS = {
+    "full - curriculum": ["curriculum"],
+    "full - mixed masking": ["masking_weights", "curriculum"],
+    "full - structure": ["structure_weights"],
+    "full - knowledge": ["knowledge_weights"],
+    "full - self-distillation": ["self_distill_instance", "self_distill_layers"],
+}
+
+
+def recipes(full_train: dict) -> dict[str, dict]:
+    full = {k: full_train[k] for k in FULL_KEYS if k in full_train}
+    out = {"token 15%": {"masking": "token"}, "wwm 15%": {"masking": "wwm"}, "full": dict(full)}
+    for name, drop in ABLATIONS.items():
+        out[name] = {k: v for k, v in full.items() if k not in drop}
+    return out
+
+
+def build_knowledge_corpus(out: Path, docs: int) -> Path:
+    from clueforge.corpus.build import BuildConfig, build_corpus
+
+    kg = SHARED / "kg"
+    src = out / "head.jsonl"
+    with open(CORPUS, "rb") as fh, open(src, "wb") as w:
+        for _, line in zip(range(docs), fh):
+            w.write(line)
+    cfg = BuildConfig(vocab=str(BERT_VOCAB), entities=(str(kg / "msra_entities.tsv"), str(kg / "medical_entities")),
+                      triples=(str(kg / "kgclue_triples.tsv"),))
+    build_corpus([src], out / "corpus", cfg, workers=2)
+    return out / "corpus"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny", help="model size: a shipped config (tiny, mini, base)")
+    ap.add_argument("--steps", type=int, default=300, help="pretraining steps per recipe")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--docs", type=int, default=30000, help="corpus documents (knowledge corpus built if --data absent)")
+    ap.add_argument("--data", default=None, help="a corpus built with knowledge files")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--finetune-steps", type=int, default=30, help="cap per task (0 = the task's full schedule)")
+    ap.add_argument("--max-eval", type=int, default=200)
+    ap.add_argument("--only", nargs="*", help="run only these recipes")
+    ap.add_argument("--out", default="bench-out/recipes.json")
+    args = ap.parse_args()
+    if not (CORPUS.is_file() and BERT_VOCAB.is_file()):
+        sys.exit("needs ../shared/data (corpus, vocab, kg, tasks)")
+
+    import yaml
+
+    from clueforge.finetune.loop import FinetuneConfig, finetune
+    from clueforge.pretrain.config import CONFIG_DIR, load_config
+    from clueforge.pretrain.loop import pretrain
+    from clueforge.tasks.registry import get_task
+    from clueforge.tasks.submit import task_dir
+
+    work = Path(tempfile.mkdtemp(prefix="cf-recipes-"))
+    data = Path(args.data) if args.data else build_knowledge_corpus(work, args.docs)
+    full_train = yaml.safe_load((CONFIG_DIR / "knowledge.yaml").read_text())["train"]
+    full_train["knowledge_triples"] = str(SHARED / "kg" / "kgclue_triples.tsv")
+    small = {"structure_batch_size": 4, "knowledge_batch_size": 4}
+    rows = []
+    for name, extra in recipes(full_train).items():
+        if args.only and name not in args.only:
+            continue
+        overrides = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
+                     f"train.seq_len={args.seq_len}", "train.eval_every=0", "train.log_every=10",
+                     f"train.save_every={args.steps}", "train.eval_batches=10", "train.warmup_steps=30"]
+        for k, v in extra.items():
+            if k in small:
+                v = small[k]
+            overrides.append(f"train.{k}={json.dumps(v, ensure_ascii=False)}")
+        cfg = load_config(args.config, overrides)
+        if cfg.train.self_distill_layers:  # the middle layer of whatever depth the model has
+            cfg.train.self_distill_layers = [max(1, cfg.model.num_layers // 2)]
+        run = work / name.replace(" ", "_").replace("%", "")
+        summary = pretrain(cfg, data, run, show_progress=False)
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        mlm_tokens = args.steps * args.batch_size * args.seq_len
+        row = {"recipe": name, "eval_mlm_loss": summary.get("eval_loss"), "eval_mlm_acc": summary.get("eval_mlm_acc"),
+               "tokens_incl_aux": metrics[-1]["tokens"], "mlm_token_budget": mlm_tokens, "tasks": {}}
+        for task_name in TASKS:
+            task = get_task(task_name)
+            folder = task_dir(SHARED / "tasks", task)
+            scores = []
+            for seed in range(args.seeds):
+                fcfg = FinetuneConfig(seed=seed, max_steps=args.finetune_steps or None, max_eval=args.max_eval,
+                                      max_length=128, batch_size=16)
+                res = finetune(task_name, folder, summary["final"], run / "ft" / task_name / f"seed{seed}", fcfg,
+                               show_progress=False)
+                scores.append(res["metric"][task.metric])
+            row["tasks"][task_name] = {"mean": statistics.fmean(scores),
+                                       "std": statistics.pstdev(scores) if len(scores) > 1 else 0.0, "seeds": scores}
+        row["average"] = statistics.fmean(v["mean"] for v in row["tasks"].values())
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "tasks"}, ensure_ascii=False), flush=True)
+    write_json(args.out, {"benchmark": "recipes", "config": args.config, "steps": args.steps,
+                          "batch_size": args.batch_size, "seq_len": args.seq_len, "seeds": args.seeds,
+                          "finetune_steps": args.finetune_steps, "rows": rows, "machine": machine()})
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| recipe | held-out MLM loss | " + " | ".join(TASKS) + " | average |",
+             "|---|---:|" + "---:|" * (len(TASKS) + 1)]
+    for r in rows:
+        cells = [f"{r['tasks'][t]['mean']:.1f} ± {r['tasks'][t]['std']:.1f}" for t in TASKS]
+        lines.append(f"| {r['recipe']} | {r['eval_mlm_loss']:.3f} | " + " | ".join(cells) + f" | {r['average']:.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
