@@ -213,3 +213,13 @@ def test_tricks_are_off_by_default():
 
     c = FinetuneConfig()
     assert (c.rdrop, c.fgm, c.ema, c.llrd) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_subsets_are_spread_over_label_sorted_files():
+    from clueforge.finetune.loop import subset
+
+    examples = [{"label": str(i // 100)} for i in range(1000)]  # sorted by label, like FewCLUE TNEWS dev
+    picked = subset(examples, 100)
+    assert len(picked) == 100 and len({e["label"] for e in picked}) == 10
+    assert picked == subset(examples, 100)  # fixed, whatever the run seed
+    assert subset(examples, None) is examples and subset(examples, 5000) is examples

@@ -338,11 +338,10 @@ def benchmark(
 
     _logging()
     try:
-        report = run_suite(suite, model, data, out, seeds, _finetune_config(set_), show_progress=sys.stderr.isatty())
+        run_suite(suite, model, data, out, seeds, _finetune_config(set_), show_progress=sys.stderr.isatty())
     except KeyError as exc:
         _fail(str(exc).strip("'\""))
     print((out / "report.md").read_text(encoding="utf-8"))
-    del report
 
 
 def _fill_mask_demo(final: Path) -> None:

@@ -50,9 +50,9 @@ class FinetuneConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (tests, quick runs)."""
     max_train: int | None = None
-    """Use only the first N training examples."""
+    """Use only N training examples (a fixed random subset)."""
     max_eval: int | None = None
-    """Score only the first N dev examples."""
+    """Score only N dev examples (a fixed random subset, the same for every seed)."""
     eval_batch_size: int = 64
     rdrop: float = 0.0
     """R-Drop weight α (0 = off)."""
@@ -96,6 +96,15 @@ def run_model(model, fam, features: list[dict], batch_size: int, pad_id: int, de
     return out
 
 
+def subset(examples: list[dict], n: int | None) -> list[dict]:
+    """``n`` examples spread over the whole file (a fixed random choice, the same for every run
+    seed, kept in file order): some official files are sorted by label, so a prefix is biased."""
+    if not n or n >= len(examples):
+        return examples
+    keep = np.sort(np.random.default_rng(0).choice(len(examples), n, replace=False))
+    return [examples[i] for i in keep]
+
+
 def _split_path(data: Path, name: str) -> list[Path]:
     return [data / n for n in name.split(",")]
 
@@ -122,8 +131,8 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     state = fam.prepare(task, data, cfg)
-    train_ex = load_split(task, fam, data, cfg.train_file or task.files["train"], state, True)[: cfg.max_train]
-    dev_ex = load_split(task, fam, data, cfg.dev_file or task.files["dev"], state, True)[: cfg.max_eval]
+    train_ex = subset(load_split(task, fam, data, cfg.train_file or task.files["train"], state, True), cfg.max_train)
+    dev_ex = subset(load_split(task, fam, data, cfg.dev_file or task.files["dev"], state, True), cfg.max_eval)
     if not train_ex:
         raise TaskDataError(f"{data}: no training examples for {task.name}")
     tok = load_tokenizer(model_dir)
