@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_VOCAB, CORPUS, SHARED, machine, write_json  # noqa: E402
+from common import BERT_VOCAB, CORPUS, SHARED, machine  # noqa: E402
 
 TASKS = ("ocnli", "fewclue-eprstmt", "fewclue-tnews", "fewclue-bustm", "c3")
 FULL_KEYS = ("masking_weights", "curriculum", "structure_weights", "knowledge_weights", "knowledge_triples",
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=30, help="cap per task (0 = the task's full schedule)")
     ap.add_argument("--max-eval", type=int, default=200)
     ap.add_argument("--only", nargs="*", help="run only these recipes")
+    ap.add_argument("--work", default=None, help="working directory (pretraining runs resume there)")
     ap.add_argument("--out", default="bench-out/recipes.json")
     args = ap.parse_args()
     if not (CORPUS.is_file() and BERT_VOCAB.is_file()):
@@ -85,14 +86,20 @@ def main() -> None:
     from clueforge.tasks.registry import get_task
     from clueforge.tasks.submit import task_dir
 
-    work = Path(tempfile.mkdtemp(prefix="cf-recipes-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cf-recipes-"))
+    work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else build_knowledge_corpus(work, args.docs)
+    out_path = Path(args.out)
+    done = {r["recipe"]: r for r in json.loads(out_path.read_text())["rows"]} if out_path.is_file() else {}
     full_train = yaml.safe_load((CONFIG_DIR / "knowledge.yaml").read_text())["train"]
     full_train["knowledge_triples"] = str(SHARED / "kg" / "kgclue_triples.tsv")
     small = {"structure_batch_size": 4, "knowledge_batch_size": 4}
     rows = []
     for name, extra in recipes(full_train).items():
         if args.only and name not in args.only:
+            continue
+        if name in done:  # results are written after every recipe; a re-run finishes the rest
+            rows.append(done[name])
             continue
         overrides = [f"train.max_steps={args.steps}", f"train.batch_size={args.batch_size}",
                      f"train.seq_len={args.seq_len}", "train.eval_every=0", "train.log_every=10",
@@ -108,7 +115,8 @@ def main() -> None:
         summary = pretrain(cfg, data, run, show_progress=False)
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         mlm_tokens = args.steps * args.batch_size * args.seq_len
-        row = {"recipe": name, "eval_mlm_loss": summary.get("eval_loss"), "eval_mlm_acc": summary.get("eval_mlm_acc"),
+        last_eval = next(r for r in reversed(metrics) if "eval_loss" in r)  # also when the run was already done
+        row = {"recipe": name, "eval_mlm_loss": last_eval["eval_loss"], "eval_mlm_acc": last_eval["eval_mlm_acc"],
                "tokens_incl_aux": metrics[-1]["tokens"], "mlm_token_budget": mlm_tokens, "tasks": {}}
         for task_name in TASKS:
             task = get_task(task_name)
@@ -125,10 +133,17 @@ def main() -> None:
         row["average"] = statistics.fmean(v["mean"] for v in row["tasks"].values())
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "tasks"}, ensure_ascii=False), flush=True)
-    write_json(args.out, {"benchmark": "recipes", "config": args.config, "steps": args.steps,
-                          "batch_size": args.batch_size, "seq_len": args.seq_len, "seeds": args.seeds,
-                          "finetune_steps": args.finetune_steps, "rows": rows, "machine": machine()})
+        _write(out_path, args, rows)
+    _write(out_path, args, rows)
     print(markdown(rows))
+
+
+def _write(out_path: Path, args, rows: list[dict]) -> None:
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"benchmark": "recipes", "config": args.config, "steps": args.steps,
+                          "batch_size": args.batch_size, "seq_len": args.seq_len, "seeds": args.seeds,
+                          "finetune_steps": args.finetune_steps, "rows": rows, "machine": machine()},
+                               indent=2, ensure_ascii=False))
 
 
 def markdown(rows: list[dict]) -> str:
