@@ -6,8 +6,8 @@ One process (CPU or one GPU)::
 
 Several processes (DDP; on CPU with gloo)::
 
-    accelerate launch --num_processes 2 -m clueforge pretrain --config mini --data runs/corpus --out runs/mini
     torchrun --nproc_per_node 2 -m clueforge pretrain --config mini --data runs/corpus --out runs/mini
+    accelerate launch --multi_gpu --num_processes 8 -m clueforge pretrain --config base --data runs/corpus --out runs/base
 
 Running the same command on an ``--out`` that holds checkpoints resumes from the newest valid one,
 exactly: data order and masking are functions of the step, and RNG/optimizer/scheduler state is
