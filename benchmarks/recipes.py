@@ -95,9 +95,9 @@ def main() -> None:
     full_train["knowledge_triples"] = str(SHARED / "kg" / "kgclue_triples.tsv")
     small = {"structure_batch_size": 4, "knowledge_batch_size": 4}
     rows = []
-    for name, extra in recipes(full_train).items():
-        if args.only and name not in args.only:
-            continue
+    todo = recipes(full_train)
+    order = [n for n in args.only if n in todo] if args.only else list(todo)  # --only also sets the order
+    for name, extra in ((n, todo[n]) for n in order):
         if name in done:  # results are written after every recipe; a re-run finishes the rest
             rows.append(done[name])
             continue
