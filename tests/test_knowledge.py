@@ -260,7 +260,7 @@ def test_knowledge_recipe_runs_on_real_data_and_logs_every_loss(tmp_path, bert_v
                           str(bert_vocab), "--entities", str(kg / "msra_entities.tsv"), "--entities",
                           str(kg / "medical_entities"), "--triples", str(kg / "kgclue_triples.tsv"), "--no-progress",
                           "--docs-per-shard", "500"], check=True, capture_output=True, cwd=ROOT)
-    small = ["model.hidden_size=64", "model.num_heads=4", "model.intermediate_size=128", "model.num_layers=3",
+    small = ["model.hidden_size=64", "model.num_heads=4", "model.intermediate_size=128", "model.num_layers=4",
              "train.batch_size=4", "train.structure_batch_size=2", "train.knowledge_batch_size=2", "train.log_every=1",
              "train.eval_batches=1", "train.warmup_steps=1"]
     res = subprocess.run(run + ["pretrain", "--config", "knowledge", "--data", str(tmp_path / "c"), "--out",

@@ -73,6 +73,12 @@ def family(task: Task):
     return importlib.import_module(f"clueforge.tasks.{task.family}")
 
 
+def prepare_state(fam, task: Task, data: Path, cfg=None) -> dict:
+    """What a family needs beyond its examples (labels, a knowledge base); families without such
+    state (choice, span) define no ``prepare``."""
+    return fam.prepare(task, data, cfg) if hasattr(fam, "prepare") else {}
+
+
 def _num_labels(fam, state: dict) -> int:
     return {"choice": 1, "span": 2}.get(fam.HEAD, len(state.get("labels") or [])) or 2
 
@@ -130,7 +136,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    state = fam.prepare(task, data, cfg)
+    state = prepare_state(fam, task, data, cfg)
     train_ex = subset(load_split(task, fam, data, cfg.train_file or task.files["train"], state, True), cfg.max_train)
     dev_ex = subset(load_split(task, fam, data, cfg.dev_file or task.files["dev"], state, True), cfg.max_eval)
     if not train_ex:
@@ -242,7 +248,8 @@ class _nullctx:
 
 def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict) -> None:
     fam = family(task)
-    meta = {"task": task.name, "max_length": task.max_length, **fam.state_to_json(state)}
+    meta = {"task": task.name, "max_length": task.max_length,
+            **(fam.state_to_json(state) if hasattr(fam, "state_to_json") else {})}
     save_hf(model, path, vocab=model_dir, extra_config={"clueforge_task": meta})
     if hasattr(fam, "save_state_files"):
         fam.save_state_files(state, path)
@@ -259,7 +266,7 @@ def load_finetuned(model_dir: str | Path, task_name: str):
         raise ValueError(f"{model_dir} was fine-tuned for {meta['task']!r}, not {task_name!r}")
     task = with_overrides(get_task(task_name), max_length=meta.get("max_length"))
     fam = family(task)
-    state = fam.state_from_json(meta, model_dir)
+    state = fam.state_from_json(meta, model_dir) if hasattr(fam, "state_from_json") else {}
     model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state))
     return task, fam, state, model, load_tokenizer(model_dir)
 

@@ -44,6 +44,16 @@ def label_to_permutation(label: int) -> tuple[int, ...]:
     return list(itertools.permutations(range(k)))[label]
 
 
+def pad_rows(rows: list[np.ndarray], types: list[np.ndarray], pad: int) -> dict[str, np.ndarray]:
+    """Right-padded ``input_ids``, ``token_type_ids`` and ``attention_mask`` (n, T)."""
+    n, T = len(rows), max(r.size for r in rows)
+    out = {"input_ids": np.full((n, T), pad, dtype=np.int64), "token_type_ids": np.zeros((n, T), np.int64),
+           "attention_mask": np.zeros((n, T), np.int64)}
+    for k, (r, tt) in enumerate(zip(rows, types)):
+        out["input_ids"][k, :r.size], out["token_type_ids"][k, :r.size], out["attention_mask"][k, :r.size] = r, tt, 1
+    return out
+
+
 class StructureData:
     """Samples reordering and distance examples from the sentences of a corpus's documents."""
 
@@ -136,12 +146,7 @@ class StructureData:
             rows.append(ids)
             types.append(tt)
             labels.append(label)
-        T = max(r.size for r in rows)
-        out = {"input_ids": np.full((n, T), self.pad, dtype=np.int64), "token_type_ids": np.zeros((n, T), np.int64),
-               "attention_mask": np.zeros((n, T), np.int64), "labels": np.asarray(labels, dtype=np.int64)}
-        for k, (r, tt) in enumerate(zip(rows, types)):
-            out["input_ids"][k, :r.size], out["token_type_ids"][k, :r.size], out["attention_mask"][k, :r.size] = r, tt, 1
-        return out
+        return {**pad_rows(rows, types, self.pad), "labels": np.asarray(labels, dtype=np.int64)}
 
 
 class AuxHeads(nn.Module):
@@ -345,13 +350,11 @@ class KnowledgeData:
             rows.append(ids)
             types.append(tt)
             labels.append(lab)
-        T = max(r.size for r in rows)
-        out = {"input_ids": np.full((n, T), self.sp["pad"], dtype=np.int64), "token_type_ids": np.zeros((n, T), np.int64),
-               "attention_mask": np.zeros((n, T), np.int64)}
-        out["labels"] = np.asarray(labels, dtype=np.int64) if name == "relation" else np.full((n, T), -100, np.int64)
-        for k, (r, tt, lab) in enumerate(zip(rows, types, labels)):
-            n_ = r.size
-            out["input_ids"][k, :n_], out["token_type_ids"][k, :n_], out["attention_mask"][k, :n_] = r, tt, 1
-            if name != "relation":
-                out["labels"][k, :n_] = lab
+        out = pad_rows(rows, types, self.sp["pad"])
+        if name == "relation":  # one label per example
+            out["labels"] = np.asarray(labels, dtype=np.int64)
+        else:  # one label per token
+            out["labels"] = np.full(out["input_ids"].shape, -100, dtype=np.int64)
+            for k, lab in enumerate(labels):
+                out["labels"][k, :lab.size] = lab
         return out

@@ -30,18 +30,6 @@ HEAD = "choice"
 _TAG = re.compile(r"#idiom\d+#")
 
 
-def prepare(task: Task, data_dir: Path, cfg=None) -> dict:
-    return {}
-
-
-def state_to_json(state: dict) -> dict:
-    return {}
-
-
-def state_from_json(meta: dict, model_dir: Path) -> dict:
-    return {}
-
-
 def _load_c3(path: Path, with_labels: bool) -> list[dict]:
     data = read_json(path)
     if not isinstance(data, list):

@@ -25,18 +25,6 @@ HEAD = "span"
 STRIDE, N_BEST, MAX_ANSWER_TOKENS = 128, 20, 64
 
 
-def prepare(task: Task, data_dir: Path, cfg=None) -> dict:
-    return {}
-
-
-def state_to_json(state: dict) -> dict:
-    return {}
-
-
-def state_from_json(meta: dict, model_dir: Path) -> dict:
-    return {}
-
-
 def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):

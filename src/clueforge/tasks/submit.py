@@ -66,7 +66,9 @@ def validate_file(path: Path, task: Task, data_root: Path) -> list[str]:
     missing = [str(f) for f in test_files if not f.is_file()]
     if missing:
         return [f"{path.name}: test file {missing[0]} not found"]
-    state = fam.prepare(task, folder) if task.family != "kgclue" else {"kb": None}
+    from clueforge.finetune.loop import prepare_state
+
+    state = prepare_state(fam, task, folder) if task.family != "kgclue" else {"kb": None}
     examples = [e for f in test_files for e in fam.load(task, f, state, False)]
     expected = [e["id"] for e in examples]
     got = _rows(path, as_object=task.family == "span" or task.fmt == "chid_clue")
