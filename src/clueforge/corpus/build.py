@@ -203,20 +203,19 @@ def iter_raw_docs(files: list[Path], cfg: BuildConfig) -> Iterator[RawDoc]:
 _STATE: dict = {}
 
 
-def _init_worker(cfg_dict: dict) -> None:
+def _init_worker(cfg_dict: dict, matcher=None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from clueforge.text.tokenizer import FastChineseEncoder, load_tokenizer
 
     cfg = BuildConfig(**{**cfg_dict, "entities": tuple(cfg_dict.get("entities", ())),
                          "triples": tuple(cfg_dict.get("triples", ()))})
     _STATE["cfg"] = cfg
-    if cfg.marks_entities:
+    if matcher is None and cfg.marks_entities:
         from clueforge.knowledge.matcher import EntityMatcher
         from clueforge.knowledge.sources import EntityTable
 
-        _STATE["matcher"] = EntityMatcher(EntityTable.build(cfg.entities, cfg.triples), use_pos=cfg.pos_entities)
-    else:
-        _STATE["matcher"] = None
+        matcher = EntityMatcher(EntityTable.build(cfg.entities, cfg.triples), use_pos=cfg.pos_entities)
+    _STATE["matcher"] = matcher
     _STATE["tok"] = load_tokenizer(cfg.vocab)
     _STATE["fast"] = FastChineseEncoder(_STATE["tok"])
     _STATE["seg"] = Segmenter(cfg.user_dict)
@@ -433,12 +432,13 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
     # The corpus carries its vocabulary (and entity list): pretraining reads them from here.
     atomic_write(out / "vocab.txt", resolve_vocab(cfg.vocab).read_bytes())
     entity_types: list[str] = []
+    matcher = None
     if cfg.marks_entities:
         from clueforge.knowledge.matcher import EntityMatcher
         from clueforge.knowledge.sources import EntityTable
 
         table = EntityTable.build(cfg.entities, cfg.triples)
-        EntityMatcher(table, use_pos=cfg.pos_entities)  # registers the POS types, as in the workers
+        matcher = EntityMatcher(table, use_pos=cfg.pos_entities)  # registers the POS types, as in the workers
         table.write(out / "entities.tsv")
         entity_types = table.type_names
     results: dict[int, dict] = {}
@@ -453,7 +453,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
     cfg_dict = asdict(cfg)
     chunks = _chunks(iter_raw_docs(files, cfg), cfg.docs_per_shard)
     if workers <= 1:
-        _init_worker(cfg_dict)
+        _init_worker(cfg_dict, matcher)  # one process: the automaton built above serves
         for idx, docs in enumerate(chunks):
             name = f"shard-{idx:06d}"
             done = _shard_done(shard_dir, name, chash, cfg.marks_entities)
