@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clueforge.finetune.tricks import EMA, FGM, llrd_param_groups, symmetric_kl
+from clueforge.finetune.tricks import EMA, FGM, llrd_param_groups
+from clueforge.model.losses import symmetric_kl
 from clueforge.model.hf import load_hf_task, read_hf_config, save_hf
 from clueforge.tasks.io import TaskDataError
 from clueforge.tasks.registry import Task, get_task, with_overrides

@@ -15,17 +15,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-def symmetric_kl(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over predictions of ½(KL(p‖q) + KL(q‖p)) along the last dimension."""
-    la, lb = F.log_softmax(a.float(), -1), F.log_softmax(b.float(), -1)
-    kl = 0.5 * ((la.exp() * (la - lb)).sum(-1) + (lb.exp() * (lb - la)).sum(-1))
-    if mask is not None:
-        kl = kl[mask]
-    return kl.mean()
+from clueforge.model.losses import symmetric_kl  # noqa: F401  (R-Drop's loss; shared with pretraining)
 
 
 def llrd_param_groups(model: nn.Module, lr: float, decay: float, weight_decay: float) -> list[dict]:

@@ -156,7 +156,8 @@ class Encoder(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``input_ids`` (B, T) → hidden states (B, T, D). ``doc_ids`` (B, T) keeps attention
         inside each packed document (padding gets its own id). With ``keep`` (1-based layer
-        numbers) also returns those layers' outputs."""
+        numbers) also returns those layers' outputs, normalised as the final output is (pre-LN:
+        through ``final_ln``), so a head reads them as it reads the last layer."""
         mask = attention_bias(attention_mask, doc_ids)
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         kept = []
@@ -167,7 +168,9 @@ class Encoder(nn.Module):
                 x = layer(x, mask)
             if i in keep:
                 kept.append(x)
-        x = self.final_ln(x) if self.final_ln is not None else x
+        if self.final_ln is not None:  # pre-LN: the residual stream is normalised before any head
+            x = self.final_ln(x)
+            kept = [self.final_ln(h) for h in kept]
         return (x, kept) if keep else x
 
 
