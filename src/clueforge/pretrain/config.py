@@ -2,6 +2,11 @@
 
 YAML is read with ``yaml.safe_load``; unknown keys are errors (a typo must not pass silently);
 ``--set train.lr=3e-4`` overrides any field, its value parsed as YAML.
+
+Paths written in a YAML file (``PATH_FIELDS``) are relative to that file's directory, so a config
+works from any working directory; paths given with ``--set`` are relative to the working
+directory, as on any command line. Layer taps (``self_distill_layers``) may be written relative to
+depth, so one config fits every model shape (``resolve_layers``).
 """
 
 from __future__ import annotations
@@ -75,8 +80,10 @@ class TrainConfig:
     """Shenzhou instance-wise self-distillation weight: the batch runs twice (two dropout masks),
     symmetric KL between the two MLM distributions at masked positions (0 = off)."""
     self_distill_layers: list | None = None
-    """Shenzhou layer-wise self-distillation: 1-based layers whose MLM predictions are pulled
-    (KL, final layer detached as teacher) toward the final layer's."""
+    """Shenzhou layer-wise self-distillation: layers whose MLM predictions are pulled (KL, final
+    layer detached as teacher) toward the final layer's. Each entry is a 1-based layer (``3``), a
+    negative index counted from the top (``-2``: the layer below the last), or a fraction of the
+    depth (``0.5``: the middle layer), resolved against the model actually trained."""
     self_distill_layer_weight: float = 1.0
     """Weight of the layer-wise term."""
     structure_weights: dict | None = None
@@ -122,6 +129,61 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+PATH_FIELDS = ("knowledge_triples", "init_from")
+"""``train`` fields holding a file or directory path."""
+CURRICULUM_OVERRIDES = {"ratio": "mask_ratio", "span_p": "span_p", "weights": "masking_weights"}
+"""Curriculum stage key → the ``train`` setting it replaces when every stage sets it."""
+
+
+def resolve_layers(spec: list | None, num_layers: int, where: str = "") -> tuple[int, ...]:
+    """``self_distill_layers`` entries → 1-based intermediate layers of a ``num_layers`` model.
+
+    ``k ≥ 1`` is layer k; ``-k`` is layer ``num_layers + 1 - k`` (``-1`` would be the last layer,
+    which is the teacher); a float in (0, 1) is that fraction of the depth, rounded, at least 1.
+    """
+    out = []
+    for x in spec or ():
+        if isinstance(x, float) and 0 < x < 1:
+            layer = max(1, round(x * num_layers))
+        elif isinstance(x, int) or isinstance(x, float) and x.is_integer():
+            layer = int(x) if x > 0 else num_layers + 1 + int(x)
+        else:
+            raise ValueError(f"train.self_distill_layers entry {x!r}: expected a layer (3), a negative index (-2) "
+                             f"or a fraction of the depth (0.5)")
+        out.append(layer)
+    bad = [x for x, layer in zip(spec or (), out) if not 1 <= layer < num_layers]
+    if bad:
+        raise ValueError(f"train.self_distill_layers {bad}: intermediate layers are 1..{num_layers - 1} for a "
+                         f"{num_layers}-layer model{where}")
+    return tuple(out)
+
+
+def check_curriculum_overrides(train: dict, where: str) -> None:
+    """A curriculum whose every stage sets ``ratio``/``span_p``/``weights`` replaces the
+    corresponding train setting for the whole run: writing both is refused, never silently ignored."""
+    stages = train.get("curriculum") or []
+    if not stages or not all(isinstance(st, dict) for st in stages):
+        return
+    clash = [f"{setting} (every stage sets {key})" for key, setting in CURRICULUM_OVERRIDES.items()
+             if setting in train and all(key in st for st in stages)]
+    if clash:
+        raise ValueError(f"{where}: train.curriculum overrides {', '.join(clash)}: remove them, or leave the key out "
+                         f"of a stage to fall back on the setting")
+
+
+def _resolve_paths(train: dict, base: Path, where: str) -> None:
+    """Relative paths written in a config file are relative to its directory ``base``."""
+    for k in PATH_FIELDS:
+        v = train.get(k)
+        if not isinstance(v, str) or Path(v).expanduser().is_absolute():
+            continue
+        p = (base / v).resolve()
+        if not p.exists():
+            raise ValueError(f"{where}: train.{k} {v!r} not found: relative paths in a config file resolve against "
+                             f"its directory {base} (→ {p}); give an absolute path or one relative to {base}")
+        train[k] = str(p)
 
 
 def build_dataclass(cls, d: dict, where: str):
@@ -189,11 +251,13 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}; expected 'model' and 'train'")
     raw = {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
+    _resolve_paths(raw["train"], path.resolve().parent, str(path))
     for item in overrides:
         keys, value = parse_override(item)
         if len(keys) != 2 or keys[0] not in raw:
             raise ValueError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
         raw[keys[0]][keys[1]] = value
+    check_curriculum_overrides(raw["train"], str(path))
     return PretrainConfig(
         model=build_dataclass(ModelConfig, raw["model"], f"{path} [model]"),
         train=build_dataclass(TrainConfig, raw["train"], f"{path} [train]"),

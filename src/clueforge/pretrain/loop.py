@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from clueforge.corpus.shards import Corpus
 from clueforge.model.bert import BertForMLM, flops_per_token
+from clueforge.model.losses import symmetric_kl
 from clueforge.pretrain import checkpoint as ckpt
-from clueforge.pretrain.config import PretrainConfig
+from clueforge.pretrain.config import PretrainConfig, resolve_layers
 from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
 from clueforge.pretrain.masking import DEFAULT_CONNECTIVES, Curriculum, MaskingConfig
 
@@ -54,14 +55,20 @@ def lr_lambda(cfg, step: int) -> float:
     return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * decay
 
 
-def mlm_objective(model, batch: dict, t) -> tuple:
-    """The MLM loss plus the self-distillation terms the config turns on.
+# One yardstick for every run and recipe: token masking 15 % (80/10/10) with a fixed seed on the
+# same held-out rows, whatever the run's own masking, curriculum or seed (``eval_fixed_*``).
+FIXED_EVAL_MASKING = MaskingConfig(ratio=0.15, weights={"token": 1.0}, mask_prob=0.8, random_prob=0.1)
+FIXED_EVAL_SEED = 0
 
-    Returns ``(loss, output, parts)``; ``parts`` maps each term's name to its detached value.
+
+def mlm_objective(model, batch: dict, t, layers: tuple[int, ...] | None = None) -> tuple:
+    """The MLM loss plus the self-distillation and auxiliary terms the config turns on.
+
+    ``layers``: the resolved 1-based layer taps (default: ``t.self_distill_layers`` as written).
+    Returns ``(loss, output, parts)``; ``parts`` maps ``loss`` (the total) and each term's name
+    (``mlm_loss``, ``sd_*``, ``<objective>_loss``) to its detached value.
     """
-    from clueforge.finetune.tricks import symmetric_kl
-
-    layers = tuple(t.self_distill_layers or ())
+    layers = tuple(t.self_distill_layers or ()) if layers is None else tuple(layers)
     batch = dict(batch)
     batch_aux = batch.pop("aux", None)
     if t.self_distill_instance:  # the batch twice in one forward: two dropout masks, one graph
@@ -98,8 +105,8 @@ def mlm_objective(model, batch: dict, t) -> tuple:
         loss = loss + w * aux_loss
         parts[f"{name}_loss"] = aux_loss.detach()
         parts[f"{name}_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
-    if parts:
-        parts["mlm_loss"] = o.loss.detach()
+    parts["mlm_loss"] = o.loss.detach()
+    parts["loss"] = loss.detach()
     return loss, o, parts
 
 
@@ -221,12 +228,6 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     if cfg.model.vocab_size != vocab_size:
         log.info("model.vocab_size set to the corpus vocabulary size %d", vocab_size)
         cfg.model.vocab_size = vocab_size
-    bad_layers = [x for x in (t.self_distill_layers or []) if not 1 <= int(x) < cfg.model.num_layers]
-    if bad_layers:
-        raise ValueError(f"train.self_distill_layers {bad_layers}: intermediate layers are 1..{cfg.model.num_layers - 1}")
-    if t.seq_len > cfg.model.max_position:
-        raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}")
-
     index = build_row_index(corpus, t.seq_len, t.pack_docs)
     train_rows, eval_rows = split_heldout(index, corpus)
     sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
@@ -236,15 +237,25 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
     collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
                        tokenizer=tok, curriculum=curriculum)
+    fixed_collate = Collator(corpus, specials, vocab_size, FIXED_EVAL_MASKING,
+                             doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     if t.init_from:
         model = load_hf(t.init_from)
         if model.cfg.vocab_size != vocab_size:
             raise ValueError(f"{t.init_from}: vocab size {model.cfg.vocab_size} ≠ corpus vocab {vocab_size}")
+        if model.cfg.num_layers != cfg.model.num_layers or model.cfg.hidden_size != cfg.model.hidden_size:
+            log.info("train.init_from %s: the model shape comes from the checkpoint (%d layers, hidden %d), not the "
+                     "config's model section", t.init_from, model.cfg.num_layers, model.cfg.hidden_size)
         cfg.model = model.cfg
     else:
         model = BertForMLM(cfg.model)
+    # checked against the model actually trained (with init_from: the loaded one, not the YAML's)
+    where = f" (the model of train.init_from {t.init_from})" if t.init_from else ""
+    sd_layers = resolve_layers(t.self_distill_layers, cfg.model.num_layers, where)
+    if t.seq_len > cfg.model.max_position:
+        raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}{where}")
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
     train_shards = [i for i in range(len(corpus)) if len(corpus) < 2 or i != len(corpus) - 1]  # not the held-out one
     structure = None
@@ -323,26 +334,32 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         return batch, batch_digest(rows.shard, rows.span)
 
     def evaluate() -> dict:
+        """Held-out MLM loss and accuracy twice: under the run's own final masking (``eval_*``,
+        comparable over time within a run) and under the fixed protocol (``eval_fixed_*``,
+        comparable across runs and recipes)."""
         model.eval()
         n_batches = min(t.eval_batches, max(1, math.ceil(len(eval_rows) / t.batch_size)))
-        loss_sum = torch.zeros(3, device=device)  # loss·count, correct, count
-        with torch.no_grad():
-            for b in range(rank, n_batches, world):
-                sel = np.arange(b * t.batch_size, min(len(eval_rows), (b + 1) * t.batch_size))
-                if sel.size == 0:
-                    continue
-                rows = eval_rows.select(sel)
-                batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
-                                np.random.default_rng([t.seed, 2, b]), progress=1.0)  # fixed: comparable over time
-                with accelerator.autocast():
-                    o = raw_model(**to_device(batch))
-                n = o.labels.numel()
-                loss_sum += torch.stack([o.loss.float() * n, (o.logits.argmax(-1) == o.labels).sum().float(),
-                                         torch.tensor(float(n), device=device)])
-        loss_sum = accelerator.reduce(loss_sum, "sum")
+        res = {}
+        for prefix, col, seed in (("eval", collate, [t.seed, 2]), ("eval_fixed", fixed_collate, [FIXED_EVAL_SEED, 3])):
+            loss_sum = torch.zeros(3, device=device)  # loss·count, correct, count
+            with torch.no_grad():
+                for b in range(rank, n_batches, world):
+                    sel = np.arange(b * t.batch_size, min(len(eval_rows), (b + 1) * t.batch_size))
+                    if sel.size == 0:
+                        continue
+                    rows = eval_rows.select(sel)
+                    batch = col(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
+                                np.random.default_rng([*seed, b]), progress=1.0)  # fixed: comparable over time
+                    with accelerator.autocast():
+                        o = raw_model(**to_device(batch))
+                    n = o.labels.numel()
+                    loss_sum += torch.stack([o.loss.float() * n, (o.logits.argmax(-1) == o.labels).sum().float(),
+                                             torch.tensor(float(n), device=device)])
+            loss_sum = accelerator.reduce(loss_sum, "sum")
+            c = max(1.0, loss_sum[2].item())
+            res.update({f"{prefix}_loss": loss_sum[0].item() / c, f"{prefix}_mlm_acc": loss_sum[1].item() / c})
         model.train()
-        c = max(1.0, loss_sum[2].item())
-        return {"eval_loss": loss_sum[0].item() / c, "eval_mlm_acc": loss_sum[1].item() / c}
+        return res
 
     flops_tok = flops_per_token(cfg.model, t.seq_len, mlm_fraction=t.mask_ratio)  # useful work: the head runs on masked tokens only
     peak = (t.peak_tflops * 1e12) if t.peak_tflops else measure_peak_flops(
@@ -363,7 +380,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     model.train()
     def new_window() -> dict:
         return {"sums": torch.zeros(3, device=device, dtype=torch.float64), "tokens": 0, "slots": 0, "wait": 0.0,
-                "parts": {}, "steps": 0, "t0": time.perf_counter()}
+                "encoder_tokens": 0, "parts": {}, "steps": 0, "t0": time.perf_counter()}
 
     window = new_window()
     unlogged_tokens = 0  # this rank's tokens not yet added to ``tokens_seen``
@@ -381,7 +398,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     sync = micro == t.grad_accum - 1
                     with accelerator.no_sync(model) if not sync else nullcontext():
                         with accelerator.autocast():
-                            loss, o, parts = mlm_objective(step_model, tb, t)
+                            loss, o, parts = mlm_objective(step_model, tb, t, sd_layers)
                         accelerator.backward(loss / t.grad_accum)
                     for k, v in parts.items():
                         window["parts"][k] = window["parts"].get(k, 0.0) + v.float() / t.grad_accum
@@ -389,9 +406,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     window["sums"] += torch.stack([o.loss.detach().double() * n,
                                                    (o.logits.detach().argmax(-1) == o.labels).sum().double(),
                                                    torch.tensor(float(n), device=device, dtype=torch.float64)])
-                    real = int(batch["attention_mask"].sum()) + sum(
-                        int(b["attention_mask"].sum()) for b in batch.get("aux", {}).values())
+                    main_real = int(batch["attention_mask"].sum())
+                    real = main_real + sum(int(b["attention_mask"].sum()) for b in batch.get("aux", {}).values())
                     window["tokens"] += real
+                    # the work done: instance self-distillation runs the main batch through the encoder twice
+                    window["encoder_tokens"] += real + (main_real if t.self_distill_instance else 0)
                     window["slots"] += batch["attention_mask"].size + sum(
                         b["attention_mask"].size for b in batch.get("aux", {}).values())
                     unlogged_tokens += real
@@ -405,18 +424,19 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                 window["steps"] += 1
 
                 if step % t.log_every == 0 or step == t.max_steps:
-                    extra = torch.tensor([window["tokens"], unlogged_tokens], device=device, dtype=torch.float64)
+                    extra = torch.tensor([window["tokens"], unlogged_tokens, window["encoder_tokens"]], device=device,
+                                         dtype=torch.float64)
                     stats = accelerator.reduce(torch.cat([window["sums"], extra]), "sum")
                     elapsed = time.perf_counter() - window["t0"]
                     tokens_seen += int(stats[4].item())
                     unlogged_tokens = 0
-                    tps = stats[3].item() / elapsed
+                    tps = stats[5].item() / elapsed  # tokens through the encoder (all ranks), per second
                     rec = {
                         "step": step,
-                        "loss": stats[0].item() / max(1.0, stats[2].item()),
                         "mlm_acc": stats[1].item() / max(1.0, stats[2].item()),
                         "lr": scheduler.get_last_lr()[0],
-                        "tokens": tokens_seen,
+                        "tokens": tokens_seen,  # data tokens read (a doubled batch counts once)
+                        "step_tokens": stats[5].item() / window["steps"],  # encoder tokens per optimizer step
                         "tokens_per_s": tps,
                         "mfu": tps * flops_tok / (peak * world),
                         "data_wait_share": window["wait"] / elapsed,
@@ -425,7 +445,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     }
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
-                    for k, v in sorted(window["parts"].items()):  # each objective's own loss
+                    for k, v in sorted(window["parts"].items()):  # the total ``loss`` and each term's own loss
                         rec[k] = accelerator.reduce(v.detach(), "mean").item() / window["steps"]
                     if curriculum is not None or len(masking.weights) > 1:
                         st = collate.settings(step / max(1, t.max_steps))
