@@ -272,7 +272,7 @@ def finetune(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Fine-tune on a task; dev scores each epoch; keep the best checkpoint."""
+    """Fine-tune on a task; dev scores each epoch; keep the best checkpoint (`--set select=last`: the last)."""
     from clueforge.finetune.loop import finetune as run
     from clueforge.tasks.io import TaskDataError
 
@@ -282,13 +282,14 @@ def finetune(
         res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
         _fail(str(exc).strip("'\""))
-    print(json.dumps({"task": res["task"], "metric": res["metric"], "best_epoch": res["best_epoch"]}, ensure_ascii=False))
+    print(json.dumps({"task": res["task"], "metric": res["metric"], "checkpoint": res["checkpoint"],
+                      "selected_epoch": res["selected_epoch"]}, ensure_ascii=False))
 
 
 @app.command()
 def predict(
     task: Annotated[str, typer.Argument(help="Task name.")],
-    model: Annotated[Path, typer.Option(help="A checkpoint fine-tuned for TASK (its best/ folder).")],
+    model: Annotated[Path, typer.Option(help="A `finetune` output directory or the checkpoint inside it (best/, last/).")],
     input: Annotated[str, typer.Option(help="The official test file (comma-separated for several).")],
     out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
 ) -> None:

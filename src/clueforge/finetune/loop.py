@@ -1,12 +1,12 @@
 """Fine-tune, evaluate and predict any CLUE-family task: one loop for every task family.
 
     clueforge finetune ocnli --data ../shared/data/tasks/ocnli --model runs/mini/final --out runs/ft/ocnli
-    clueforge predict ocnli --model runs/ft/ocnli/best --input ../shared/data/tasks/ocnli/test.json --out sub/ocnli_50k_predict.json
+    clueforge predict ocnli --model runs/ft/ocnli --input ../shared/data/tasks/ocnli/test.json --out sub/ocnli_50k_predict.json
 
 The family module of the task (``clueforge.tasks.<family>``) supplies loading, encoding, the head,
 the loss, decoding, the metric and the submission rows; this loop owns batching, the optimizer
 and schedule, the tricks (``finetune.tricks``), evaluation each epoch, the best checkpoint and
-the metrics files. ``state`` carries what a family needs beyond its examples (the label list, the
+the metrics files (``select``: the best-on-dev epoch in ``best/``, or the last one in ``last/``). ``state`` carries what a family needs beyond its examples (the label list, the
 knowledge base of KgCLUE), and is saved with the checkpoint so that ``predict`` needs only it.
 """
 
@@ -68,6 +68,16 @@ class FinetuneConfig:
     dev_file: str | None = None
     """Override the task's dev file name (inside --data)."""
     log_every: int = 20
+    select: str = "best"
+    """Which weights to keep: ``best`` (the best-on-dev epoch, in ``out/best``) or ``last`` (the
+    final epoch, in ``out/last``: a protocol without model selection on dev)."""
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECT:
+            raise ValueError(f"select {self.select!r}: expected one of {SELECT}")
+
+
+SELECT = ("best", "last")
 
 
 def family(task: Task):
@@ -220,16 +230,22 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
             metrics_f.write(json.dumps({"step": step, "epoch": epoch, **{f"dev_{k}": v for k, v in scores.items()}}) + "\n")
             metrics_f.flush()
             log.info("%s epoch %d: %s", task.name, epoch, {k: round(v, 2) for k, v in scores.items()})
+            last = {"score": scores[task.metric], "epoch": epoch, "metrics": scores}
             if scores[task.metric] > best["score"]:
-                best = {"score": scores[task.metric], "epoch": epoch, "metrics": scores}
-                ctx = ema.applied() if ema else _nullctx()
-                with ctx:
-                    save_checkpoint(model, out / "best", model_dir, task, state)
+                best = last
+                if cfg.select == "best":
+                    with ema.applied() if ema else _nullctx():
+                        save_checkpoint(model, out / "best", model_dir, task, state, epoch)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     metrics_f.close()
+    if cfg.select == "last":
+        with ema.applied() if ema else _nullctx():
+            save_checkpoint(model, out / "last", model_dir, task, state, last["epoch"])
+    selected = best if cfg.select == "best" else last
     results = {
-        "task": task.name, "metric": best["metrics"], "main_metric": task.metric, "best_epoch": best["epoch"],
+        "task": task.name, "metric": selected["metrics"], "main_metric": task.metric, "checkpoint": cfg.select,
+        "selected_epoch": selected["epoch"], "best_epoch": best["epoch"],
         "train_examples": len(train_ex), "dev_examples": len(dev_ex), "steps": step,
         "seconds": round(time.perf_counter() - t0, 1), "model": str(model_dir),
         "hyperparameters": {**asdict(cfg), "epochs": task.epochs, "lr": task.lr, "batch_size": task.batch_size,
@@ -247,18 +263,27 @@ class _nullctx:
         return False
 
 
-def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict) -> None:
+def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict, epoch: int | None = None) -> None:
     fam = family(task)
-    meta = {"task": task.name, "max_length": task.max_length,
+    meta = {"task": task.name, "max_length": task.max_length, "epoch": epoch,
             **(fam.state_to_json(state) if hasattr(fam, "state_to_json") else {})}
     save_hf(model, path, vocab=model_dir, extra_config={"clueforge_task": meta})
     if hasattr(fam, "save_state_files"):
         fam.save_state_files(state, path)
 
 
-def load_finetuned(model_dir: str | Path, task_name: str):
-    """``(task, family, state, model, tokenizer)`` of a fine-tuned checkpoint; refuses another task's."""
+def checkpoint_dir(model_dir: str | Path) -> Path:
+    """A fine-tuned checkpoint, or a ``finetune`` output directory (→ the checkpoint it selected)."""
     model_dir = Path(model_dir)
+    if (model_dir / "config.json").is_file() or not (model_dir / "results.json").is_file():
+        return model_dir
+    return model_dir / json.loads((model_dir / "results.json").read_text()).get("checkpoint", "best")
+
+
+def load_finetuned(model_dir: str | Path, task_name: str):
+    """``(task, family, state, model, tokenizer)`` of a fine-tuned checkpoint (or of the one a
+    ``finetune`` output directory selected); refuses another task's."""
+    model_dir = checkpoint_dir(model_dir)
     _, raw = read_hf_config(model_dir)
     meta = raw.get("clueforge_task")
     if meta is None:
