@@ -38,8 +38,10 @@ def test_loss_is_the_total_and_each_part_is_logged(sample_corpus, tmp_path):
 
 def test_throughput_counts_the_doubled_batch_and_options_take_effect(sample_corpus, tmp_path):
     """Instance self-distillation runs each batch twice: twice the encoder tokens per step for the
-    same data tokens. ``peak_tflops`` is the MFU denominator; ``keep_checkpoints`` bounds the disk."""
-    _run(sample_corpus, tmp_path / "plain", "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=2")
+    same data tokens. ``peak_tflops`` is the MFU denominator; ``keep_checkpoints`` bounds the disk;
+    ``betas`` and ``eps`` reach the optimizer."""
+    _run(sample_corpus, tmp_path / "plain", "train.max_steps=3", "train.save_every=1", "train.keep_checkpoints=2",
+         "train.betas=[0.8, 0.9]", "train.eps=1.0e-5")
     _run(sample_corpus, tmp_path / "sd", "train.max_steps=3", "train.self_distill_instance=0.5")
     plain, sd = _metrics(tmp_path / "plain"), _metrics(tmp_path / "sd")
     assert [r["tokens"] for r in sd] == [r["tokens"] for r in plain]  # the same data read
@@ -52,6 +54,8 @@ def test_throughput_counts_the_doubled_batch_and_options_take_effect(sample_corp
     for r in plain + sd:  # MFU = achieved FLOP/s over the configured peak (1 TFLOP/s here)
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12, rel=1e-9)
     assert sorted(p.name for p in (tmp_path / "plain" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    state = json.loads((tmp_path / "plain" / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert {(tuple(g["betas"]), g["eps"]) for g in state["optimizer"]["param_groups"]} == {((0.8, 0.9), 1e-5)}
 
 
 def test_every_run_is_also_scored_on_the_same_fixed_masked_rows(sample_corpus, tmp_path, monkeypatch):
@@ -96,16 +100,18 @@ def _hf_bert(tmp_path, vocab, layers, max_position=128):
 
 def test_continued_pretraining_from_a_deeper_transformers_bert(sample_corpus, tmp_path):
     """The YAML model has 2 layers; the checkpoint 4: its layer 3 is a valid tap, the run trains
-    the loaded weights and writes a 4-layer model."""
+    the loaded weights and writes a 4-layer model. Gradients clipped to norm 1e-9 (AdamW eps 1e-3)
+    leave the weights where the checkpoint put them."""
     from clueforge.model.hf import load_hf
 
     hf, path = _hf_bert(tmp_path, sample_corpus / "vocab.txt", layers=4)
-    _run(sample_corpus, tmp_path / "r", "train.max_steps=1", f"train.init_from={path}", "train.self_distill_layers=[3]")
+    _run(sample_corpus, tmp_path / "r", "train.max_steps=1", f"train.init_from={path}", "train.self_distill_layers=[3]",
+         "train.clip_grad=1.0e-9", "train.eps=1.0e-3")
     final = load_hf(tmp_path / "r" / "final")
     assert final.cfg.num_layers == 4 and "sd_layer_kl" in _metrics(tmp_path / "r")[-1]
     start = hf.bert.embeddings.word_embeddings.weight.detach()
     moved = (final.encoder.embeddings.word.weight.detach() - start).abs().max().item()
-    assert moved < 5e-3  # one small step from the checkpoint, not a fresh initialisation (std 0.02)
+    assert moved < 1e-5  # the checkpoint's weights (a fresh initialisation: std 0.02); unclipped: about 1e-3
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -1,5 +1,6 @@
-"""``select``: keep the best-on-dev epoch (``best/``) or the last one (``last/``); ``predict``
-takes the output directory and uses the checkpoint it selected."""
+"""Fine-tuning options do what they say. ``select``: keep the best-on-dev epoch (``best/``) or the
+last one (``last/``); ``predict`` takes the output directory and uses the checkpoint it selected.
+``warmup_ratio``, ``clip_grad`` and ``eval_batch_size`` each change what they name."""
 
 import json
 import shutil
@@ -51,3 +52,31 @@ def test_select_keeps_the_chosen_epoch(tiny_bert, tmp_path, select):
 def test_unknown_select_is_refused():
     with pytest.raises(ValueError, match="select 'first'"):
         FinetuneConfig(select="first")
+
+
+def test_warmup_clipping_and_eval_batches_take_effect(tiny_bert, tmp_path, monkeypatch):
+    import clueforge.finetune.loop as ft
+    from clueforge.model.hf import load_hf_task
+
+    sizes = []
+    run_model = ft.run_model
+
+    def spy(model, fam, features, batch_size, *a):
+        sizes.append(batch_size)
+        return run_model(model, fam, features, batch_size, *a)
+
+    monkeypatch.setattr(ft, "run_model", spy)
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(epochs=2, batch_size=2, max_length=32, lr=1e-3, warmup_ratio=0.5, clip_grad=1e-9,
+                         eval_batch_size=5, log_every=1, select="last")
+    finetune("afqmc", AFQMC, tiny_bert, out, cfg, show_progress=False)
+    total, warmup = 6, 3  # 6 rows / 2 per step × 2 epochs; half of it warm-up
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    expect = [(s + 1) / warmup if s < warmup else (total - s) / (total - warmup) for s in range(1, total + 1)]
+    assert lrs == pytest.approx([1e-3 * e for e in expect])
+    assert sizes == [5, 5]  # dev scored in batches of eval_batch_size after each epoch
+    # gradients clipped to norm 1e-9: AdamW's steps (eps 1e-8) leave the encoder all but where it was
+    start = load_hf_task(tiny_bert, "sequence", 2).state_dict()
+    end = load_hf_task(out / "last", "sequence", 2).state_dict()
+    moved = max((end[k] - start[k]).abs().max().item() for k in start if k.startswith("encoder."))
+    assert moved < 1e-4  # unclipped: about 4e-3
