@@ -8,13 +8,14 @@ import torch
 from torch.testing import assert_close
 
 from clueforge.model.bert import BertForMLM, ModelConfig
-from clueforge.pretrain.loop import mlm_objective
+from clueforge.pretrain.model import PretrainingModel, mlm_objective
 
 
 def _model(pre_ln=False, dropout=0.0, layers=3):
     torch.manual_seed(0)
-    return BertForMLM(ModelConfig(vocab_size=101, hidden_size=32, num_layers=layers, num_heads=4, intermediate_size=64,
-                                  max_position=32, dropout=dropout, attention_dropout=dropout, pre_ln=pre_ln))
+    return PretrainingModel(BertForMLM(ModelConfig(vocab_size=101, hidden_size=32, num_layers=layers, num_heads=4,
+                                                   intermediate_size=64, max_position=32, dropout=dropout,
+                                                   attention_dropout=dropout, pre_ln=pre_ln)))
 
 
 def _batch():

@@ -202,21 +202,17 @@ def init_weights(model: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-MLM_AUX = ("triple_mlm",)  # auxiliary objectives predicted by the MLM head itself
-
-
 @dataclass
 class MLMOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor  # (M, V) at masked positions, or (B, T, V) without labels
     labels: torch.Tensor | None  # (M,) the targets matching ``logits`` rows
     hidden: torch.Tensor  # (B, T, D)
-    layer_logits: list[torch.Tensor] | None = None  # (M, V) per kept layer, at the same positions
-    aux_logits: dict[str, torch.Tensor] | None = None  # objective → (B', C) from its own batch
 
 
 class BertForMLM(nn.Module):
-    """Encoder + tied MLM head."""
+    """Encoder + tied MLM head. Pretraining-only parts (auxiliary heads, layer taps, objective
+    batches) live in ``pretrain.model.PretrainingModel``, which wraps this one."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -224,7 +220,6 @@ class BertForMLM(nn.Module):
         self.encoder = Encoder(cfg)
         self.head = MLMHead(cfg, self.encoder.embeddings.word)
         init_weights(self, cfg.initializer_range)
-        self.aux: nn.Module | None = None  # pretraining-only [CLS] heads (pretrain.objectives.AuxHeads)
 
     def forward(
         self,
@@ -234,18 +229,10 @@ class BertForMLM(nn.Module):
         labels: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         sparse: bool = True,
-        distill_layers: tuple[int, ...] = (),
-        aux: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> MLMOutput:
         """With ``labels`` (B, T; -100 = not predicted) returns the MLM loss; ``sparse`` computes
-        logits only at labelled positions (the dense path exists for equivalence tests).
-        ``distill_layers`` (1-based) also predicts through the MLM head from those layers; ``aux``
-        maps an objective to its own batch, classified on [CLS] by ``self.aux`` (one forward, so
-        data parallelism sees every parameter)."""
-        if distill_layers:
-            hidden, kept = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids, keep=distill_layers)
-        else:
-            hidden, kept = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids), []  # (B, T, D)
+        logits only at labelled positions (the dense path exists for equivalence tests)."""
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids)  # (B, T, D)
         if labels is None:
             return MLMOutput(None, self.head(hidden), None, hidden)
         if sparse:
@@ -253,12 +240,7 @@ class BertForMLM(nn.Module):
             targets = labels[sel]  # (M,)
             logits = self.head(hidden[sel])  # (M, V)
             loss = F.cross_entropy(logits.float(), targets)
-            layer_logits = [self.head(h[sel]) for h in kept] if kept else None
-            aux_logits = {}
-            for name, b in (aux or {}).items():
-                h = self.encoder(b["input_ids"], b["attention_mask"], b["token_type_ids"])  # (B', T', D)
-                aux_logits[name] = self.head(h[b["labels"] != -100]) if name in MLM_AUX else self.aux(name, h)
-            return MLMOutput(loss, logits, targets, hidden, layer_logits, aux_logits)
+            return MLMOutput(loss, logits, targets, hidden)
         logits = self.head(hidden)  # (B, T, V)
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
         sel = labels != -100

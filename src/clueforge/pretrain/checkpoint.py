@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from clueforge.model.bert import BertForMLM
 from clueforge.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from clueforge.pretrain.model import PretrainingModel
 from clueforge.utils import sha256_file
 
 log = logging.getLogger("clueforge.pretrain")
@@ -91,13 +91,13 @@ def tmp_dir(root: Path, step: int) -> Path:
     return root / f"step-{step}.tmp"
 
 
-def save_checkpoint(root: Path, step: int, model: BertForMLM, opt: torch.optim.Optimizer, state: dict,
+def save_checkpoint(root: Path, step: int, model: PretrainingModel, opt: torch.optim.Optimizer, state: dict,
                     world: int, keep: int) -> Path:
     """Called on rank 0 after every rank wrote its RNG into ``tmp_dir(root, step)``."""
     tmp = tmp_dir(root, step)
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    save_file(to_hf_state_dict(model.mlm), tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(hf_config(model.mlm.cfg), indent=2))
     opt_t, opt_meta = optimizer_tensors(opt)
     save_file(opt_t, tmp / "optimizer.safetensors")
     files = ["model.safetensors", "config.json", "optimizer.safetensors"] + [f"rng-rank{r}.safetensors" for r in range(world)]
@@ -140,8 +140,8 @@ def latest_valid(root: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load_checkpoint(path: Path, state: dict, model: BertForMLM, opt: torch.optim.Optimizer, rank: int) -> None:
-    from_hf_state_dict(model, load_file(path / "model.safetensors"), strict_head=True)
+def load_checkpoint(path: Path, state: dict, model: PretrainingModel, opt: torch.optim.Optimizer, rank: int) -> None:
+    from_hf_state_dict(model.mlm, load_file(path / "model.safetensors"), strict_head=True)
     if model.aux is not None:
         if not (path / "aux.safetensors").is_file():
             raise ValueError(f"{path}: the config has structure objectives but the checkpoint has no aux.safetensors")

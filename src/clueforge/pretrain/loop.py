@@ -26,15 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from clueforge.corpus.shards import Corpus
 from clueforge.model.bert import BertForMLM, flops_per_token
-from clueforge.model.losses import symmetric_kl
 from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import PretrainConfig, resolve_layers
 from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
 from clueforge.pretrain.masking import DEFAULT_CONNECTIVES, Curriculum, MaskingConfig
+from clueforge.pretrain.model import PretrainingModel, mlm_objective
 
 log = logging.getLogger("clueforge.pretrain")
 
@@ -59,55 +58,6 @@ def lr_lambda(cfg, step: int) -> float:
 # same held-out rows, whatever the run's own masking, curriculum or seed (``eval_fixed_*``).
 FIXED_EVAL_MASKING = MaskingConfig(ratio=0.15, weights={"token": 1.0}, mask_prob=0.8, random_prob=0.1)
 FIXED_EVAL_SEED = 0
-
-
-def mlm_objective(model, batch: dict, t, layers: tuple[int, ...] | None = None) -> tuple:
-    """The MLM loss plus the self-distillation and auxiliary terms the config turns on.
-
-    ``layers``: the resolved 1-based layer taps (default: ``t.self_distill_layers`` as written).
-    Returns ``(loss, output, parts)``; ``parts`` maps ``loss`` (the total) and each term's name
-    (``mlm_loss``, ``sd_*``, ``<objective>_loss``) to its detached value.
-    """
-    layers = tuple(t.self_distill_layers or ()) if layers is None else tuple(layers)
-    batch = dict(batch)
-    batch_aux = batch.pop("aux", None)
-    if t.self_distill_instance:  # the batch twice in one forward: two dropout masks, one graph
-        batch = {k: torch.cat([v, v]) for k, v in batch.items()}
-    extra = {}
-    if layers:
-        extra["distill_layers"] = layers
-    if batch_aux:
-        extra["aux"] = batch_aux
-    o = model(**batch, **extra)
-    loss = o.loss  # with the doubled batch: the mean of both passes' MLM losses
-    parts = {}
-    if t.self_distill_instance:
-        m = o.logits.shape[0] // 2  # masked positions come row by row: first copy, then second
-        kl = symmetric_kl(o.logits[:m], o.logits[m:])
-        loss = loss + t.self_distill_instance * kl
-        parts["sd_instance_kl"] = kl.detach()
-    if layers:
-        teacher = F.log_softmax(o.logits.detach().float(), -1)
-        kls = [F.kl_div(F.log_softmax(lg.float(), -1), teacher, log_target=True, reduction="batchmean")
-               for lg in o.layer_logits]
-        layer_kl = torch.stack(kls).mean()
-        loss = loss + t.self_distill_layer_weight * layer_kl
-        parts["sd_layer_kl"] = layer_kl.detach()
-    from clueforge.model.bert import MLM_AUX
-
-    for name, w in {**(t.structure_weights or {}), **(t.knowledge_weights or {})}.items():
-        logits, labels = o.aux_logits[name], batch_aux[name]["labels"]
-        if name in MLM_AUX or logits.dim() == 3:  # token-level labels, -100 where not predicted
-            keep = labels != -100
-            labels = labels[keep]
-            logits = logits if name in MLM_AUX else logits[keep]
-        aux_loss = F.cross_entropy(logits.float(), labels)
-        loss = loss + w * aux_loss
-        parts[f"{name}_loss"] = aux_loss.detach()
-        parts[f"{name}_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
-    parts["mlm_loss"] = o.loss.detach()
-    parts["loss"] = loss.detach()
-    return loss, o, parts
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -279,6 +229,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         knowledge = KnowledgeData(corpus, tok, specials, t.seq_len,
                                   triples=load_triples(t.knowledge_triples) if t.knowledge_triples else None,
                                   replace_share=t.replace_share, mask_ratio=t.mask_ratio, shards=train_shards)
+    aux = None
     if structure is not None or knowledge is not None:
         from clueforge.pretrain.objectives import AuxHeads, n_reorder_classes
 
@@ -286,8 +237,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                    "relation": 1 + len(knowledge.relations) if knowledge is not None else 1}
         names = [k for k in (*(t.structure_weights or {}), *(t.knowledge_weights or {})) if k in classes]
         if names:  # triple_mlm alone needs no head of its own: it predicts through the MLM head
-            model.aux = AuxHeads(cfg.model.hidden_size, {k: classes[k] for k in names}, cfg.model.initializer_range,
-                                 token=("replace",))
+            aux = AuxHeads(cfg.model.hidden_size, {k: classes[k] for k in names}, cfg.model.initializer_range,
+                           token=("replace",))
+    model = PretrainingModel(model, aux)  # what the optimizer and data parallelism see
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -315,7 +267,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     model, optimizer = accelerator.prepare(model, optimizer)
     if found is not None and accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
-    raw_model: BertForMLM = accelerator.unwrap_model(model)
+    raw_model: PretrainingModel = accelerator.unwrap_model(model)
     step_model = torch.compile(model) if t.compile else model
 
     def to_device(batch: dict) -> dict:
@@ -351,7 +303,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     batch = col(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
                                 np.random.default_rng([*seed, b]), progress=1.0)  # fixed: comparable over time
                     with accelerator.autocast():
-                        o = raw_model(**to_device(batch))
+                        o = raw_model.mlm(**to_device(batch))
                     n = o.labels.numel()
                     loss_sum += torch.stack([o.loss.float() * n, (o.logits.argmax(-1) == o.labels).sum().float(),
                                              torch.tensor(float(n), device=device)])
@@ -477,12 +429,12 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         prefetch.close()
         metrics.close()
 
-    digest = state_digest(raw_model)
+    digest = state_digest(raw_model.mlm)
     if rank_log is not None:
         rank_log.write(json.dumps({"final_state_sha": digest}) + "\n")
         rank_log.close()
     if main:
-        save_hf(raw_model, out / "final", vocab=vocab)
+        save_hf(raw_model.mlm, out / "final", vocab=vocab)
     accelerator.wait_for_everyone()
     summary = {"steps": step, "tokens": tokens_seen, "final": str(out / "final"), "state_sha": digest, **last_eval}
     accelerator.end_training()
