@@ -157,39 +157,13 @@ def state_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True) -> dict:
-    """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary."""
-    from accelerate import Accelerator
-
-    from clueforge.model.hf import load_hf, save_hf
-    from clueforge.text.tokenizer import load_tokenizer, special_ids
+def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple[int, ...]]:
+    """The encoder + MLM head to train (fresh, or ``train.init_from``'s, whose shape then replaces
+    ``cfg.model``) and the resolved layer taps. Settings that depend on the model's shape are
+    checked against the model actually trained."""
+    from clueforge.model.hf import load_hf
 
     t = cfg.train
-    data, out = Path(data), Path(out)
-    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    device = accelerator.device
-
-    corpus = Corpus(data)
-    vocab = data / "vocab.txt"
-    tok = load_tokenizer(vocab)
-    specials = special_ids(tok)
-    vocab_size = tok.get_vocab_size()
-    if cfg.model.vocab_size != vocab_size:
-        log.info("model.vocab_size set to the corpus vocabulary size %d", vocab_size)
-        cfg.model.vocab_size = vocab_size
-    index = build_row_index(corpus, t.seq_len, t.pack_docs)
-    train_rows, eval_rows = split_heldout(index, corpus)
-    sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
-    masking = MaskingConfig(ratio=t.mask_ratio, weights=dict(t.masking_weights or {t.masking: 1.0}),
-                            mask_prob=t.mask_token_prob, random_prob=t.random_token_prob, span_p=t.span_p,
-                            connectives=DEFAULT_CONNECTIVES + tuple(t.extra_connectives or ()))
-    curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
-    collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
-                       tokenizer=tok, curriculum=curriculum)
-    fixed_collate = Collator(corpus, specials, vocab_size, FIXED_EVAL_MASKING,
-                             doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok)
-
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     if t.init_from:
         model = load_hf(t.init_from)
@@ -201,12 +175,18 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         cfg.model = model.cfg
     else:
         model = BertForMLM(cfg.model)
-    # checked against the model actually trained (with init_from: the loaded one, not the YAML's)
     where = f" (the model of train.init_from {t.init_from})" if t.init_from else ""
     sd_layers = resolve_layers(t.self_distill_layers, cfg.model.num_layers, where)
     if t.seq_len > cfg.model.max_position:
         raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}{where}")
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
+    return model, sd_layers
+
+
+def build_objectives(cfg: PretrainConfig, corpus: Corpus, tok, specials: dict) -> tuple:
+    """``(structure, knowledge, aux)``: the data of the structure and knowledge objectives the
+    config turns on (``None`` when off) and the pretraining-only heads they need (or ``None``)."""
+    t = cfg.train
     train_shards = [i for i in range(len(corpus)) if len(corpus) < 2 or i != len(corpus) - 1]  # not the held-out one
     structure = None
     if t.structure_weights:
@@ -239,7 +219,81 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         if names:  # triple_mlm alone needs no head of its own: it predicts through the MLM head
             aux = AuxHeads(cfg.model.hidden_size, {k: classes[k] for k in names}, cfg.model.initializer_range,
                            token=("replace",))
-    model = PretrainingModel(model, aux)  # what the optimizer and data parallelism see
+    return structure, knowledge, aux
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated numpy batch (nested for the objectives' own batches) as tensors on ``device``."""
+    return {k: to_device(v, device) if isinstance(v, dict) else torch.from_numpy(v).to(device, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def evaluate_mlm(model: BertForMLM, protocols: dict, eval_rows, t, accelerator) -> dict:
+    """Held-out MLM loss and accuracy per protocol ``prefix → (collator, seed)``: the run's own
+    final masking (``eval_*``, comparable over time within a run) and the fixed protocol
+    (``eval_fixed_*``, comparable across runs and recipes). Each rank scores its share of batches."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    model.eval()
+    n_batches = min(t.eval_batches, max(1, math.ceil(len(eval_rows) / t.batch_size)))
+    res = {}
+    for prefix, (col, seed) in protocols.items():
+        loss_sum = torch.zeros(3, device=device)  # loss·count, correct, count
+        with torch.no_grad():
+            for b in range(rank, n_batches, world):
+                sel = np.arange(b * t.batch_size, min(len(eval_rows), (b + 1) * t.batch_size))
+                if sel.size == 0:
+                    continue
+                rows = eval_rows.select(sel)
+                batch = col(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
+                            np.random.default_rng([*seed, b]), progress=1.0)  # fixed: comparable over time
+                with accelerator.autocast():
+                    o = model(**to_device(batch, device))
+                n = o.labels.numel()
+                loss_sum += torch.stack([o.loss.float() * n, (o.logits.argmax(-1) == o.labels).sum().float(),
+                                         torch.tensor(float(n), device=device)])
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+        c = max(1.0, loss_sum[2].item())
+        res.update({f"{prefix}_loss": loss_sum[0].item() / c, f"{prefix}_mlm_acc": loss_sum[1].item() / c})
+    model.train()
+    return res
+
+
+def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True) -> dict:
+    """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary."""
+    from accelerate import Accelerator
+
+    from clueforge.model.hf import save_hf
+    from clueforge.text.tokenizer import load_tokenizer, special_ids
+
+    t = cfg.train
+    data, out = Path(data), Path(out)
+    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    device = accelerator.device
+
+    corpus = Corpus(data)
+    vocab = data / "vocab.txt"
+    tok = load_tokenizer(vocab)
+    specials = special_ids(tok)
+    vocab_size = tok.get_vocab_size()
+    if cfg.model.vocab_size != vocab_size:
+        log.info("model.vocab_size set to the corpus vocabulary size %d", vocab_size)
+        cfg.model.vocab_size = vocab_size
+    index = build_row_index(corpus, t.seq_len, t.pack_docs)
+    train_rows, eval_rows = split_heldout(index, corpus)
+    sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
+    masking = MaskingConfig(ratio=t.mask_ratio, weights=dict(t.masking_weights or {t.masking: 1.0}),
+                            mask_prob=t.mask_token_prob, random_prob=t.random_token_prob, span_p=t.span_p,
+                            connectives=DEFAULT_CONNECTIVES + tuple(t.extra_connectives or ()))
+    curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
+    collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
+                       tokenizer=tok, curriculum=curriculum)
+    fixed_collate = Collator(corpus, specials, vocab_size, FIXED_EVAL_MASKING,
+                             doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok)
+
+    mlm, sd_layers = build_model(cfg, vocab_size)
+    structure, knowledge, aux = build_objectives(cfg, corpus, tok, specials)
+    model = PretrainingModel(mlm, aux)  # what the optimizer and data parallelism see
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -270,10 +324,6 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     raw_model: PretrainingModel = accelerator.unwrap_model(model)
     step_model = torch.compile(model) if t.compile else model
 
-    def to_device(batch: dict) -> dict:
-        return {k: to_device(v) if isinstance(v, dict) else torch.from_numpy(v).to(device, non_blocking=True)
-                for k, v in batch.items()}
-
     def make_batch(step: int, micro: int):
         idx = sampler.rows(step, micro, rank)
         rows = train_rows.select(idx)
@@ -286,32 +336,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         return batch, batch_digest(rows.shard, rows.span)
 
     def evaluate() -> dict:
-        """Held-out MLM loss and accuracy twice: under the run's own final masking (``eval_*``,
-        comparable over time within a run) and under the fixed protocol (``eval_fixed_*``,
-        comparable across runs and recipes)."""
-        model.eval()
-        n_batches = min(t.eval_batches, max(1, math.ceil(len(eval_rows) / t.batch_size)))
-        res = {}
-        for prefix, col, seed in (("eval", collate, [t.seed, 2]), ("eval_fixed", fixed_collate, [FIXED_EVAL_SEED, 3])):
-            loss_sum = torch.zeros(3, device=device)  # loss·count, correct, count
-            with torch.no_grad():
-                for b in range(rank, n_batches, world):
-                    sel = np.arange(b * t.batch_size, min(len(eval_rows), (b + 1) * t.batch_size))
-                    if sel.size == 0:
-                        continue
-                    rows = eval_rows.select(sel)
-                    batch = col(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())),
-                                np.random.default_rng([*seed, b]), progress=1.0)  # fixed: comparable over time
-                    with accelerator.autocast():
-                        o = raw_model.mlm(**to_device(batch))
-                    n = o.labels.numel()
-                    loss_sum += torch.stack([o.loss.float() * n, (o.logits.argmax(-1) == o.labels).sum().float(),
-                                             torch.tensor(float(n), device=device)])
-            loss_sum = accelerator.reduce(loss_sum, "sum")
-            c = max(1.0, loss_sum[2].item())
-            res.update({f"{prefix}_loss": loss_sum[0].item() / c, f"{prefix}_mlm_acc": loss_sum[1].item() / c})
-        model.train()
-        return res
+        return evaluate_mlm(raw_model.mlm, {"eval": (collate, [t.seed, 2]), "eval_fixed": (fixed_collate, [FIXED_EVAL_SEED, 3])},
+                            eval_rows, t, accelerator)
 
     flops_tok = flops_per_token(cfg.model, t.seq_len, mlm_fraction=t.mask_ratio)  # useful work: the head runs on masked tokens only
     peak = (t.peak_tflops * 1e12) if t.peak_tflops else measure_peak_flops(
@@ -346,7 +372,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     window["wait"] += waited
                     if rank_log is not None:
                         rank_log.write(json.dumps({"step": step, "micro": micro, "rows": digest}) + "\n")
-                    tb = to_device(batch)
+                    tb = to_device(batch, device)
                     sync = micro == t.grad_accum - 1
                     with accelerator.no_sync(model) if not sync else nullcontext():
                         with accelerator.autocast():
