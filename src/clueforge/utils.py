@@ -1,10 +1,16 @@
-"""Small helpers shared across stages: hashing and atomic writes."""
+"""Small helpers shared across stages: hashing, atomic writes, the user-error type."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a bad setting, file or argument): the CLI prints its message on
+    one line and exits 2; anything else is a bug and keeps its traceback."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -15,12 +21,48 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name, fsync, rename: a crash leaves the old file or the new."""
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to a temporary name, fsync, rename: a crash leaves the old file or the new.
+    On failure the temporary file is removed."""
     path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move the complete directory ``tmp`` to ``final``, replacing an old one so that a crash at any
+    moment leaves the old or the new: the old is renamed aside, the new renamed in, then the old
+    removed. A leftover ``FINAL.old*`` (crash between the two renames) is restored by
+    ``recover_dir``."""
+    tmp, final = Path(tmp), Path(final)
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(final.name + f".old{os.getpid()}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_dir(final: str | Path) -> None:
+    """After a crash inside ``replace_dir``: if ``final`` is missing but an ``.old*`` copy exists,
+    put the old one back; stale ``.old*`` copies beside a present ``final`` are removed."""
+    final = Path(final)
+    olds = sorted(final.parent.glob(final.name + ".old*")) if final.parent.is_dir() else []
+    for i, old in enumerate(olds):
+        if not final.exists() and i == 0:
+            os.replace(old, final)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
