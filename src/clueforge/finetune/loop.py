@@ -29,6 +29,7 @@ from clueforge.model.hf import load_hf_task, read_hf_config, save_hf
 from clueforge.tasks.io import TaskDataError
 from clueforge.tasks.registry import Task, get_task, with_overrides
 from clueforge.text.tokenizer import load_tokenizer, save_tokenizer_files
+from clueforge.utils import UserError, atomic_write
 
 log = logging.getLogger("clueforge.finetune")
 
@@ -42,11 +43,17 @@ class FinetuneConfig:
     lr: float | None = None
     """Peak learning rate (default: the task's)."""
     batch_size: int | None = None
+    """Examples per optimizer step (default: the task's)."""
     max_length: int | None = None
+    """Tokens per example, truncated (default: the task's; at most the model's positions)."""
     seed: int = 42
+    """Seeds initialisation of the head, data order and dropout."""
     warmup_ratio: float = 0.1
+    """Share of the steps spent in linear warm-up, then linear decay to 0."""
     weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
     clip_grad: float = 1.0
+    """Max global gradient norm (0 = off)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (tests, quick runs)."""
     max_train: int | None = None
@@ -54,6 +61,7 @@ class FinetuneConfig:
     max_eval: int | None = None
     """Score only N dev examples (a fixed random subset, the same for every seed)."""
     eval_batch_size: int = 64
+    """Examples per batch when scoring dev."""
     rdrop: float = 0.0
     """R-Drop weight α (0 = off)."""
     fgm: float = 0.0
@@ -67,6 +75,7 @@ class FinetuneConfig:
     dev_file: str | None = None
     """Override the task's dev file name (inside --data)."""
     log_every: int = 20
+    """Steps between lines of metrics.jsonl."""
 
 
 def family(task: Task):
@@ -131,6 +140,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     task = with_overrides(get_task(task_name), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                           max_length=cfg.max_length)
     fam = family(task)
+    check_settings(cfg, task, model_dir)  # before any data is read
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -227,6 +237,8 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     metrics_f.close()
+    if "metrics" not in best:
+        raise UserError(f"{task.name}: no epoch produced a dev score (check --set epochs/max_steps)")
     results = {
         "task": task.name, "metric": best["metrics"], "main_metric": task.metric, "best_epoch": best["epoch"],
         "train_examples": len(train_ex), "dev_examples": len(dev_ex), "steps": step,
@@ -234,8 +246,22 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
         "hyperparameters": {**asdict(cfg), "epochs": task.epochs, "lr": task.lr, "batch_size": task.batch_size,
                             "max_length": task.max_length},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    atomic_write(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False))
     return results
+
+
+def check_settings(cfg: FinetuneConfig, task: Task, model_dir: Path) -> None:
+    """Refuse settings that cannot work with this model before any data is read: every field's
+    range (``pretrain.config.validate``), and a ``max_length`` beyond the model's positions."""
+    from clueforge.pretrain.config import validate
+
+    validate(cfg, "fine-tuning settings")
+    model_cfg, _ = read_hf_config(model_dir)
+    if task.max_length > model_cfg.max_position:
+        source = "--set max_length" if cfg.max_length else f"{task.name}'s default max_length"
+        raise UserError(f"{source} {task.max_length} exceeds the model's {model_cfg.max_position} positions "
+                        f"(max_position_embeddings in {model_dir / 'config.json'}); "
+                        f"use --set max_length={model_cfg.max_position} (or less)")
 
 
 class _nullctx:
@@ -250,9 +276,14 @@ def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict)
     fam = family(task)
     meta = {"task": task.name, "max_length": task.max_length,
             **(fam.state_to_json(state) if hasattr(fam, "state_to_json") else {})}
-    save_hf(model, path, vocab=model_dir, extra_config={"clueforge_task": meta})
-    if hasattr(fam, "save_state_files"):
-        fam.save_state_files(state, path)
+    extra = {"clueforge_task": meta}
+    labels = state.get("labels")
+    if labels and getattr(model, "num_labels", None) == len(labels):  # the task's label names, for HF users
+        extra["id2label"] = {str(i): str(lab) for i, lab in enumerate(labels)}
+        extra["label2id"] = {str(lab): i for i, lab in enumerate(labels)}
+    # state files (KgCLUE's kb.tsv) are written inside the temporary directory, before the rename
+    save_hf(model, path, vocab=model_dir, extra_config=extra,
+            extra_files=(lambda tmp: fam.save_state_files(state, tmp)) if hasattr(fam, "save_state_files") else None)
 
 
 def load_finetuned(model_dir: str | Path, task_name: str):
