@@ -39,14 +39,36 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
         raise
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the
+    platform or file system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 def replace_dir(tmp: str | Path, final: str | Path) -> None:
     """Move the complete directory ``tmp`` to ``final``, replacing an old one so that a crash at any
-    moment leaves the old or the new: the old is renamed aside, the new renamed in, then the old
-    removed. A leftover ``FINAL.old*`` (crash between the two renames) is restored by
-    ``recover_dir``."""
+    moment leaves the old or the new, never neither, and never a mix: the two are swapped
+    atomically where the system can (Linux), else the old is renamed aside, the new renamed in and
+    the old removed (``recover_dir`` puts an aside copy back after a crash between the renames)."""
     tmp, final = Path(tmp), Path(final)
+    recover_dir(final)
     if not final.exists():
         os.replace(tmp, final)
+        return
+    if _exchange(tmp, final):  # tmp now holds the old directory
+        shutil.rmtree(tmp, ignore_errors=True)
         return
     aside = final.with_name(final.name + f".old{os.getpid()}")
     if aside.exists():
@@ -61,8 +83,8 @@ def recover_dir(final: str | Path) -> None:
     put the old one back; stale ``.old*`` copies beside a present ``final`` are removed."""
     final = Path(final)
     olds = sorted(final.parent.glob(final.name + ".old*")) if final.parent.is_dir() else []
-    for i, old in enumerate(olds):
-        if not final.exists() and i == 0:
+    for old in olds:
+        if not final.exists():
             os.replace(old, final)
         else:
             shutil.rmtree(old, ignore_errors=True)
