@@ -21,6 +21,7 @@ from clueforge.cli import app
 from conftest import ROOT, SAMPLE
 
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
+SRC = str(Path(__import__("clueforge").__file__).resolve().parents[1])  # the code under test, for subprocesses
 FAST = ["--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.eval_batches=1",
         "--set", "train.warmup_steps=0", "--set", "train.prefetch=1", "--set", "train.peak_tflops=1",
         "--set", "train.schedule=constant", "--set", "train.batch_size=2", "--set", "train.seq_len=32",
@@ -64,12 +65,12 @@ def test_1_second_process_on_a_run_dir_is_refused_with_the_holders_pid(tmp_path,
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom clueforge.runs import run_lock\n"
          f"with run_lock({str(run)!r}):\n    print('locked', flush=True)\n    time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": SRC})
     try:
         assert holder.stdout.readline().strip() == "locked"
         second = subprocess.run([sys.executable, "-m", "clueforge", "corpus", "build", str(SAMPLE), "--out", str(run),
                                  "--vocab", str(sample_vocab), "--no-progress"], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "COLUMNS": "400"})
+                                env={**os.environ, "PYTHONPATH": SRC, "COLUMNS": "400"})
         assert second.returncode == 2, second.stderr
         assert f"pid {holder.pid}" in second.stderr and "Traceback" not in second.stderr
         assert not (run / "manifest.json").exists()
@@ -344,9 +345,14 @@ def test_7_a_bug_still_shows_its_traceback(tmp_path, sample_corpus, monkeypatch)
 
 # 8. Messages -------------------------------------------------------------------------------------
 
-def test_8_closing_quotes_are_kept(tmp_path):
-    one_line_error(cli("finetune", "nosuch", "--data", tmp_path, "--model", tmp_path, "--out", tmp_path / "o"),
-                   "unknown task 'nosuch';")
+def test_8_closing_quotes_are_kept(tmp_path, tiny_model):
+    d = tmp_path / "afqmc-model"
+    shutil.copytree(tiny_model, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "clueforge_task": {"task": "afqmc", "max_length": 32}}))
+    text = one_line_error(cli("predict", "cmnli", "--model", d, "--input", tmp_path / "t.json", "--out",
+                              tmp_path / "p.json"), "fine-tuned for 'afqmc', not 'cmnli'")
+    assert text.endswith("'cmnli'")
 
 
 def test_8_no_earlier_checkpoint_says_it_restarts_from_zero(tmp_path, caplog):
