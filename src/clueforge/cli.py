@@ -317,9 +317,9 @@ def quickstart(
     console.print(
         "next:\n"
         f"  clueforge corpus stats {corpus_dir}\n"
-        f"  clueforge finetune tnews --data ../shared/data/tasks/fewclue/tnews --model {final} --out {out / 'ft-tnews'}\n"
+        f"  clueforge finetune fewclue-eprstmt --data ../shared/data/tasks/fewclue/eprstmt --model {final} --out {out / 'ft-eprstmt'}\n"
         f"  clueforge pretrain --config mini --data {corpus_dir} --out {out / 'mini'}   (a larger model)\n"
-        "  clueforge config show tiny   (every setting, for --set)", highlight=False)
+        "  clueforge config show tiny   (every setting, for --set)", highlight=False, soft_wrap=True)
 
 
 def _finetune_config(items: list[str] | None, seed: int | None = None):
@@ -436,9 +436,13 @@ def benchmark(
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
     from clueforge.tasks.suite import run_suite
 
+    from clueforge.runs import run_lock
+
     _logging()
+    cfg = _finetune_config(set_)
     try:
-        run_suite(suite, model, data, out, seeds, _finetune_config(set_), show_progress=sys.stderr.isatty())
+        with run_lock(out, "benchmark"):
+            run_suite(suite, model, data, out, seeds, cfg, show_progress=sys.stderr.isatty())
     except KeyError as exc:
         _fail(_message(exc))
     print((out / "report.md").read_text(encoding="utf-8"))

@@ -177,6 +177,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     best: dict = {"score": -1.0}
     step = 0
     t0 = time.perf_counter()
+    next_log = t0 + 30.0
 
     def forward_loss(b):
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
@@ -223,6 +224,9 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
                     metrics_f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
                                                 "lr": sched.get_last_lr()[0], **parts}) + "\n")
                 progress.update(bar, completed=step, info=f"epoch {epoch} loss {loss.item():.3f}")
+                if not show_progress and time.perf_counter() >= next_log:  # logs, CI, nohup: a line every 30 s
+                    next_log = time.perf_counter() + 30.0
+                    log.info("%s step %d/%d epoch %d loss %.3f", task.name, step, total, epoch, loss.item())
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
             scores = evaluate()
