@@ -309,8 +309,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         log.info("resumed from %s (step %d)", path, start_step)
     else:
         torch.manual_seed(t.seed + 1 + rank)  # dropout differs per rank
-    if main:
-        _write_run_config(out, cfg, data, found, start_step, allow_config_change)
+    _write_run_config(out, cfg, data, found, start_step, allow_config_change, write=main)  # every rank checks
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if found is not None and accelerator.scaler is not None and "scaler" in state:
@@ -496,7 +495,8 @@ def _apply_optimizer_settings(optimizer, scheduler, t) -> None:
             g["weight_decay"] = t.weight_decay
 
 
-def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_step: int, allow: bool) -> None:
+def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_step: int, allow: bool,
+                      write: bool = True) -> None:
     """``out/config.json``: the config that trains from now on, plus the history of changes made on
     resume. A resume whose settings differ from the checkpoint's is refused unless the change is
     allowed (``runs.check_resume_config``); the file is written atomically."""
@@ -513,10 +513,11 @@ def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_s
     if found is not None and "config" in found[1]:
         record = check_resume_config(found[1]["config"], cfg.to_dict(), allow=allow, at_step=start_step)
         if record is not None:
-            for k, v in record["changes"].items():
+            for k, v in record["changes"].items() if write else ():
                 log.warning("resume at step %d: %s changed %r → %r", start_step, k, v["from"], v["to"])
             history.append(record)
-    atomic_write(path, json.dumps({"config": cfg.to_dict(), "data": str(data), "history": history}, indent=2))
+    if write:
+        atomic_write(path, json.dumps({"config": cfg.to_dict(), "data": str(data), "history": history}, indent=2))
 
 
 def summary_line(summary: dict) -> str:
