@@ -160,14 +160,11 @@ def test_4_pretrain_settings_validated_at_load(override, allowed):
     assert f"--set {key}=" in msg and allowed in msg
 
 
-def test_4_bad_value_in_a_config_file_names_the_file(tmp_path):
-    from clueforge.pretrain.config import load_config
-    from clueforge.utils import UserError
-
+def test_4_bad_value_in_a_config_file_names_the_file(tmp_path, sample_corpus):
     f = tmp_path / "mine.yaml"
     f.write_text("model: {hidden_size: 64, num_heads: 4}\ntrain: {grad_accum: 0}\n")
-    with pytest.raises(UserError, match=r"mine.yaml \[train\]: train.grad_accum=0 is not allowed: must be ≥ 1"):
-        load_config(f)
+    one_line_error(cli("pretrain", "--config", f, "--data", sample_corpus, "--out", tmp_path / "r"),
+                   "mine.yaml [train]: train.grad_accum=0 is not allowed: must be ≥ 1")
 
 
 FINETUNE_BAD = [("epochs=0", "≥ 1"), ("batch_size=0", "≥ 1"), ("rdrop=-0.5", "≥ 0"), ("ema=1", "[0, 1)"),
