@@ -181,6 +181,14 @@ def test_4_finetune_settings_validated_before_anything_runs(override, allowed, t
     assert not (tmp_path / "ft").exists()
 
 
+@pytest.mark.parametrize("option,value,allowed", [("--docs-per-shard", "0", "≥ 1"), ("--min-chars", "-1", "≥ 0"),
+                                                  ("--doc-sep", "para", "line, blank")])
+def test_4_corpus_build_settings_validated(tmp_path, sample_vocab, option, value, allowed):
+    r = cli("corpus", "build", SAMPLE, "--out", tmp_path / "c", "--vocab", sample_vocab, option, value)
+    assert r.exit_code == 2 and allowed in " ".join(r.output.split()) and "Traceback" not in r.output
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
 # 5. Length beyond the model ----------------------------------------------------------------------
 
 def test_5_max_length_beyond_the_models_positions_is_refused_before_loading_data(tmp_path, tiny_model):

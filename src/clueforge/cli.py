@@ -150,8 +150,6 @@ def corpus_build(
     from clueforge.corpus.build import BuildConfig, build_corpus, expand_inputs
 
     _logging()
-    if doc_sep not in ("line", "blank"):
-        _fail(f"--doc-sep {doc_sep!r}: expected 'line' or 'blank'")
     cfg = BuildConfig(vocab=str(vocab), text_field=text_field, doc_sep=doc_sep, docs_per_shard=docs_per_shard,
                       min_chars=min_chars, t2s=t2s, user_dict=str(user_dict) if user_dict else None,
                       entities=tuple(str(p) for p in entities or ()), triples=tuple(str(p) for p in triples or ()),

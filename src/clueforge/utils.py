@@ -5,12 +5,45 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 
 class UserError(ValueError):
     """A mistake the user can fix (a bad setting, file or argument): the CLI prints its message on
     one line and exits 2; anything else is a bug and keeps its traceback."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A number in ``[lo, hi]`` (open ends where ``lo_open``/``hi_open``), or one of ``choices``.
+    ``None`` is allowed where the field's type allows it (checked by ``_coerce``)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple = ()
+
+    def ok(self, v) -> bool:
+        if self.choices:
+            return isinstance(v, str) and v in self.choices
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # bool, non-number, NaN
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
+            return False
+        return True
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.lo is not None and self.hi is not None:
+            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '≥'} {self.lo:g}"
+        return f"{'<' if self.hi_open else '≤'} {self.hi:g}"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from clueforge.text.normalize import is_probably_binary, normalize, sentence_starts
-from clueforge.utils import atomic_write, sha256_file
+from clueforge.utils import Rule, UserError, atomic_write, sha256_file
 from clueforge.text.segment import POS_ID, Segmenter
 
 log = logging.getLogger("clueforge.corpus")
@@ -87,6 +87,18 @@ class BuildConfig:
     @property
     def marks_entities(self) -> bool:
         return bool(self.entities or self.triples)
+
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)!r} is not allowed: must be {r.describe()}"
+               for k, r in BUILD_RULES.items() if not r.ok(getattr(self, k))]
+        if bad:
+            raise UserError("; ".join(bad))
+
+
+BUILD_RULES = {  # checked when a BuildConfig is made (``--docs-per-shard 0`` would loop forever)
+    "docs_per_shard": Rule(lo=1), "min_chars": Rule(lo=0), "max_line_bytes": Rule(lo=1),
+    "doc_sep": Rule(choices=("line", "blank")),
+}
 
 
 @dataclass

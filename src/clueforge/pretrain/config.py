@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from clueforge.model.bert import ModelConfig
-from clueforge.utils import UserError
+from clueforge.utils import Rule, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -220,38 +220,6 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
 # Validation: one table per config class (field → rule), checked whenever a config is built, so a
 # setting that would make training a no-op or nonsense is refused at load time with the field,
 # the value and the allowed range. ``FinetuneConfig`` is listed by name (it lives in finetune/).
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A number in ``[lo, hi]`` (open ends where ``lo_open``/``hi_open``), or one of ``choices``.
-    ``None`` is allowed where the field's type allows it (checked by ``_coerce``)."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    choices: tuple = ()
-
-    def ok(self, v) -> bool:
-        if self.choices:
-            return isinstance(v, str) and v in self.choices
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # bool, non-number, NaN
-            return False
-        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-            return False
-        if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):
-            return False
-        return True
-
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        if self.lo is not None and self.hi is not None:
-            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{'>' if self.lo_open else '≥'} {self.lo:g}"
-        return f"{'<' if self.hi_open else '≤'} {self.hi:g}"
 
 
 def _ge(x):
