@@ -10,6 +10,14 @@
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
     clueforge tasks                           the task registry
+    clueforge config show [NAME]              every --set key with its default and meaning
+
+``--data`` names what each stage reads: a corpus directory (``pretrain``), one task's folder
+(``finetune``), the root holding many task folders (``submit``, ``benchmark``). The option keeps
+one name because it is, in each command, "the data this command consumes"; its help says which.
+
+A user error (bad setting, missing or corrupt file, a run directory in use) prints one line and
+exits 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,13 +33,47 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Build CLUE-class Chinese language models.")
-vocab_app = typer.Typer(no_args_is_help=True, help="WordPiece vocabularies.")
-corpus_app = typer.Typer(no_args_is_help=True, help="Training shards from raw text.")
+console = Console(stderr=True)
+
+
+class _Group(typer.core.TyperGroup):
+    """Turns a ``UserError`` raised anywhere below a command into one line and exit status 2."""
+
+    def invoke(self, ctx):
+        from clueforge.utils import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+_CTX = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, context_settings=_CTX,
+                  help="Build CLUE-class Chinese language models.")
+vocab_app = typer.Typer(cls=_Group, no_args_is_help=True, context_settings=_CTX, help="WordPiece vocabularies.")
+corpus_app = typer.Typer(cls=_Group, no_args_is_help=True, context_settings=_CTX, help="Training shards from raw text.")
+config_app = typer.Typer(cls=_Group, no_args_is_help=True, context_settings=_CTX, help="Pretraining/fine-tuning settings.")
 app.add_typer(vocab_app, name="vocab")
 app.add_typer(corpus_app, name="corpus")
-console = Console(stderr=True)
+app.add_typer(config_app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from clueforge import __version__
+
+        print(f"clueforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Build CLUE-class Chinese language models."""
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.txt"
 
@@ -48,8 +90,16 @@ def _logging(verbose: bool = False) -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _message(exc: BaseException) -> str:
+    """The text of an error: a ``KeyError``'s own message without the repr quotes Python adds
+    (stripping quote characters would also eat a closing quote of the message itself)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
 
 
 @vocab_app.command("build")
@@ -67,17 +117,19 @@ def vocab_build(
 
     _logging()
     cfg = BuildConfig(vocab="", text_field=text_field, doc_sep=doc_sep)
+    if out.is_dir():  # a folder: the vocabulary goes inside it under its usual name
+        out = out / "vocab.txt"
     try:
         n = build_vocab(iter_texts(inputs, cfg), out, vocab_size=vocab_size, min_frequency=min_frequency)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(_message(exc))
     console.print(f"wrote {out} ({n} entries)")
 
 
 @corpus_app.command("build")
 def corpus_build(
     inputs: Annotated[list[Path], typer.Argument(help="Files (.txt/.jsonl, optionally .gz/.zst) or folders.")],
-    out: Annotated[Path, typer.Option(help="Output directory (re-run to resume).")],
+    out: Annotated[Path, typer.Option(help="Output directory (re-run to resume; shards are verified first).")],
     vocab: Annotated[Path, typer.Option(help="WordPiece vocab.txt (or a model directory with one).")],
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     doc_sep: Annotated[str, typer.Option(help="Plain text: 'line' (a document per line) or 'blank'.")] = "line",
@@ -98,8 +150,6 @@ def corpus_build(
     from clueforge.corpus.build import BuildConfig, build_corpus, expand_inputs
 
     _logging()
-    if doc_sep not in ("line", "blank"):
-        _fail(f"--doc-sep {doc_sep!r}: expected 'line' or 'blank'")
     cfg = BuildConfig(vocab=str(vocab), text_field=text_field, doc_sep=doc_sep, docs_per_shard=docs_per_shard,
                       min_chars=min_chars, t2s=t2s, user_dict=str(user_dict) if user_dict else None,
                       entities=tuple(str(p) for p in entities or ()), triples=tuple(str(p) for p in triples or ()),
@@ -108,10 +158,14 @@ def corpus_build(
         total_bytes = sum(f.stat().st_size for f in expand_inputs(inputs))
     except FileNotFoundError as exc:
         _fail(str(exc))
+    from clueforge.runs import run_lock
+
     t0 = time.perf_counter()
-    with Progress(TextColumn("corpus build"), BarColumn(), TextColumn("{task.fields[docs]:,} docs"),
+    tty = console.is_terminal
+    last_line = [t0]
+    with run_lock(out, "corpus build"), Progress(TextColumn("corpus build"), BarColumn(), TextColumn("{task.fields[docs]:,} docs"),
                   TransferSpeedColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                  console=console, disable=not progress) as bar:
+                  console=console, disable=not (progress and tty)) as bar:
         task = bar.add_task("build", total=total_bytes, docs=0)
         frac = {"docs": 0, "chars": 0}
 
@@ -120,11 +174,15 @@ def corpus_build(
             frac["chars"] += stats["chars"]
             # Bytes are estimated from characters (UTF-8 Chinese ≈ 3 bytes); exact at the end.
             bar.update(task, completed=min(total_bytes, frac["chars"] * 3), docs=frac["docs"])
+            if progress and not tty and time.perf_counter() - last_line[0] > 10:  # logs, CI, nohup
+                last_line[0] = time.perf_counter()
+                console.print(f"corpus build: {frac['docs']:,} docs, ~{min(1.0, frac['chars'] * 3 / max(1, total_bytes)):.0%}, "
+                              f"{time.perf_counter() - t0:.0f}s", highlight=False)
 
         try:
             m = build_corpus(inputs, out, cfg, workers=workers, progress=on_shard)
         except (FileNotFoundError, FileExistsError, ValueError) as exc:
-            _fail(str(exc))
+            _fail(_message(exc))
         bar.update(task, completed=total_bytes)
     dt = time.perf_counter() - t0
     console.print(
@@ -133,6 +191,12 @@ def corpus_build(
     )
     if m["docs_skipped"]:
         console.print(f"skipped: {m['docs_skipped']}")
+    if m.get("shards_rebuilt"):
+        console.print(f"rebuilt {len(m['shards_rebuilt'])} corrupt shard(s): {', '.join(m['shards_rebuilt'])}")
+    if m["docs_kept"] == 0:
+        reasons = ", ".join(f"{k}: {v:,}" for k, v in m["docs_skipped"].items()) or "no documents in the input"
+        _fail(f"no usable documents in {', '.join(map(str, inputs))} (skipped: {reasons}); "
+              f"check --text-field ({text_field!r}), --doc-sep and --min-chars")
     if m.get("entity_types"):
         console.print(f"entity mentions: {m['mentions']:,} ({m['entity_tokens']:,} tokens), types {m['entity_types'][1:]}")
 
@@ -148,10 +212,11 @@ def corpus_stats(
 
     try:
         corpus = Corpus(data)
-    except FileNotFoundError as exc:
-        _fail(str(exc))
-    unk = load_tokenizer(data / "vocab.txt").token_to_id("[UNK]") if (data / "vocab.txt").is_file() else None
-    stats = corpus.stats(unk)
+        corpus.verify()
+        unk = load_tokenizer(data / "vocab.txt").token_to_id("[UNK]") if (data / "vocab.txt").is_file() else None
+        stats = corpus.stats(unk)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(_message(exc))
     if as_json:
         print(json.dumps(stats, ensure_ascii=False, indent=2))
         return
@@ -170,12 +235,17 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="Run directory; re-running on it resumes.")],
     max_steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
     save_every: Annotated[Optional[int], typer.Option(help="Override train.save_every.")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: model.KEY=V or train.KEY=V.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: model.KEY=V or train.KEY=V (see `clueforge config show`).")] = None,
+    allow_config_change: Annotated[bool, typer.Option(help="On resume, apply settings that differ from the run's (recorded in its config.json history).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (a periodic log line when stderr is not a terminal).")] = True,
 ) -> None:
-    """Pretrain a BERT-family encoder with (whole-word) masked language modelling."""
+    """Pretrain a BERT-family encoder with (whole-word) masked language modelling.
+
+    The last line printed is a human summary; the machine-readable one is OUT/summary.json."""
     from clueforge.pretrain.config import load_config
     from clueforge.pretrain.loop import pretrain as run, summary_line
+    from clueforge.runs import run_lock
+    from clueforge.utils import atomic_write
 
     _logging()
     overrides = list(set_ or [])
@@ -185,11 +255,27 @@ def pretrain(
         overrides.append(f"train.save_every={save_every}")
     try:
         cfg = load_config(config, overrides)
-        summary = run(cfg, data, out, show_progress=progress and sys.stderr.isatty())
+        with run_lock(out, "pretrain"):
+            summary = run(cfg, data, out, show_progress=progress and sys.stderr.isatty(),
+                          log_progress=progress and not sys.stderr.isatty(), allow_config_change=allow_config_change)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: the newest checkpoint under {out / 'checkpoints'} is kept; "
+                      "run the same command to resume")
+        raise typer.Exit(130) from None
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(_message(exc))
     if os.environ.get("RANK", "0") == "0":
-        print(summary_line(summary))
+        atomic_write(out / "summary.json", summary_line(summary) + "\n")
+        print(_summary_text(summary, out))
+
+
+def _summary_text(summary: dict, out: Path) -> str:
+    """One line a person reads; ``OUT/summary.json`` holds the same for programs."""
+    evals = ""
+    if "eval_loss" in summary:
+        evals = f", held-out MLM loss {summary['eval_loss']:.3f}, accuracy {summary.get('eval_mlm_acc', float('nan')):.3f}"
+    return (f"pretrained {summary['steps']:,} steps ({summary['tokens']:,} tokens){evals} → {summary['final']} "
+            f"(summary: {out / 'summary.json'})")
 
 
 @app.command()
@@ -226,6 +312,13 @@ def quickstart(
     console.print(f"[3/4] pretrained {summary['steps']} steps: held-out MLM loss {summary.get('eval_loss', float('nan')):.3f}, "
                   f"accuracy {summary.get('eval_mlm_acc', float('nan')):.3f} → {summary['final']}")
     _fill_mask_demo(Path(summary["final"]))
+    final = summary["final"]
+    console.print(
+        "next:\n"
+        f"  clueforge corpus stats {corpus_dir}\n"
+        f"  clueforge finetune fewclue-eprstmt --data ../shared/data/tasks/fewclue/eprstmt --model {final} --out {out / 'ft-eprstmt'}\n"
+        f"  clueforge pretrain --config mini --data {corpus_dir} --out {out / 'mini'}   (a larger model)\n"
+        "  clueforge config show tiny   (every setting, for --set)", highlight=False, soft_wrap=True)
 
 
 def _finetune_config(items: list[str] | None, seed: int | None = None):
@@ -239,11 +332,14 @@ def _finetune_config(items: list[str] | None, seed: int | None = None):
         if "=" not in item:
             _fail(f"--set {item!r}: expected key=value")
         k, v = item.split("=", 1)
-        raw[k.strip()] = yaml.safe_load(v)
+        try:
+            raw[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            _fail(f"--set {item!r}: the value is not valid YAML")
     if seed is not None:
         raw["seed"] = seed
     try:
-        return build_dataclass(FinetuneConfig, raw, "--set")
+        return build_dataclass(FinetuneConfig, raw, "--set", overridden=set(raw))
     except ValueError as exc:
         _fail(str(exc))
 
@@ -276,12 +372,15 @@ def finetune(
     from clueforge.finetune.loop import finetune as run
     from clueforge.tasks.io import TaskDataError
 
+    from clueforge.runs import run_lock
+
     _logging()
     cfg = _finetune_config(set_, seed)
     try:
-        res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
+        with run_lock(out, "finetune"):
+            res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(_message(exc))
     print(json.dumps({"task": res["task"], "metric": res["metric"], "checkpoint": res["checkpoint"],
                       "selected_epoch": res["selected_epoch"]}, ensure_ascii=False))
 
@@ -301,7 +400,7 @@ def predict(
     try:
         n = run(task, model, input, out)
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(_message(exc))
     console.print(f"wrote {n} predictions to {out}")
 
 
@@ -337,12 +436,40 @@ def benchmark(
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
     from clueforge.tasks.suite import run_suite
 
+    from clueforge.runs import run_lock
+
     _logging()
+    cfg = _finetune_config(set_)
     try:
-        run_suite(suite, model, data, out, seeds, _finetune_config(set_), show_progress=sys.stderr.isatty())
+        with run_lock(out, "benchmark"):
+            run_suite(suite, model, data, out, seeds, cfg, show_progress=sys.stderr.isatty())
     except KeyError as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(_message(exc))
     print((out / "report.md").read_text(encoding="utf-8"))
+
+
+@config_app.command("show")
+def config_show(
+    name: Annotated[Optional[str], typer.Argument(help="A shipped config (tiny, mini, base) or a YAML file; "
+                                                       "without it: the defaults.")] = None,
+) -> None:
+    """Every setting `--set` accepts: pretraining (model.KEY, train.KEY) and fine-tuning (KEY),
+    with its value and meaning."""
+    from clueforge.finetune.loop import FinetuneConfig
+    from clueforge.model.bert import ModelConfig
+    from clueforge.pretrain.config import PretrainConfig, TrainConfig, field_docs, load_config
+
+    cfg = load_config(name) if name else PretrainConfig()
+    for title, cls, obj, prefix in (("pretrain: model", ModelConfig, cfg.model, "model."),
+                                    ("pretrain: train", TrainConfig, cfg.train, "train."),
+                                    ("finetune (clueforge finetune/benchmark --set KEY=V)", FinetuneConfig,
+                                     FinetuneConfig(), "")):
+        print(f"# {title}")
+        for key, doc in field_docs(cls).items():
+            print(f"{prefix}{key} = {json.dumps(getattr(obj, key), ensure_ascii=False)}")
+            if doc:
+                print(f"    {doc}")
+        print()
 
 
 def _fill_mask_demo(final: Path) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from clueforge.text.normalize import is_probably_binary, normalize, sentence_starts
-from clueforge.utils import atomic_write, sha256_file
+from clueforge.utils import Rule, UserError, atomic_write, sha256_file
 from clueforge.text.segment import POS_ID, Segmenter
 
 log = logging.getLogger("clueforge.corpus")
@@ -88,6 +88,18 @@ class BuildConfig:
     def marks_entities(self) -> bool:
         return bool(self.entities or self.triples)
 
+    def __post_init__(self) -> None:
+        bad = [f"{k}={getattr(self, k)!r} is not allowed: must be {r.describe()}"
+               for k, r in BUILD_RULES.items() if not r.ok(getattr(self, k))]
+        if bad:
+            raise UserError("; ".join(bad))
+
+
+BUILD_RULES = {  # checked when a BuildConfig is made (``--docs-per-shard 0`` would loop forever)
+    "docs_per_shard": Rule(lo=1), "min_chars": Rule(lo=0), "max_line_bytes": Rule(lo=1),
+    "doc_sep": Rule(choices=("line", "blank")),
+}
+
 
 @dataclass
 class RawDoc:
@@ -110,6 +122,8 @@ class ShardStats:
     entity_tokens: int = 0
     mentions: int = 0
     config_hash: str = ""
+    files: dict[str, dict] = field(default_factory=dict)
+    """Channel extension → ``{bytes, sha256}`` of its file: a re-run verifies them before skipping."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,12 +359,17 @@ def process_chunk(shard_dir: str, name: str, docs: list[RawDoc], config_hash: st
     stats.chars = sum(len(t) for t, n in zip(texts, ntok.tolist()) if n)
     stats.sentences = int(np.count_nonzero(flags & SENT_START))
     out = Path(shard_dir)
-    atomic_write(out / f"{name}.ids.u16", ids.astype("<u2").tobytes())
-    atomic_write(out / f"{name}.flags.u8", flags.tobytes())
-    atomic_write(out / f"{name}.pos.u8", pos.astype(np.uint8).tobytes())
+
+    def put(ext: str, data: bytes) -> None:
+        atomic_write(out / f"{name}.{ext}", data)
+        stats.files[ext] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    put("ids.u16", ids.astype("<u2").tobytes())
+    put("flags.u8", flags.tobytes())
+    put("pos.u8", pos.astype(np.uint8).tobytes())
     if ent:
-        atomic_write(out / f"{name}.ent.u32", ent[0].astype("<u4").tobytes())
-        atomic_write(out / f"{name}.etype.u8", ent[1].tobytes())
+        put("ent.u32", ent[0].astype("<u4").tobytes())
+        put("etype.u8", ent[1].tobytes())
         stats.entity_tokens = int(np.count_nonzero(ent[1]))
         stats.mentions = int(np.count_nonzero(flags & ENT_START))
     atomic_write(out / f"{name}.json", json.dumps(asdict(stats), ensure_ascii=False).encode())
@@ -394,7 +413,31 @@ def _chunks(docs: Iterator[RawDoc], size: int) -> Iterator[list[RawDoc]]:
         yield buf
 
 
-def _shard_done(shard_dir: Path, name: str, config_hash: str, with_entities: bool = False) -> dict | None:
+CHANNEL_BYTES = {"ids.u16": 2, "flags.u8": 1, "pos.u8": 1, "ent.u32": 4, "etype.u8": 1}
+
+
+def shard_problem(shard_dir: Path, name: str, stats: dict, exts) -> str | None:
+    """Why a shard's files do not match what was recorded when it was written (``None``: intact).
+    Sizes and sha256 come from the shard's JSON; a shard written before hashes were recorded is
+    checked by size against its token count."""
+    recorded = stats.get("files") or {}
+    for ext in exts:
+        f = shard_dir / f"{name}.{ext}"
+        if not f.is_file():
+            return f"{f.name} is missing"
+        size = f.stat().st_size
+        want = recorded.get(ext, {}).get("bytes", stats.get("tokens", 0) * CHANNEL_BYTES[ext])
+        if size != want:
+            return f"{f.name} has {size:,} bytes, {want:,} recorded"
+        if ext in recorded and sha256_file(f) != recorded[ext]["sha256"]:
+            return f"{f.name}: sha256 differs from the one recorded"
+    return None
+
+
+def _shard_done(shard_dir: Path, name: str, config_hash: str, with_entities: bool = False,
+                rebuilt: list | None = None) -> dict | None:
+    """The stats of a complete, intact shard, else ``None`` (to be built). A shard whose files do
+    not match their recorded sizes/hashes is reported (appended to ``rebuilt``) and rebuilt."""
     meta = shard_dir / f"{name}.json"
     if not meta.is_file():
         return None
@@ -405,9 +448,13 @@ def _shard_done(shard_dir: Path, name: str, config_hash: str, with_entities: boo
     if stats.get("config_hash") != config_hash:
         return None
     exts = ("ids.u16", "flags.u8", "pos.u8") + (("ent.u32", "etype.u8") if with_entities else ())
-    for ext in exts:
-        if not (shard_dir / f"{name}.{ext}").is_file():
-            return None
+    problem = shard_problem(shard_dir, name, stats, exts)
+    if problem is not None:
+        log.warning("shard %s is corrupt (%s): rebuilding it", name, problem)
+        if rebuilt is not None:
+            rebuilt.append(name)
+        meta.unlink(missing_ok=True)
+        return None
     return stats
 
 
@@ -444,6 +491,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
     results: dict[int, dict] = {}
     bytes_total = sum(f.stat().st_size for f in files)
     resumed = 0
+    rebuilt: list[str] = []
 
     def finish(idx: int, stats: dict) -> None:
         results[idx] = stats
@@ -456,7 +504,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         _init_worker(cfg_dict, matcher)  # one process: the automaton built above serves
         for idx, docs in enumerate(chunks):
             name = f"shard-{idx:06d}"
-            done = _shard_done(shard_dir, name, chash, cfg.marks_entities)
+            done = _shard_done(shard_dir, name, chash, cfg.marks_entities, rebuilt)
             if done is None:
                 done = process_chunk(str(shard_dir), name, docs, chash)
             else:
@@ -469,7 +517,7 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(cfg_dict,)) as pool:
             for idx, docs in enumerate(chunks):
                 name = f"shard-{idx:06d}"
-                done = _shard_done(shard_dir, name, chash, cfg.marks_entities)
+                done = _shard_done(shard_dir, name, chash, cfg.marks_entities, rebuilt)
                 if done is not None:
                     resumed += 1
                     finish(idx, done)
@@ -504,8 +552,10 @@ def build_corpus(inputs: list[str | Path], out: str | Path, cfg: BuildConfig, *,
         "mentions": sum(s.get("mentions", 0) for s in ordered),
         "entity_tokens": sum(s.get("entity_tokens", 0) for s in ordered),
         "input_bytes": bytes_total,
-        "shards": [{"name": s["name"], "tokens": s["tokens"], "docs": s["docs_kept"]} for s in ordered],
+        "shards": [{"name": s["name"], "tokens": s["tokens"], "docs": s["docs_kept"],
+                    **({"files": s["files"]} if s.get("files") else {})} for s in ordered],
         "shards_resumed": resumed,
+        "shards_rebuilt": rebuilt,
         "channels": {"ids": "uint16", "flags": "uint8 (1 word start, 2 sentence start, 4 doc start, 8 entity start)",
                      "pos": "uint8", **({"ent": "uint32", "etype": "uint8"} if cfg.marks_entities else {})},
         "entity_types": entity_types,

@@ -53,6 +53,19 @@ class Corpus:
         return Shard(self.names[i], mm("ids.u16", np.dtype("<u2")), mm("flags.u8", np.uint8), mm("pos.u8", np.uint8),
                      mm("ent.u32", np.dtype("<u4")) if has_ent else None, mm("etype.u8", np.uint8) if has_ent else None)
 
+    def verify(self) -> None:
+        """Raise ``ValueError`` naming the first shard file whose size or sha256 differs from the
+        manifest's record (a truncated copy, a disk error): reading it would give wrong tokens."""
+        from clueforge.corpus.build import shard_problem
+
+        has_ent = "ent" in self.manifest.get("channels", {})
+        exts = ("ids.u16", "flags.u8", "pos.u8") + (("ent.u32", "etype.u8") if has_ent else ())
+        for entry in self.manifest["shards"]:
+            problem = shard_problem(self.path / "shards", entry["name"], entry, exts)
+            if problem is not None:
+                raise ValueError(f"{self.path}: shard {entry['name']} is corrupt ({problem}); run `clueforge "
+                                 f"corpus build` with the same arguments again to rebuild it")
+
     @cached_property
     def shards(self) -> list[Shard]:
         return [self.shard(i) for i in range(len(self))]

@@ -30,6 +30,7 @@ from clueforge.model.hf import load_hf_task, read_hf_config, save_hf
 from clueforge.tasks.io import TaskDataError
 from clueforge.tasks.registry import Task, get_task, with_overrides
 from clueforge.text.tokenizer import load_tokenizer, save_tokenizer_files
+from clueforge.utils import UserError, atomic_write
 
 log = logging.getLogger("clueforge.finetune")
 
@@ -43,11 +44,17 @@ class FinetuneConfig:
     lr: float | None = None
     """Peak learning rate (default: the task's)."""
     batch_size: int | None = None
+    """Examples per optimizer step (default: the task's)."""
     max_length: int | None = None
+    """Tokens per example, truncated (default: the task's; at most the model's positions)."""
     seed: int = 42
+    """Seeds initialisation of the head, data order and dropout."""
     warmup_ratio: float = 0.1
+    """Share of the steps spent in linear warm-up, then linear decay to 0."""
     weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
     clip_grad: float = 1.0
+    """Max global gradient norm (0 = off)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (tests, quick runs)."""
     max_train: int | None = None
@@ -55,6 +62,7 @@ class FinetuneConfig:
     max_eval: int | None = None
     """Score only N dev examples (a fixed random subset, the same for every seed)."""
     eval_batch_size: int = 64
+    """Examples per batch when scoring dev."""
     rdrop: float = 0.0
     """R-Drop weight α (0 = off)."""
     fgm: float = 0.0
@@ -68,16 +76,10 @@ class FinetuneConfig:
     dev_file: str | None = None
     """Override the task's dev file name (inside --data)."""
     log_every: int = 20
+    """Steps between lines of metrics.jsonl."""
     select: str = "best"
     """Which weights to keep: ``best`` (the best-on-dev epoch, in ``out/best``) or ``last`` (the
     final epoch, in ``out/last``: a protocol without model selection on dev)."""
-
-    def __post_init__(self) -> None:
-        if self.select not in SELECT:
-            raise ValueError(f"select {self.select!r}: expected one of {SELECT}")
-
-
-SELECT = ("best", "last")
 
 
 def family(task: Task):
@@ -142,6 +144,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     task = with_overrides(get_task(task_name), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                           max_length=cfg.max_length)
     fam = family(task)
+    check_settings(cfg, task, model_dir)  # before any data is read
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -178,6 +181,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     best: dict = {"score": -1.0}
     step = 0
     t0 = time.perf_counter()
+    next_log = t0 + 30.0
 
     def forward_loss(b):
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
@@ -224,6 +228,9 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
                     metrics_f.write(json.dumps({"step": step, "epoch": epoch, "loss": loss.item(),
                                                 "lr": sched.get_last_lr()[0], **parts}) + "\n")
                 progress.update(bar, completed=step, info=f"epoch {epoch} loss {loss.item():.3f}")
+                if not show_progress and time.perf_counter() >= next_log:  # logs, CI, nohup: a line every 30 s
+                    next_log = time.perf_counter() + 30.0
+                    log.info("%s step %d/%d epoch %d loss %.3f", task.name, step, total, epoch, loss.item())
                 if cfg.max_steps and step >= cfg.max_steps:
                     break
             scores = evaluate()
@@ -239,6 +246,8 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     metrics_f.close()
+    if "metrics" not in best:
+        raise UserError(f"{task.name}: no epoch produced a dev score (check --set epochs/max_steps)")
     if cfg.select == "last":
         with ema.applied() if ema else _nullctx():
             save_checkpoint(model, out / "last", model_dir, task, state, last["epoch"])
@@ -251,8 +260,22 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
         "hyperparameters": {**asdict(cfg), "epochs": task.epochs, "lr": task.lr, "batch_size": task.batch_size,
                             "max_length": task.max_length},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    atomic_write(out / "results.json", json.dumps(results, indent=2, ensure_ascii=False))
     return results
+
+
+def check_settings(cfg: FinetuneConfig, task: Task, model_dir: Path) -> None:
+    """Refuse settings that cannot work with this model before any data is read: every field's
+    range (``pretrain.config.validate``), and a ``max_length`` beyond the model's positions."""
+    from clueforge.pretrain.config import validate
+
+    validate(cfg, "fine-tuning settings")
+    model_cfg, _ = read_hf_config(model_dir)
+    if task.max_length > model_cfg.max_position:
+        source = "--set max_length" if cfg.max_length else f"{task.name}'s default max_length"
+        raise UserError(f"{source} {task.max_length} exceeds the model's {model_cfg.max_position} positions "
+                        f"(max_position_embeddings in {model_dir / 'config.json'}); "
+                        f"use --set max_length={model_cfg.max_position} (or less)")
 
 
 class _nullctx:
@@ -267,9 +290,14 @@ def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict,
     fam = family(task)
     meta = {"task": task.name, "max_length": task.max_length, "epoch": epoch,
             **(fam.state_to_json(state) if hasattr(fam, "state_to_json") else {})}
-    save_hf(model, path, vocab=model_dir, extra_config={"clueforge_task": meta})
-    if hasattr(fam, "save_state_files"):
-        fam.save_state_files(state, path)
+    extra = {"clueforge_task": meta}
+    labels = state.get("labels")
+    if labels and getattr(model, "num_labels", None) == len(labels):  # the task's label names, for HF users
+        extra["id2label"] = {str(i): str(lab) for i, lab in enumerate(labels)}
+        extra["label2id"] = {str(lab): i for i, lab in enumerate(labels)}
+    # state files (KgCLUE's kb.tsv) are written inside the temporary directory, before the rename
+    save_hf(model, path, vocab=model_dir, extra_config=extra,
+            extra_files=(lambda tmp: fam.save_state_files(state, tmp)) if hasattr(fam, "save_state_files") else None)
 
 
 def checkpoint_dir(model_dir: str | Path) -> Path:

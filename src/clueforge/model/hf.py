@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clueforge.model.bert import BertForMLM, ModelConfig
+from clueforge.utils import UserError, replace_dir
 
 # ours (per layer: {i}) → HF, relative to the "bert." prefix unless it starts with "cls.".
 _LAYER_MAP = {
@@ -186,20 +187,55 @@ def from_hf_state_dict(model, hf: dict[str, torch.Tensor], *, strict_head: bool 
     return absent
 
 
+def _shard_path(path: Path, name: object, index: Path) -> Path:
+    """A file named by a sharded index, refused unless it is a plain file name inside ``path``."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UserError(f"{index}: weight file {name!r} is outside the model directory; refusing it")
+    full = path / name
+    if path.resolve() not in full.resolve().parents:
+        raise UserError(f"{index}: weight file {name!r} resolves outside the model directory; refusing it")
+    return full
+
+
+def _load_weights_file(f: Path) -> dict[str, torch.Tensor]:
+    """``load_file`` with a truncated or corrupt file reported as the user's problem."""
+    try:
+        return load_file(f)
+    except FileNotFoundError:
+        raise UserError(f"{f} not found") from None
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError on short reads)
+        raise UserError(f"{f} is not a readable safetensors file ({exc}); the download or copy is probably "
+                        f"incomplete") from None
+
+
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(single)
+        return _load_weights_file(single)
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index}: not a valid index (expected a JSON object with weight_map)") from None
+        files = [_shard_path(path, f, index) for f in sorted(set(weight_map.values()), key=str)]
         sd: dict[str, torch.Tensor] = {}
         for f in files:
-            sd.update(load_file(path / f))
+            sd.update(_load_weights_file(f))
         return sd
     legacy = path / "pytorch_model.bin"
     if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{legacy}: refused to load: it holds Python objects beyond tensors, which "
+                            f"weights_only loading does not run ({first[:160]}); convert it to safetensors "
+                            f"with the tool that made it") from None
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise UserError(f"{legacy} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:160]})") from None
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -240,8 +276,11 @@ def load_hf_task(path: str | Path, head: str, num_labels: int):
     return model
 
 
-def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_config: dict | None = None) -> Path:
-    """Write ``out/`` in the HF layout (atomically: a temporary directory renamed at the end)."""
+def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_config: dict | None = None,
+            extra_files=None) -> Path:
+    """Write ``out/`` in the HF layout (atomically: a temporary directory renamed at the end; an old
+    ``out/`` is renamed aside first and removed only once the new one is in place).
+    ``extra_files(tmp)`` writes more files into the directory before the rename."""
     from clueforge.text.tokenizer import save_tokenizer_files
 
     out = Path(out)
@@ -259,9 +298,7 @@ def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_co
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
     if vocab is not None:
         save_tokenizer_files(vocab, tmp, max_length=model.cfg.max_position)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    if extra_files is not None:
+        extra_files(tmp)
+    replace_dir(tmp, out)
     return out

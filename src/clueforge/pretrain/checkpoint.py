@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -28,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from clueforge.model.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from clueforge.pretrain.model import PretrainingModel
-from clueforge.utils import sha256_file
+from clueforge.utils import replace_dir, sha256_file
 
 log = logging.getLogger("clueforge.pretrain")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -109,9 +108,7 @@ def save_checkpoint(root: Path, step: int, model: PretrainingModel, opt: torch.o
              "sha256": {f: sha256_file(tmp / f) for f in files}}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     final = root / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)  # never deletes an existing step-N before the new one is in place
     for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -132,11 +129,16 @@ def verify(path: Path) -> dict:
 
 def latest_valid(root: Path) -> tuple[Path, dict] | None:
     """Newest checkpoint that verifies; corrupt ones are reported and skipped."""
-    for step, path in reversed(list_checkpoints(root)):
+    found = list(reversed(list_checkpoints(root)))
+    for i, (step, path) in enumerate(found):
         try:
             return path, verify(path)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, exc)
+            if i + 1 < len(found):
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, exc)
+            else:
+                log.warning("checkpoint %s is unusable (%s) and there is no earlier one: training restarts "
+                            "from step 0", path, exc)
     return None
 
 

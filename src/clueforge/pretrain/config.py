@@ -12,12 +12,14 @@ depth, so one config fits every model shape (``resolve_layers``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from clueforge.model.bert import ModelConfig
+from clueforge.utils import Rule, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -150,12 +152,12 @@ def resolve_layers(spec: list | None, num_layers: int, where: str = "") -> tuple
         elif isinstance(x, int) or isinstance(x, float) and x.is_integer():
             layer = int(x) if x > 0 else num_layers + 1 + int(x)
         else:
-            raise ValueError(f"train.self_distill_layers entry {x!r}: expected a layer (3), a negative index (-2) "
+            raise UserError(f"train.self_distill_layers entry {x!r}: expected a layer (3), a negative index (-2) "
                              f"or a fraction of the depth (0.5)")
         out.append(layer)
     bad = [x for x, layer in zip(spec or (), out) if not 1 <= layer < num_layers]
     if bad:
-        raise ValueError(f"train.self_distill_layers {bad}: intermediate layers are 1..{num_layers - 1} for a "
+        raise UserError(f"train.self_distill_layers {bad}: intermediate layers are 1..{num_layers - 1} for a "
                          f"{num_layers}-layer model{where}")
     return tuple(out)
 
@@ -169,7 +171,7 @@ def check_curriculum_overrides(train: dict, where: str) -> None:
     clash = [f"{setting} (every stage sets {key})" for key, setting in CURRICULUM_OVERRIDES.items()
              if setting in train and all(key in st for st in stages)]
     if clash:
-        raise ValueError(f"{where}: train.curriculum overrides {', '.join(clash)}: remove them, or leave the key out "
+        raise UserError(f"{where}: train.curriculum overrides {', '.join(clash)}: remove them, or leave the key out "
                          f"of a stage to fall back on the setting")
 
 
@@ -181,21 +183,27 @@ def _resolve_paths(train: dict, base: Path, where: str) -> None:
             continue
         p = (base / v).resolve()
         if not p.exists():
-            raise ValueError(f"{where}: train.{k} {v!r} not found: relative paths in a config file resolve against "
+            raise UserError(f"{where}: train.{k} {v!r} not found: relative paths in a config file resolve against "
                              f"its directory {base} (→ {p}); give an absolute path or one relative to {base}")
         train[k] = str(p)
 
 
-def build_dataclass(cls, d: dict, where: str):
-    """``cls(**d)`` with unknown keys rejected and values coerced to the fields' types."""
+def build_dataclass(cls, d: dict, where: str, *, section: str = "", overridden: frozenset | set = frozenset()):
+    """``cls(**d)`` with unknown keys rejected, values coerced to the fields' types and every field
+    validated (``validate``). A bad value from ``--set`` (a key in ``overridden``) is blamed on it."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+        raise UserError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
     kwargs = {}
     for k, v in d.items():
-        kwargs[k] = _coerce(v, str(known[k].type), f"{where} {k}")
-    return cls(**kwargs)
+        kwargs[k] = _coerce(v, str(known[k].type), f"--set {section}{k}" if k in overridden else f"{where} {k}")
+    try:
+        obj = cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own __post_init__ check
+        raise UserError(f"{where}: {exc}") from None
+    validate(obj, where, section=section, overridden=overridden)
+    return obj
 
 
 def _coerce(v, type_name: str, where: str):
@@ -203,7 +211,7 @@ def _coerce(v, type_name: str, where: str):
     if v is None:
         if "None" in type_name:
             return None
-        raise ValueError(f"{where}: null is not allowed")
+        raise UserError(f"{where}: null is not allowed")
     try:
         if type_name.startswith("tuple"):
             return tuple(float(x) for x in v)
@@ -220,7 +228,7 @@ def _coerce(v, type_name: str, where: str):
                 raise ValueError
             return v
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: {v!r} is not a valid {type_name}") from None
+        raise UserError(f"{where}: {v!r} is not a valid {type_name}") from None
     return v
 
 
@@ -237,14 +245,17 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 def parse_override(item: str) -> tuple[list[str], object]:
     if "=" not in item:
-        raise ValueError(f"--set {item!r}: expected section.key=value")
+        raise UserError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        return key.strip().split("."), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {item!r}: the value is not valid YAML") from None
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     path = resolve_config_path(name_or_path)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping with 'model' and 'train'")
     unknown = sorted(set(raw) - {"model", "train"})
@@ -252,13 +263,156 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         raise ValueError(f"{path}: unknown sections {unknown}; expected 'model' and 'train'")
     raw = {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
     _resolve_paths(raw["train"], path.resolve().parent, str(path))
+    overridden: dict[str, set] = {"model": set(), "train": set()}
     for item in overrides:
         keys, value = parse_override(item)
         if len(keys) != 2 or keys[0] not in raw:
-            raise ValueError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+            raise UserError(f"--set {item!r}: expected model.KEY=VALUE or train.KEY=VALUE")
+        _check_override_key(item, keys[0], keys[1])
         raw[keys[0]][keys[1]] = value
+        overridden[keys[0]].add(keys[1])
     check_curriculum_overrides(raw["train"], str(path))
     return PretrainConfig(
-        model=build_dataclass(ModelConfig, raw["model"], f"{path} [model]"),
-        train=build_dataclass(TrainConfig, raw["train"], f"{path} [train]"),
+        model=build_dataclass(ModelConfig, raw["model"], f"{path} [model]", section="model.",
+                              overridden=overridden["model"]),
+        train=build_dataclass(TrainConfig, raw["train"], f"{path} [train]", section="train.",
+                              overridden=overridden["train"]),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: one table per config class (field → rule), checked whenever a config is built, so a
+# setting that would make training a no-op or nonsense is refused at load time with the field,
+# the value and the allowed range. ``FinetuneConfig`` is listed by name (it lives in finetune/).
+
+
+def _ge(x):
+    return Rule(lo=x)
+
+
+_POS = Rule(lo=0, lo_open=True)  # > 0
+_NONNEG = _ge(0)
+_PROB = Rule(0, 1)  # [0, 1]
+_PROB_HALF_OPEN = Rule(0, 1, hi_open=True)  # [0, 1)
+
+VALIDATION: dict[str, dict[str, Rule]] = {
+    "ModelConfig": {
+        "vocab_size": _ge(1), "hidden_size": _ge(1), "num_layers": _ge(1), "num_heads": _ge(1),
+        "intermediate_size": _ge(1), "max_position": _ge(2), "type_vocab_size": _ge(1),
+        "dropout": _PROB_HALF_OPEN, "attention_dropout": _PROB_HALF_OPEN, "layer_norm_eps": _POS,
+        "initializer_range": _POS, "pad_token_id": _NONNEG,
+    },
+    "TrainConfig": {
+        "seq_len": _ge(4), "batch_size": _ge(1), "grad_accum": _ge(1), "max_steps": _ge(1), "lr": _POS,
+        "min_lr_ratio": _PROB, "warmup_steps": _NONNEG, "schedule": Rule(choices=("linear", "cosine", "constant")),
+        "weight_decay": _NONNEG, "eps": _POS, "clip_grad": _NONNEG,
+        "precision": Rule(choices=("auto", "fp32", "bf16", "fp16")),
+        "masking": Rule(choices=("token", "wwm", "entity", "span", "discourse", "corrective")),
+        "span_p": Rule(0, 1, lo_open=True), "mask_ratio": Rule(0, 1, lo_open=True, hi_open=True),
+        "mask_token_prob": _PROB, "random_token_prob": _PROB, "self_distill_instance": _NONNEG,
+        "self_distill_layer_weight": _NONNEG, "structure_batch_size": _ge(1), "reorder_max_segments": _ge(2),
+        "knowledge_batch_size": _ge(1), "replace_share": _PROB, "log_every": _ge(1), "eval_every": _NONNEG,
+        "eval_batches": _ge(1), "save_every": _ge(1), "keep_checkpoints": _NONNEG, "prefetch": _ge(1),
+        "peak_tflops": _POS,
+    },
+    "FinetuneConfig": {
+        "epochs": _ge(1), "lr": _POS, "batch_size": _ge(1), "max_length": _ge(8), "warmup_ratio": _PROB_HALF_OPEN,
+        "weight_decay": _NONNEG, "clip_grad": _NONNEG, "max_steps": _ge(1), "max_train": _ge(1),
+        "max_eval": _ge(1), "eval_batch_size": _ge(1), "rdrop": _NONNEG, "fgm": _NONNEG, "ema": _PROB_HALF_OPEN,
+        "llrd": Rule(0, 1, lo_open=True), "log_every": _ge(1), "select": Rule(choices=("best", "last")),
+    },
+}
+
+
+def _cross_checks(obj) -> list[tuple[str, object, str]]:
+    """Rules that involve several fields or the items of a collection."""
+    out = []
+    name = type(obj).__name__
+    if name == "TrainConfig":
+        if obj.mask_token_prob + obj.random_token_prob > 1:
+            out.append(("random_token_prob", obj.random_token_prob,
+                        f"≤ 1 - mask_token_prob ({1 - obj.mask_token_prob:g}): the two are shares of the predicted tokens"))
+        if len(obj.betas) != 2 or not all(_PROB_HALF_OPEN.ok(b) for b in obj.betas):
+            out.append(("betas", list(obj.betas), "two numbers in [0, 1)"))
+        for key in ("masking_weights", "structure_weights", "knowledge_weights"):
+            w = getattr(obj, key)
+            if w is not None and (not w or not all(_NONNEG.ok(v) for v in w.values()) or sum(w.values()) <= 0):
+                out.append((key, w, "a mapping of names to weights ≥ 0, not all 0"))
+        if obj.masking_weights:
+            bad = sorted(set(obj.masking_weights) - set(VALIDATION["TrainConfig"]["masking"].choices))
+            if bad:
+                out.append(("masking_weights", obj.masking_weights,
+                            "keys among " + ", ".join(VALIDATION["TrainConfig"]["masking"].choices)))
+    return out
+
+
+def check(obj) -> list[tuple[str, object, str]]:
+    """``(field, value, allowed)`` for every field of ``obj`` that breaks its rule."""
+    rules = VALIDATION.get(type(obj).__name__, {})
+    bad = []
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if v is None:
+            continue
+        rule = rules.get(f.name)
+        if rule is not None and not rule.ok(v):
+            bad.append((f.name, v, rule.describe()))
+        elif rule is None and str(f.type).startswith("str") and not isinstance(v, str):
+            bad.append((f.name, v, "a string"))
+    return bad + _cross_checks(obj)
+
+
+def validate(obj, where: str = "", *, section: str = "", overridden=frozenset()) -> None:
+    """Raise ``UserError`` naming every field of ``obj`` outside its allowed range or choices."""
+    problems = []
+    for key, value, allowed in check(obj):
+        source = "--set " if key in overridden else (f"{where}: " if where else "")
+        problems.append(f"{source}{section}{key}={json.dumps(value, ensure_ascii=False, default=str)} "
+                        f"is not allowed: must be {allowed}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def validate_pretrain(cfg: PretrainConfig) -> None:
+    """Both sections of a pretraining config (for configs built in code, not by ``load_config``)."""
+    validate(cfg.model, section="model.")
+    validate(cfg.train, section="train.")
+
+
+def _read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
+
+
+def _check_override_key(item: str, section: str, key: str) -> None:
+    import difflib
+
+    known = [f.name for f in fields(ModelConfig if section == "model" else TrainConfig)]
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(section + '.' + c for c in close)}?" if close else ""
+        raise UserError(f"--set {item!r}: {section} has no setting {key!r}{hint} "
+                        f"(`clueforge config show` lists them all)")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name → its docstring (the string literal under it in the class body), in order."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    out: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            doc = ""
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                doc = " ".join(nxt.value.value.split())
+            out[node.target.id] = doc
+    return out

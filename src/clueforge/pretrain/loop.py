@@ -34,6 +34,7 @@ from clueforge.pretrain.config import PretrainConfig, resolve_layers
 from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
 from clueforge.pretrain.masking import DEFAULT_CONNECTIVES, Curriculum, MaskingConfig
 from clueforge.pretrain.model import PretrainingModel, mlm_objective
+from clueforge.utils import UserError, atomic_write
 
 log = logging.getLogger("clueforge.pretrain")
 
@@ -115,7 +116,7 @@ class MetricsWriter:
                     continue
                 if rec.get("step", 0) <= resume_step:
                     keep.append(line)
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            atomic_write(self.path, "".join(k + "\n" for k in keep))
         try:
             from tensorboardX import SummaryWriter
 
@@ -168,7 +169,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
     if t.init_from:
         model = load_hf(t.init_from)
         if model.cfg.vocab_size != vocab_size:
-            raise ValueError(f"{t.init_from}: vocab size {model.cfg.vocab_size} ≠ corpus vocab {vocab_size}")
+            raise UserError(f"{t.init_from}: vocab size {model.cfg.vocab_size} ≠ corpus vocab {vocab_size}")
         if model.cfg.num_layers != cfg.model.num_layers or model.cfg.hidden_size != cfg.model.hidden_size:
             log.info("train.init_from %s: the model shape comes from the checkpoint (%d layers, hidden %d), not the "
                      "config's model section", t.init_from, model.cfg.num_layers, model.cfg.hidden_size)
@@ -178,7 +179,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
     where = f" (the model of train.init_from {t.init_from})" if t.init_from else ""
     sd_layers = resolve_layers(t.self_distill_layers, cfg.model.num_layers, where)
     if t.seq_len > cfg.model.max_position:
-        raise ValueError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}{where}")
+        raise UserError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}{where}")
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
     return model, sd_layers
 
@@ -194,7 +195,7 @@ def build_objectives(cfg: PretrainConfig, corpus: Corpus, tok, specials: dict) -
 
         unknown = sorted(set(t.structure_weights) - set(OBJECTIVES))
         if unknown:
-            raise ValueError(f"train.structure_weights: unknown objectives {unknown}; known: {OBJECTIVES}")
+            raise UserError(f"train.structure_weights: unknown objectives {unknown}; known: {OBJECTIVES}")
         structure = StructureData(corpus, specials, t.seq_len, t.reorder_max_segments, shards=train_shards)
     knowledge = None
     if t.knowledge_weights:
@@ -203,9 +204,9 @@ def build_objectives(cfg: PretrainConfig, corpus: Corpus, tok, specials: dict) -
 
         unknown = sorted(set(t.knowledge_weights) - set(KNOWLEDGE_OBJECTIVES))
         if unknown:
-            raise ValueError(f"train.knowledge_weights: unknown objectives {unknown}; known: {KNOWLEDGE_OBJECTIVES}")
+            raise UserError(f"train.knowledge_weights: unknown objectives {unknown}; known: {KNOWLEDGE_OBJECTIVES}")
         if "triple_mlm" in t.knowledge_weights and not t.knowledge_triples:
-            raise ValueError("train.knowledge_weights.triple_mlm needs train.knowledge_triples (a triple file)")
+            raise UserError("train.knowledge_weights.triple_mlm needs train.knowledge_triples (a triple file)")
         knowledge = KnowledgeData(corpus, tok, specials, t.seq_len,
                                   triples=load_triples(t.knowledge_triples) if t.knowledge_triples else None,
                                   replace_share=t.replace_share, mask_ratio=t.mask_ratio, shards=train_shards)
@@ -258,10 +259,18 @@ def evaluate_mlm(model: BertForMLM, protocols: dict, eval_rows, t, accelerator) 
     return res
 
 
-def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True) -> dict:
-    """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary."""
+def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True,
+             log_progress: bool = False, allow_config_change: bool = False) -> dict:
+    """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary.
+
+    ``log_progress``: a progress log line every 30 s (for logs, CI, nohup: no bar there).
+    ``allow_config_change``: on resume, apply (and record) settings that differ from the run's;
+    without it only ``runs.PRETRAIN_MUTABLE`` settings may change."""
     from accelerate import Accelerator
 
+    from clueforge.pretrain.config import validate_pretrain
+
+    validate_pretrain(cfg)
     from clueforge.model.hf import save_hf
     from clueforge.text.tokenizer import load_tokenizer, special_ids
 
@@ -311,12 +320,12 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
             log.warning("resuming a %d-process run with %d processes: data order changes", state["world_size"], world)
         ckpt.load_checkpoint(path, state, model, optimizer, rank)
         scheduler.load_state_dict(state["scheduler"])
+        _apply_optimizer_settings(optimizer, scheduler, t)  # a change allowed on resume takes effect
         start_step, tokens_seen = state["step"], state["tokens"]
         log.info("resumed from %s (step %d)", path, start_step)
     else:
         torch.manual_seed(t.seed + 1 + rank)  # dropout differs per rank
-    if main:
-        (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "data": str(data)}, indent=2))
+    _write_run_config(out, cfg, data, found, start_step, allow_config_change, write=main)  # every rank checks
 
     model, optimizer = accelerator.prepare(model, optimizer)
     if found is not None and accelerator.scaler is not None and "scaler" in state:
@@ -339,6 +348,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         return evaluate_mlm(raw_model.mlm, {"eval": (collate, [t.seed, 2]), "eval_fixed": (fixed_collate, [FIXED_EVAL_SEED, 3])},
                             eval_rows, t, accelerator)
 
+    next_log = [time.perf_counter() + 30.0]
     flops_tok = flops_per_token(cfg.model, t.seq_len, mlm_fraction=t.mask_ratio)  # useful work: the head runs on masked tokens only
     peak = (t.peak_tflops * 1e12) if t.peak_tflops else measure_peak_flops(
         device, torch.bfloat16 if accelerator.mixed_precision == "bf16" and device.type == "cuda" else torch.float32)
@@ -435,6 +445,10 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     metrics.write(rec)
                     progress.update(task, completed=step, rate=f"{tps:,.0f} tok/s",
                                     info=f"loss {rec['loss']:.3f} acc {rec['mlm_acc']:.3f}")
+                    if log_progress and main and (time.perf_counter() >= next_log[0] or step == t.max_steps):
+                        next_log[0] = time.perf_counter() + 30.0
+                        log.info("step %d/%d loss %.3f acc %.3f %s tok/s", step, t.max_steps, rec["loss"],
+                                 rec["mlm_acc"], f"{tps:,.0f}")
                     window = new_window()
                 else:
                     progress.update(task, completed=step)
@@ -465,6 +479,42 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     summary = {"steps": step, "tokens": tokens_seen, "final": str(out / "final"), "state_sha": digest, **last_eval}
     accelerator.end_training()
     return summary
+
+
+def _apply_optimizer_settings(optimizer, scheduler, t) -> None:
+    """A checkpoint's optimizer/scheduler state carries its lr, betas, eps and weight decay: put
+    the config's back (a no-op when they are unchanged; refused changes never get here)."""
+    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    for i, g in enumerate(optimizer.param_groups):
+        g["initial_lr"] = t.lr
+        g["betas"], g["eps"] = tuple(t.betas), t.eps
+        if i == 0:  # the decayed group (see ``param_groups``)
+            g["weight_decay"] = t.weight_decay
+
+
+def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_step: int, allow: bool,
+                      write: bool = True) -> None:
+    """``out/config.json``: the config that trains from now on, plus the history of changes made on
+    resume. A resume whose settings differ from the checkpoint's is refused unless the change is
+    allowed (``runs.check_resume_config``); the file is written atomically."""
+    from clueforge.runs import check_resume_config
+    from clueforge.utils import atomic_write
+
+    path = out / "config.json"
+    history = []
+    if path.is_file():
+        try:
+            history = json.loads(path.read_text()).get("history", [])
+        except (json.JSONDecodeError, AttributeError):
+            history = []
+    if found is not None and "config" in found[1]:
+        record = check_resume_config(found[1]["config"], cfg.to_dict(), allow=allow, at_step=start_step)
+        if record is not None:
+            for k, v in record["changes"].items() if write else ():
+                log.warning("resume at step %d: %s changed %r → %r", start_step, k, v["from"], v["to"])
+            history.append(record)
+    if write:
+        atomic_write(path, json.dumps({"config": cfg.to_dict(), "data": str(data), "history": history}, indent=2))
 
 
 def summary_line(summary: dict) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from clueforge.finetune.loop import FinetuneConfig, finetune
 from clueforge.tasks.registry import SUITES, get_task
 from clueforge.tasks.submit import task_dir
+from clueforge.utils import atomic_write
 
 # Published dev numbers (ANCHORS.md): BERT-base-chinese on CLUE 1.1 dev; PET on FewCLUE
 # (RoBERTa-wwm-ext, test_public); KgCLUE RoBERTa-wwm-ext 3-layer baseline (online score).
@@ -64,8 +65,8 @@ def run_suite(suite: str, model: str | Path, data_root: str | Path, out: str | P
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
               "config": {k: v for k, v in vars(cfg).items()}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(out / "report.md", report_markdown(report))
     return report
 
 
