@@ -50,8 +50,10 @@ def test_select_keeps_the_chosen_epoch(tiny_bert, tmp_path, select):
 
 
 def test_unknown_select_is_refused():
-    with pytest.raises(ValueError, match="select 'first'"):
-        FinetuneConfig(select="first")
+    from clueforge.pretrain.config import build_dataclass
+
+    with pytest.raises(ValueError, match='select="first" is not allowed: must be one of'):
+        build_dataclass(FinetuneConfig, {"select": "first"}, "--set", overridden={"select"})
 
 
 def test_warmup_clipping_and_eval_batches_take_effect(tiny_bert, tmp_path, monkeypatch):
