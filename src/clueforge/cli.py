@@ -311,6 +311,8 @@ def submit(
     out: Annotated[Optional[Path], typer.Option(help="Zip to write (default: PREDICTIONS/submission.zip).")] = None,
 ) -> None:
     """Validate prediction files against the test files (names, ids, order, labels) and zip them."""
+    from rich.markup import escape
+
     from clueforge.tasks.io import TaskDataError
     from clueforge.tasks.submit import submit as run
 
@@ -320,10 +322,10 @@ def submit(
     except TaskDataError as exc:
         _fail(str(exc))
     for note in check.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if check.problems:
         for p in check.problems[:50]:
-            console.print(f"[red]✗[/] {p}")
+            console.print(f"[red]✗[/] {escape(p)}", soft_wrap=True)
         if len(check.problems) > 50:
             console.print(f"… and {len(check.problems) - 50} more")
         _fail(f"{len(check.problems)} problem(s); nothing zipped")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,27 @@ def expected_suite_files() -> dict[str, tuple[str, ...]]:
     return {"CLUE 1.1": tuple(TASKS[n].submission for n in SUITES["clue1.1"]),
             "FewCLUE": tuple(f"{s}.json" for s in few),
             "FewCLUE five-split": tuple(f"{s}_{k}.json" for s in few for k in FEWCLUE_SPLITS)}
+
+
+def _expected_names(name: str) -> list[str]:
+    """The official names a wrong ``name`` most likely meant: same task stem (a known stem it
+    shortens, or the longest one it extends, else the most similar), same five-split suffix."""
+    stem, _, rest = name.partition("_predict")
+    m = re.fullmatch(r"_([0-4]|all)\.json", rest)
+    split = m.group(1) if m else None
+    stems = {t.submission.removesuffix("_predict.json"): t for t in TASKS.values()}
+    if stem in stems:
+        close = [stem]
+    elif longer := sorted((k for k in stems if k.startswith(stem)), key=len):
+        close = longer
+    elif shorter := [k for k in stems if stem.startswith(k)]:
+        close = [max(shorter, key=len)]
+    else:
+        ratio = {k: difflib.SequenceMatcher(None, stem, k).ratio() for k in stems}
+        best = max(ratio.values())
+        close = sorted((k for k, r in ratio.items() if r >= max(0.6, best - 0.05)), key=lambda k: -ratio[k])
+    few = {k for k in close if stems[k].name.startswith("fewclue-")}
+    return [f"{k}_predict_{split}.json" if split and k in few else f"{k}_predict.json" for k in close]
 
 
 def _rows(path: Path, as_object: bool):
@@ -165,7 +187,7 @@ def check_submission(pred_dir: Path, data_root: Path) -> SubmissionCheck:
         if f.is_file() and f.name in known:
             check.files.append(f)
         elif f.is_file() and "_predict" in f.name:
-            close = difflib.get_close_matches(f.name, list(known), n=2, cutoff=0.75)
+            close = _expected_names(f.name)
             hint = (f"expected {' or '.join(close)}" if close else
                     f"known: {', '.join(t.submission for t in TASKS.values())}, and FewCLUE's "
                     f"<name>_predict_{{0..4,all}}.json")
