@@ -410,18 +410,26 @@ def submit(
     data: Annotated[Path, typer.Option(help="Root holding the tasks' test files.")],
     out: Annotated[Optional[Path], typer.Option(help="Zip to write (default: PREDICTIONS/submission.zip).")] = None,
 ) -> None:
-    """Validate prediction files against the test files (names, ids, labels) and zip them."""
-    from clueforge.tasks.submit import validate_and_zip
+    """Validate prediction files against the test files (names, ids, order, labels) and zip them."""
+    from rich.markup import escape
+
+    from clueforge.tasks.io import TaskDataError
+    from clueforge.tasks.submit import submit as run
 
     _logging()
-    zip_path, problems = validate_and_zip(predictions, data, out)
-    if problems:
-        for p in problems[:50]:
-            console.print(f"[red]✗[/] {p}")
-        if len(problems) > 50:
-            console.print(f"… and {len(problems) - 50} more")
-        _fail(f"{len(problems)} problem(s); nothing zipped")
-    console.print(f"all files valid → {zip_path}")
+    try:
+        zip_path, check = run(predictions, data, out)
+    except TaskDataError as exc:
+        _fail(str(exc))
+    for note in check.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    if check.problems:
+        for p in check.problems[:50]:
+            console.print(f"[red]✗[/] {escape(p)}", soft_wrap=True)
+        if len(check.problems) > 50:
+            console.print(f"… and {len(check.problems) - 50} more")
+        _fail(f"{len(check.problems)} problem(s); nothing zipped")
+    console.print(f"{len(check.files)} file(s) valid → {zip_path}")
 
 
 @app.command()

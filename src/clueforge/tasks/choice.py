@@ -166,3 +166,16 @@ def submission(task: Task, examples: list[dict], preds: list, state: dict):
         return {e["id"]: int(p) for e, p in zip(examples, preds)}
     key = task.label_field
     return [{"id": e["id"], key: int(p)} for e, p in zip(examples, preds)]
+
+
+def check_prediction(task: Task, row, example: dict, state: dict) -> str | None:
+    """Why a submission row (CHID's CLUE format: the bare answer) cannot be scored, or ``None``."""
+    if task.fmt == "chid_clue":
+        value, key = row, "answer"
+    elif task.label_field not in row:
+        return f"no {task.label_field!r}"
+    else:
+        value, key = row[task.label_field], task.label_field
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(example["choices"])):
+        return f"{key} {value!r} is not a candidate index (0..{len(example['choices']) - 1})"
+    return None

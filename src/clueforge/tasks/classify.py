@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from clueforge.tasks.io import TaskDataError, field, pad_features, read_jsonl
 from clueforge.tasks.metrics import accuracy
-from clueforge.tasks.registry import Task
+from clueforge.tasks.registry import Task, resolve_file
 from clueforge.text.normalize import normalize
 
 HEAD = "sequence"
@@ -52,7 +52,7 @@ def prepare(task: Task, data_dir: Path, cfg=None) -> dict:
     """The label list (fixed, ``labels_all.txt``, or train ∪ dev) and label descriptions."""
     state = {"labels": label_set(task, data_dir), "descs": {}}
     desc = task.extra.get("desc_field")
-    train = data_dir / task.files["train"]
+    train = resolve_file(task, data_dir / task.files["train"])
     if desc and train.is_file():
         for _, o in read_jsonl(train):
             if desc in o and task.label_field in o:
@@ -71,6 +71,7 @@ def state_from_json(meta: dict, model_dir: Path) -> dict:
 def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
     labels = state["labels"]
     examples = []
+    path = resolve_file(task, path)
     for lineno, obj in read_jsonl(path):
         ex_id = obj.get(task.id_field, obj.get("id", obj.get("idx")))
         if ex_id is None:  # CLUE train/dev files of some tasks carry no ids; test files must
@@ -107,7 +108,7 @@ def label_set(task: Task, data_dir: Path) -> list[str]:
         return [x.strip() for x in listed.read_text(encoding="utf-8").splitlines() if x.strip()]
     seen = set()
     for split in ("train", "dev"):
-        f = data_dir / task.files[split]
+        f = resolve_file(task, data_dir / task.files[split])
         if f.is_file():
             seen.update(str(o[task.label_field]) for _, o in read_jsonl(f) if task.label_field in o)
     return sorted(seen)
@@ -153,3 +154,13 @@ def submission(task: Task, examples: list[dict], preds: list, state: dict) -> li
             row[task.extra["desc_field"]] = descs[p]
         rows.append(row)
     return rows
+
+
+def check_prediction(task: Task, row: dict, example: dict, state: dict) -> str | None:
+    """Why a submission row cannot be scored, or ``None``."""
+    if task.label_field not in row:
+        return f"no {task.label_field!r}"
+    labels = state.get("labels")
+    if labels is not None and str(row[task.label_field]) not in labels:
+        return f"label {row[task.label_field]!r} is not in the label set"
+    return None

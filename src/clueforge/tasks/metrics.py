@@ -1,9 +1,18 @@
-"""Task metrics: accuracy, the official CMRC2018 EM/F1, entity-level NER P/R/F1, KgCLUE EM/F1."""
+"""Task metrics, each the official scorer's formula.
+
+- accuracy (classification, choice);
+- CMRC2018/DRCD: the official EM and F1, reported separately (the leaderboard ranks by EM);
+- MSRA NER: entity-level micro P/R/F1 over ``(type, start, end)`` spans;
+- CLUENER: the official ``score.py`` — per type, F1 over the entity *strings* of each line (the
+  keys of its label dict), then the macro average over the 10 types;
+- KgCLUE: the official ``evaluate_f1_em.py`` — lower-case and collapse whitespace, EM, and
+  F1 = 2·LCS/(|a| + |b|) with LCS the longest common character subsequence; Score = 0.5·EM + 0.5·F1,
+  all on the answer's tail (``O``).
+"""
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 # The official CMRC2018 evaluation's punctuation list, kept as a list of strings on purpose: its
 # membership test is per character, so the two-character entry "……" never matches a single "…".
@@ -80,7 +89,7 @@ def cmrc_scores(preds: list[str], golds: list[list[str]]) -> dict[str, float]:
     n = max(1, len(golds))
     em = sum(cmrc_em(p, g) for p, g in zip(preds, golds)) / n
     f1 = sum(cmrc_f1(p, g) for p, g in zip(preds, golds)) / n
-    return {"em": 100 * em, "f1": 100 * f1, "avg": 100 * (em + f1) / 2}
+    return {"em": 100 * em, "f1": 100 * f1}
 
 
 def bio_spans(tags: list[str]) -> set[tuple[str, int, int]]:
@@ -97,27 +106,76 @@ def bio_spans(tags: list[str]) -> set[tuple[str, int, int]]:
 
 
 def entity_prf(pred: list[list[str]], gold: list[list[str]]) -> dict[str, float]:
-    tp = n_pred = n_gold = 0
-    for p, g in zip(pred, gold):
-        ps, gs = bio_spans(p), bio_spans(g)
-        tp += len(ps & gs)
-        n_pred += len(ps)
-        n_gold += len(gs)
+    """Entity-level micro P/R/F1 of BIO tag sequences (MSRA NER)."""
+    return span_prf([bio_spans(p) for p in pred], [bio_spans(g) for g in gold])
+
+
+CLUENER_TYPES = ("address", "book", "company", "game", "government", "movie", "name", "organization", "position",
+                 "scene")
+
+
+def cluener_scores(pred: list[dict], gold: list[dict], types=CLUENER_TYPES) -> dict[str, float]:
+    """The official CLUENER ``score.py``: ``pred``/``gold`` are label dicts ``{type: {entity: spans}}``
+    per line; per type, an entity string of a line counts once (TP if the gold line has it, else
+    FP; a gold string not predicted is an FN); P, R, F1 per type (0 where undefined, where the
+    official script divides by zero); ``macro_f1`` is their mean over the types."""
+    out, total = {}, 0.0
+    for kind in types:
+        tp = fp = fn = 0
+        for p, g in zip(pred, gold):
+            ps, gs = set((p or {}).get(kind, {})), set((g or {}).get(kind, {}))
+            tp += len(ps & gs)
+            fp += len(ps - gs)
+            fn += len(gs - ps)
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[f"f1_{kind}"] = 100 * f1
+        total += f1
+    return {"macro_f1": 100 * total / len(types), **out}
+
+
+def span_prf(pred: list[set], gold: list[set]) -> dict[str, float]:
+    """Micro P/R/F1 over sets of ``(type, start, end)`` spans per example."""
+    tp = sum(len(p & g) for p, g in zip(pred, gold))
+    n_pred, n_gold = sum(map(len, pred)), sum(map(len, gold))
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gold if n_gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1}
 
 
+def kgclue_normalize(text: str) -> str:
+    """The official KgCLUE ``normalize``: lower-cased, whitespace runs collapsed to one space."""
+    return " ".join(str(text).lower().split())
+
+
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings (what ``pylcs.lcs`` computes)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if ca == cb else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def kgclue_f1(pred: str, gold: str) -> float:
+    """The official ``f1_sim``: 2·LCS/(|a| + |b|); two empty strings score 0."""
+    if not pred and not gold:
+        return 0.0
+    return 2 * lcs_length(pred, gold) / (len(pred) + len(gold))
+
+
 def kgclue_scores(preds: list[str], golds: list[str]) -> dict[str, float]:
-    """KgCLUE: EM on the answer (tail) string and character-level F1, averaged."""
+    """KgCLUE's official EM, F1 and Score (0.5·EM + 0.5·F1) on the answers' tails, normalised."""
     em = f1 = 0.0
     for p, g in zip(preds, golds):
-        p, g = p.strip(), g.strip()
+        p, g = kgclue_normalize(p), kgclue_normalize(g)
         em += float(p == g)
-        common = sum((Counter(p) & Counter(g)).values())
-        if common:
-            pr, rc = common / len(p), common / len(g)
-            f1 += 2 * pr * rc / (pr + rc)
+        f1 += kgclue_f1(p, g)
     n = max(1, len(golds))
-    return {"em": 100 * em / n, "f1": 100 * f1 / n, "avg": 100 * (em + f1) / (2 * n)}
+    return {"em": 100 * em / n, "f1": 100 * f1 / n, "score": 100 * (0.5 * em + 0.5 * f1) / n}

@@ -3,7 +3,11 @@ CLUENER (JSON lines ``{text, label: {type: {entity: [[start, end], ...]}}}``), B
 
 Characters are fed to the tokenizer as pre-split words, so every character keeps its own label;
 the first sub-token of a character carries it (a character without tokens, e.g. a space, is
-predicted ``O``). Scored by entity-level precision, recall and F1.
+predicted ``O``). MSRA is scored by entity-level micro precision, recall and F1 over spans.
+CLUENER is scored the official way (``score.py``): per type, F1 over the entity strings of each
+line, macro-averaged over the 10 types (``macro_f1``, the headline); the span-level micro F1
+(``span_f1``) is reported beside it. Both take the gold from the label dicts as given (nested or
+overlapping gold entities included), not from the BIO tags built for training.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from clueforge.tasks.io import TaskDataError, field, pad_features, read_jsonl
-from clueforge.tasks.metrics import bio_spans, entity_prf
+from clueforge.tasks.metrics import CLUENER_TYPES, bio_spans, cluener_scores, entity_prf, span_prf
 from clueforge.tasks.registry import Task
 
 HEAD = "token"
@@ -62,9 +66,10 @@ def _load_cluener(path: Path, labels: set[str], with_labels: bool) -> list[dict]
     out = []
     for lineno, obj in read_jsonl(path):
         text = field(obj, "text", path, lineno)
-        tags = None
+        tags = gold = None
         if with_labels:
             tags = ["O"] * len(text)
+            gold = field(obj, "label", path, lineno, (dict,))
             for kind, ents in field(obj, "label", path, lineno, (dict,)).items():
                 if f"B-{kind}" not in labels:
                     raise TaskDataError(f"{path}:{lineno}: unknown entity type {kind!r}")
@@ -75,7 +80,7 @@ def _load_cluener(path: Path, labels: set[str], with_labels: bool) -> list[dict]
                         tags[s] = f"B-{kind}"
                         for k in range(s + 1, e + 1):
                             tags[k] = f"I-{kind}"
-        out.append({"id": obj.get("id", len(out)), "chars": list(text), "tags": tags, "line": lineno})
+        out.append({"id": obj.get("id", len(out)), "chars": list(text), "tags": tags, "gold": gold, "line": lineno})
     return out
 
 
@@ -129,14 +134,31 @@ def decode(task: Task, logits: list[np.ndarray], features: list[dict], examples:
 
 
 def score(task: Task, preds: list, examples: list[dict]) -> dict[str, float]:
-    return entity_prf(preds, [e["tags"] for e in examples])
+    if task.fmt != "cluener":
+        return entity_prf(preds, [e["tags"] for e in examples])
+    pred_dicts = [label_dict(e["chars"], tags) for e, tags in zip(examples, preds)]
+    gold_spans = [{(k, s, end) for k, ents in e["gold"].items() for spans in ents.values() for s, end in spans}
+                  for e in examples]
+    span = span_prf([bio_spans(p) for p in preds], gold_spans)
+    return {**cluener_scores(pred_dicts, [e["gold"] for e in examples], CLUENER_TYPES),
+            "span_f1": span["f1"], "span_precision": span["precision"], "span_recall": span["recall"]}
+
+
+def label_dict(chars: list[str], tags: list[str]) -> dict[str, dict[str, list]]:
+    """CLUENER's ``{type: {entity: [[start, end], ...]}}`` of a BIO tag sequence."""
+    label: dict[str, dict[str, list]] = {}
+    for kind, s, end in sorted(bio_spans(tags), key=lambda x: x[1]):
+        label.setdefault(kind, {}).setdefault("".join(chars[s:end + 1]), []).append([s, end])
+    return label
 
 
 def submission(task: Task, examples: list[dict], preds: list, state: dict) -> list[dict]:
-    rows = []
-    for e, tags in zip(examples, preds):
-        label: dict[str, dict[str, list]] = {}
-        for kind, s, end in sorted(bio_spans(tags), key=lambda x: x[1]):
-            label.setdefault(kind, {}).setdefault("".join(e["chars"][s:end + 1]), []).append([s, end])
-        rows.append({"id": e["id"], "label": label})
-    return rows
+    return [{"id": e["id"], "label": label_dict(e["chars"], tags)} for e, tags in zip(examples, preds)]
+
+
+def check_prediction(task: Task, row: dict, example: dict, state: dict) -> str | None:
+    if "label" not in row:
+        return "no 'label'"
+    if not isinstance(row["label"], dict) or not all(isinstance(v, dict) for v in row["label"].values()):
+        return "label must be {type: {entity: [[start, end]]}}"
+    return None

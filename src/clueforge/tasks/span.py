@@ -138,3 +138,7 @@ def score(task: Task, preds: list, examples: list[dict]) -> dict[str, float]:
 
 def submission(task: Task, examples: list[dict], preds: list, state: dict) -> dict:
     return {e["id"]: p for e, p in zip(examples, preds)}
+
+
+def check_prediction(task: Task, value, example: dict, state: dict) -> str | None:
+    return None if isinstance(value, str) else f"answer {value!r} is not a string"

@@ -1,23 +1,37 @@
 """Validate leaderboard prediction files against the official test files, and zip them.
 
-A wrong file name or id scores 0 on the leaderboard, so every problem is reported with the file,
-the id (or line) and what is wrong, before anything is zipped.
+A wrong file name, id or line order scores 0 on the leaderboard, so every problem is reported with
+the file, the line (or id) and what is wrong, before anything is zipped:
+
+- names are the official ones (``registry.submission_names``); a near miss names the expected file;
+- every id of the test file is predicted once, in the test file's order (CLUE scores JSON-lines
+  files by line order, and the KgCLUE and CLUENER scorers zip the lines with the gold);
+- each row's value is checked by its family (``check_prediction``: a label of the label set, a
+  candidate index, a well-formed ``head ||| relation ||| tail``, a label dict).
+
+An incomplete suite is allowed but reported (which CLUE 1.1 / FewCLUE files are missing), as are
+the files the zip leaves out. When validation fails, a ``submission.zip`` left by an earlier run is
+removed, so a stale zip is never mistaken for the current predictions.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
+import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from clueforge.tasks.io import TaskDataError
-from clueforge.tasks.registry import TASKS, Task
+from clueforge.tasks.registry import FEWCLUE_SPLITS, SUITES, TASKS, Task, resolve_file, submission_names
 
 # Where a task's files live under a data root: the official CLUE release names and this project's
 # ../shared/data/tasks layout.
 _FOLDERS = {"msra-ner": ["msra_ner", "msra"], "cluewsc2020": ["cluewsc2020", "cluewsc"], "c3": ["c3"],
             "cmrc2018": ["cmrc2018", "cmrc"], "kgclue": ["kgclue"]}
+ZIP_NAME = "submission.zip"
 
 
 def task_dir(root: Path, task: Task) -> Path | None:
@@ -35,6 +49,40 @@ def task_dir(root: Path, task: Task) -> Path | None:
     return None
 
 
+def leaderboard_files() -> dict[str, Task]:
+    """Every official prediction file name → its task."""
+    return {name: t for t in TASKS.values() for name in submission_names(t)}
+
+
+def expected_suite_files() -> dict[str, tuple[str, ...]]:
+    """The files of a complete submission to each leaderboard."""
+    few = [TASKS[n].submission.removesuffix(".json") for n in SUITES["fewclue"]]
+    return {"CLUE 1.1": tuple(TASKS[n].submission for n in SUITES["clue1.1"]),
+            "FewCLUE": tuple(f"{s}.json" for s in few),
+            "FewCLUE five-split": tuple(f"{s}_{k}.json" for s in few for k in FEWCLUE_SPLITS)}
+
+
+def _expected_names(name: str) -> list[str]:
+    """The official names a wrong ``name`` most likely meant: same task stem (a known stem it
+    shortens, or the longest one it extends, else the most similar), same five-split suffix."""
+    stem, _, rest = name.partition("_predict")
+    m = re.fullmatch(r"_([0-4]|all)\.json", rest)
+    split = m.group(1) if m else None
+    stems = {t.submission.removesuffix("_predict.json"): t for t in TASKS.values()}
+    if stem in stems:
+        close = [stem]
+    elif longer := sorted((k for k in stems if k.startswith(stem)), key=len):
+        close = longer
+    elif shorter := [k for k in stems if stem.startswith(k)]:
+        close = [max(shorter, key=len)]
+    else:
+        ratio = {k: difflib.SequenceMatcher(None, stem, k).ratio() for k in stems}
+        best = max(ratio.values())
+        close = sorted((k for k, r in ratio.items() if r >= max(0.6, best - 0.05)), key=lambda k: -ratio[k])
+    few = {k for k in close if stems[k].name.startswith("fewclue-")}
+    return [f"{k}_predict_{split}.json" if split and k in few else f"{k}_predict.json" for k in close]
+
+
 def _rows(path: Path, as_object: bool):
     """A JSON object (CMRC2018, CHID) or ``(line, object)`` per JSON line."""
     text = path.read_text(encoding="utf-8")
@@ -42,9 +90,9 @@ def _rows(path: Path, as_object: bool):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise TaskDataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+            raise TaskDataError(f"{path.name}:{exc.lineno}: malformed JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
-            raise TaskDataError(f"{path}: expected one JSON object {{id: prediction}}")
+            raise TaskDataError(f"{path.name}: expected one JSON object {{id: prediction}}")
         return obj
     rows = []
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -52,7 +100,7 @@ def _rows(path: Path, as_object: bool):
             try:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+                raise TaskDataError(f"{path.name}:{lineno}: malformed JSON ({exc.msg})") from None
     return rows
 
 
@@ -62,33 +110,29 @@ def validate_file(path: Path, task: Task, data_root: Path) -> list[str]:
     folder = task_dir(data_root, task)
     if folder is None:
         return [f"{path.name}: no test data for {task.name} under {data_root}"]
-    test_files = [folder / f for f in task.files["test"].split(",")]
+    test_files = [resolve_file(task, folder / f) for f in task.files["test"].split(",")]
     missing = [str(f) for f in test_files if not f.is_file()]
     if missing:
         return [f"{path.name}: test file {missing[0]} not found"]
-    from clueforge.finetune.loop import prepare_state
-
-    state = prepare_state(fam, task, folder) if task.family != "kgclue" else {"kb": None}
+    state = fam.prepare(task, folder) if hasattr(fam, "prepare") and task.family != "kgclue" else {}
     examples = [e for f in test_files for e in fam.load(task, f, state, False)]
-    expected = [e["id"] for e in examples]
+    test_name = ",".join(f.name for f in test_files)
     got = _rows(path, as_object=task.family == "span" or task.fmt == "chid_clue")
     problems: list[str] = []
-    if isinstance(got, dict):  # CMRC2018 / CHID: {id: prediction}
-        keys = set(got)
-        for i in expected:
-            if str(i) not in keys:
+    by_id = {e["id"]: e for e in examples}
+    if isinstance(got, dict):  # CMRC2018 / CHID: {id: prediction}, no order
+        by_key = {str(k): e for k, e in by_id.items()}
+        for i in by_id:
+            if str(i) not in got:
                 problems.append(f"{path.name}: id {i}: no prediction")
-        for k in keys - {str(i) for i in expected}:
-            problems.append(f"{path.name}: id {k}: not in the test file")
-        if task.family == "choice":
-            choices = {str(e["id"]): len(e["choices"]) for e in examples}
-            for k, v in got.items():
-                if k in choices and not (isinstance(v, int) and 0 <= v < choices[k]):
-                    problems.append(f"{path.name}: id {k}: answer {v!r} is not a candidate index")
+        for k, v in got.items():
+            if k not in by_key:
+                problems.append(f"{path.name}: id {k}: not in the test file")
+            elif (p := fam.check_prediction(task, v, by_key[k], state)):
+                problems.append(f"{path.name}: id {k}: {p}")
         return problems
     seen: dict = {}
-    by_id = {e["id"]: e for e in examples}
-    labels = state.get("labels")
+    order: list[tuple[int, object]] = []
     for lineno, row in got:
         if not isinstance(row, dict) or "id" not in row:
             problems.append(f"{path.name}:{lineno}: no 'id'")
@@ -99,49 +143,101 @@ def validate_file(path: Path, task: Task, data_root: Path) -> list[str]:
             continue
         if i in seen:
             problems.append(f"{path.name}:{lineno}: id {i!r} predicted twice (first at line {seen[i]})")
-        seen[i] = lineno
-        key = "answer" if task.family == "kgclue" else ("label" if task.family == "ner" else task.label_field)
-        if key not in row:
-            problems.append(f"{path.name}:{lineno}: id {i!r}: no {key!r}")
             continue
-        value = row[key]
-        if task.family == "classify" and labels is not None and str(value) not in labels:
-            problems.append(f"{path.name}:{lineno}: id {i!r}: label {value!r} is not in the label set")
-        elif task.family == "choice" and not (isinstance(value, int) and 0 <= value < len(by_id[i]["choices"])):
-            problems.append(f"{path.name}:{lineno}: id {i!r}: {key} {value!r} is not a choice index")
-        elif task.family == "kgclue" and value and len(value.split("|||")) != 3:
-            problems.append(f"{path.name}:{lineno}: id {i!r}: answer {value!r} is not 'head ||| relation ||| tail'")
-        elif task.family == "ner" and not isinstance(value, dict):
-            problems.append(f"{path.name}:{lineno}: id {i!r}: label must be {{type: {{entity: [[start, end]]}}}}")
-    for i in expected:
-        if i not in seen:
-            problems.append(f"{path.name}: id {i!r}: no prediction")
+        seen[i] = lineno
+        order.append((lineno, i))
+        if (p := fam.check_prediction(task, row, by_id[i], state)):
+            problems.append(f"{path.name}:{lineno}: id {i!r}: {p}")
+    for e in examples:
+        if e["id"] not in seen:
+            problems.append(f"{path.name}: id {e['id']!r}: no prediction")
+    if len(order) == len(examples):  # every id once: check they follow the test file's order
+        wrong = [(k, lineno, i) for k, (lineno, i) in enumerate(order) if i != examples[k]["id"]]
+        if wrong:
+            k, lineno, i = wrong[0]
+            problems.append(f"{path.name}:{lineno}: id {i!r} where {test_name} has id {examples[k]['id']!r} "
+                            f"(record {k + 1}): predictions must follow the test file's order "
+                            f"({len(wrong)} line(s) out of order)")
     return problems
 
 
-def validate_and_zip(pred_dir: Path, data_root: Path, out_zip: Path | None = None) -> tuple[Path, list[str]]:
-    """Check every ``*_predict.json`` in ``pred_dir``; zip them when all are valid."""
-    pred_dir = Path(pred_dir)
-    by_file = {t.submission: t for t in TASKS.values()}
-    files = sorted(p for p in pred_dir.iterdir() if p.name.endswith("_predict.json"))
-    problems: list[str] = []
-    if not files:
-        problems.append(f"{pred_dir}: no *_predict.json files")
-    for f in files:
-        task = by_file.get(f.name)
-        if task is None:
-            problems.append(f"{f.name}: not a leaderboard file name (known: {', '.join(sorted(by_file))})")
+@dataclass
+class SubmissionCheck:
+    files: list[Path] = field(default_factory=list)
+    """Prediction files with official names (what the zip holds)."""
+    problems: list[str] = field(default_factory=list)
+    """Anything that would score 0: nothing is zipped while there is one."""
+    notes: list[str] = field(default_factory=list)
+    """Allowed but worth knowing: missing suite files, ignored files, a removed stale zip."""
+
+
+def check_submission(pred_dir: Path, data_root: Path) -> SubmissionCheck:
+    """Validate every prediction file in ``pred_dir``; say what is missing and what is ignored."""
+    pred_dir, data_root = Path(pred_dir), Path(data_root)
+    if not pred_dir.is_dir():
+        raise TaskDataError(f"{pred_dir}: no such folder of predictions")
+    if not data_root.is_dir():
+        raise TaskDataError(f"--data {data_root}: no such folder (the root holding the tasks' test files)")
+    known = leaderboard_files()
+    check = SubmissionCheck()
+    ignored = []
+    for f in sorted(pred_dir.iterdir()):
+        if f.name == ZIP_NAME or f.name.startswith(ZIP_NAME + ".tmp"):
             continue
+        if f.is_file() and f.name in known:
+            check.files.append(f)
+        elif f.is_file() and "_predict" in f.name:
+            close = _expected_names(f.name)
+            hint = (f"expected {' or '.join(close)}" if close else
+                    f"known: {', '.join(t.submission for t in TASKS.values())}, and FewCLUE's "
+                    f"<name>_predict_{{0..4,all}}.json")
+            check.problems.append(f"{f.name}: not a leaderboard file name; {hint}")
+        else:
+            ignored.append(f.name + ("/" if f.is_dir() else ""))
+    if not check.files and not check.problems:
+        check.problems.append(f"{pred_dir}: no leaderboard prediction files (*_predict.json)")
+    for f in check.files:
         try:
-            problems.extend(validate_file(f, task, data_root))
-        except TaskDataError as exc:
-            problems.append(str(exc))
-    out_zip = Path(out_zip or pred_dir / "submission.zip")
-    if not problems:
-        tmp = out_zip.with_name(out_zip.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
-            for f in files:
-                info = zipfile.ZipInfo(f.name, date_time=(2020, 1, 1, 0, 0, 0))
-                zf.writestr(info, f.read_bytes(), zipfile.ZIP_DEFLATED)
-        tmp.replace(out_zip)
-    return out_zip, problems
+            check.problems.extend(validate_file(f, known[f.name], data_root))
+        except (TaskDataError, FileNotFoundError) as exc:
+            check.problems.append(str(exc))
+    present = {f.name for f in check.files}
+    for suite, names in expected_suite_files().items():
+        have = [n for n in names if n in present]
+        if have and len(have) < len(names):
+            missing = [n for n in names if n not in present]
+            check.notes.append(f"incomplete {suite} submission: {len(have)}/{len(names)} files; missing "
+                               f"{', '.join(missing)}")
+    if ignored:
+        check.notes.append(f"ignored (not leaderboard files, left out of the zip): {', '.join(ignored)}")
+    return check
+
+
+def write_zip(files: list[Path], out_zip: Path) -> Path:
+    """The files under their own names, fixed timestamps, written to a temporary name and renamed."""
+    out_zip = Path(out_zip)
+    tmp = out_zip.with_name(out_zip.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            info = zipfile.ZipInfo(f.name, date_time=(2020, 1, 1, 0, 0, 0))
+            zf.writestr(info, f.read_bytes(), zipfile.ZIP_DEFLATED)
+    tmp.replace(out_zip)
+    return out_zip
+
+
+def submit(pred_dir: Path, data_root: Path, out_zip: Path | None = None) -> tuple[Path, SubmissionCheck]:
+    """Check ``pred_dir``; zip its files when all are valid, else remove a stale zip (noted)."""
+    check = check_submission(pred_dir, data_root)
+    out_zip = Path(out_zip or Path(pred_dir) / ZIP_NAME)
+    if not check.problems:
+        write_zip(check.files, out_zip)
+    elif out_zip.exists():
+        out_zip.unlink()
+        check.notes.append(f"removed the stale {out_zip} (validation failed)")
+    return out_zip, check
+
+
+def validate_and_zip(pred_dir: Path, data_root: Path, out_zip: Path | None = None) -> tuple[Path, list[str]]:
+    """``submit`` returning ``(zip path, problems)``."""
+    out_zip, check = submit(pred_dir, data_root, out_zip)
+    return out_zip, check.problems
