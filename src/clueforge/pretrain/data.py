@@ -9,8 +9,8 @@
   ``perm_e[j]`` at global row positions ``((s·A + a)·W + r)·B …``; each epoch ``e`` has its own
   seeded permutation. Resuming needs nothing but the step; ranks never read the same row.
 - **Masking at collate time** with a generator seeded by ``(seed, step, micro, rank)``, so a
-  resumed run masks exactly as an uninterrupted one. Token or whole-word masking, budget exact in
-  tokens per row, 80/10/10 replacement.
+  resumed run masks exactly as an uninterrupted one. The strategies of ``masking``, budget
+  exact in tokens per row, 80/10/10 replacement decided per masked unit.
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ class Collator:
 
     def __call__(self, rows: list[tuple[int, int, int]], rng: np.random.Generator, progress: float = 0.0
                  ) -> dict[str, np.ndarray]:
+        """Mask ``rows`` with the settings in force at ``progress``; reads but never writes shared
+        state (the prefetch thread and evaluation call it concurrently)."""
         built = [self._row(*r) for r in rows]
         T = max(b[0].ids.size for b in built)
         B = len(built)
@@ -198,24 +200,14 @@ class Collator:
         labels = np.full((B, T), -100, dtype=np.int64)
         attn = np.zeros((B, T), dtype=np.int64)
         docs = np.full((B, T), -1, dtype=np.int64)
-        st = self.settings(progress)
-        self.masker.cfg.span_p = st["span_p"]
+        st = self.settings(progress)  # a fresh value for this batch
         for i, (row, doc) in enumerate(built):
-            ids = row.ids
-            n = ids.size
+            n = row.ids.size
             strategy = pick_strategy(st["weights"], rng)
-            chosen = self.masker.choose(strategy, row, rng, st["ratio"])
-            pos = np.flatnonzero(chosen)
-            labels[i, pos] = ids[pos]
-            masked = ids.copy()
-            r = rng.random(pos.size)
-            to_mask = pos[r < self.m.mask_prob]
-            if strategy == "corrective":
-                to_mask = self._correct(masked, row, chosen, to_mask, rng)
-            masked[to_mask] = self.mask
-            rnd = pos[(r >= self.m.mask_prob) & (r < self.m.mask_prob + self.m.random_prob)]
-            masked[rnd] = self.random_pool[rng.integers(0, self.random_pool.size, rnd.size)]
-            input_ids[i, :n] = masked
+            units = self.masker.choose_units(strategy, row, rng, st["ratio"], st["span_p"])
+            input_ids[i, :n] = self.apply(row, units, strategy, rng)
+            pos = np.flatnonzero(units)
+            labels[i, pos] = row.ids[pos]
             attn[i, :n] = 1
             docs[i, :n] = doc
         batch = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
@@ -223,15 +215,32 @@ class Collator:
             batch["doc_ids"] = docs
         return batch
 
-    def _correct(self, masked: np.ndarray, row: Row, chosen: np.ndarray, to_mask: np.ndarray,
+    def apply(self, row: Row, units: np.ndarray, strategy: str, rng: np.random.Generator) -> np.ndarray:
+        """The model's input for one row: each unit's fate ([MASK] with ``mask_prob``, random
+        tokens with ``random_prob``, else kept) is drawn once for the whole unit; with
+        ``corrective`` a "mask" unit gets a same-POS, same-length real word instead."""
+        masked = row.ids.copy()
+        n_units = int(units.max()) if units.size else 0
+        if n_units == 0:
+            return masked
+        fate = rng.random(n_units)
+        pos = np.flatnonzero(units)
+        f = fate[units[pos] - 1]
+        to_mask = pos[f < self.m.mask_prob]
+        rnd = pos[(f >= self.m.mask_prob) & (f < self.m.mask_prob + self.m.random_prob)]
+        if strategy == "corrective":
+            to_mask = self._correct(masked, row, units, fate < self.m.mask_prob, rng)
+        masked[to_mask] = self.mask
+        masked[rnd] = self.random_pool[rng.integers(0, self.random_pool.size, rnd.size)]
+        return masked
+
+    def _correct(self, masked: np.ndarray, row: Row, units: np.ndarray, is_mask: np.ndarray,
                  rng: np.random.Generator) -> np.ndarray:
-        """MacBERT: write a same-POS, same-length real word over each selected word; positions
-        with no such word fall back to [MASK] (returned)."""
-        sel = np.zeros(masked.size, dtype=bool)
-        sel[to_mask] = True
+        """MacBERT: write a same-POS, same-length real word over each unit whose fate is "mask";
+        positions of units with no such word fall back to [MASK] (returned)."""
         fallback = []
-        for s, n in _groups(np.where(chosen, row.word + 1, 0)):
-            if not sel[s]:
+        for s, n in _groups(units):
+            if not is_mask[units[s] - 1]:
                 continue
             options = self.inventory.get((int(row.pos[s]), n)) if self.inventory else None
             if options is None or len(options) < 2:
