@@ -44,20 +44,90 @@ def _flags(words_per_sentence, doc_starts=(0,)):
     return flags
 
 
+def _row_cost(flags, a, b):
+    """Slots a row [a, b) takes: its tokens, [CLS], the final [SEP], one [SEP] per inner document."""
+    return (b - a) + 2 + int(np.count_nonzero(flags[a + 1:b] & DOC_START))
+
+
 def test_pack_rows_respects_length_documents_and_covers_everything():
     flags = _flags([[2, 3], [4], [1, 1, 1], [6, 6, 6], [2]], doc_starts=(0, 2, 4))
     for pack_docs in (True, False):
         rows = pack_rows(flags, seq_len=10, pack_docs=pack_docs)
         assert rows[0, 0] == 0 and rows[-1, 1] == flags.size and (rows[1:, 0] == rows[:-1, 1]).all()
         for a, b in rows:
-            inner_docs = int(np.count_nonzero(flags[a + 1:b] & DOC_START))
-            assert (b - a) + 2 + inner_docs <= 10
+            assert _row_cost(flags, a, b) <= 10
             if not pack_docs:
-                assert inner_docs == 0
+                assert not np.count_nonzero(flags[a + 1:b] & DOC_START)
     # budget 8 tokens: sentences 0-5 | 5-9 (doc 1), 9-12 | 12-30 (doc 2, cut at 8), 30-32 (doc 3)
     as_list = lambda rows: [tuple(map(int, r)) for r in rows]  # noqa: E731
     assert as_list(pack_rows(flags, 10, pack_docs=False)) == [(0, 5), (5, 9), (9, 12), (12, 20), (20, 28), (28, 30), (30, 32)]
-    assert as_list(pack_rows(flags, 10, pack_docs=True)) == [(0, 5), (5, 12), (12, 20), (20, 28), (28, 32)]
+    # one token stream: full rows ([SEP] before the document at 9 counts), the last one short; the
+    # row (23, 30) stops because the next document's [SEP] and first token do not both fit
+    assert as_list(pack_rows(flags, 10, pack_docs=True)) == [(0, 8), (8, 15), (15, 23), (23, 30), (30, 32)]
+    # with slack, cuts move back to a word start: 8 → 5, 20 → 18 (words 12-18-24-30)
+    assert as_list(pack_rows(flags, 10, True, slack=4)) == [(0, 5), (5, 12), (12, 18), (18, 24), (24, 30), (30, 32)]
+
+
+def test_packed_rows_are_full_cut_at_word_starts_and_keep_flags_meaningful():
+    """Token-stream packing on random shards: every row but a shard's last fills seq_len (or stops
+    at most ``slack`` tokens early, at a word start outside a mention); rows tile the shard; a row
+    that starts mid-sentence has no sentence start on its first token, and discourse masking does
+    not take its first word as sentence-initial."""
+    rng = np.random.default_rng(3)
+    col, _ = _random_collator({"discourse": 1.0})
+    for sh in col.shards:
+        for seq_len in (16, 64, 128):
+            budget, slack = seq_len - 2, (seq_len - 2) // 16
+            rows = pack_rows(sh.flags, seq_len, True, sh.etype)
+            assert rows[0, 0] == 0 and rows[-1, 1] == sh.flags.size and (rows[1:, 0] == rows[:-1, 1]).all()
+            costs = np.array([_row_cost(sh.flags, a, b) for a, b in rows])
+            assert (costs <= seq_len).all()
+            for (a, b), c in zip(rows[:-1], costs[:-1]):
+                if c < seq_len:
+                    assert c >= seq_len - slack - 1, (seq_len, a, b, c)  # -1: a [SEP] + token that did not fit
+                    inside_mention = sh.etype[b] > 0 and not sh.flags[b] & ENT_START
+                    assert sh.flags[b] & WORD_START and not inside_mention or c == budget + 1
+            mid = [(a, b) for a, b in rows if not sh.flags[a] & SENT_START]
+            assert mid, "some sentence must have been split"
+            for a, b in mid:
+                row, _ = col._row(0 if sh is col.shards[0] else col.shards.index(sh), int(a), int(b))
+                assert not row.sent_start[1] and (row.ids[1:-1][row.word[1:-1] >= 0] == sh.ids[a:b]).all()
+                first, _, _ = col.masker.units("discourse", row, rng)
+                if tuple(row.ids[1:3].tolist()) not in col.masker.connectives:
+                    assert all(s != 1 for s, _ in first)
+
+
+def _padding_share(corpus, seq_len, batch_size):
+    """``padding_share`` as the loop logs it, over one epoch of training batches."""
+    idx = build_row_index(corpus, seq_len, True)
+    flags = [np.asarray(sh.flags) for sh in corpus.shards]
+    lens = np.array([_row_cost(flags[s], a, b) for s, (a, b) in zip(idx.shard.tolist(), idx.span.tolist())])
+    assert lens.max() <= seq_len
+    sampler = Sampler(len(idx), batch_size, 1, 1, 0)
+    real = slots = 0
+    for step in range(max(1, len(idx) // batch_size)):
+        rows = lens[sampler.rows(step, 0, 0)]
+        real, slots = real + rows.sum(), slots + rows.max() * batch_size
+    return 1 - real / slots
+
+
+def test_padding_share_on_the_sample(sample_corpus):
+    """The sample is 3 shards and ~60 rows of 64 tokens: the 3 shard-final rows (only they may be
+    short) set the floor here; 0.14 before token-stream packing."""
+    share = _padding_share(Corpus(sample_corpus), 64, 16)
+    assert share < 0.03, share
+
+
+def test_padding_share_under_2_percent_on_a_real_corpus_slice(tmp_path, bert_vocab):
+    from conftest import shared
+
+    from clueforge.corpus.build import BuildConfig, build_corpus
+
+    lines = shared("corpus", "corpus.jsonl").read_text(encoding="utf-8").split("\n")
+    (tmp_path / "slice.jsonl").write_text("\n".join(x for x in lines[::400] if x.strip()) + "\n", encoding="utf-8")
+    build_corpus([tmp_path / "slice.jsonl"], tmp_path / "c", BuildConfig(vocab=str(bert_vocab)))
+    share = _padding_share(Corpus(tmp_path / "c"), 128, 32)
+    assert share < 0.02, share  # 0.16 before token-stream packing
 
 
 def _collator(ratio=0.15, strategy="wwm", vocab=100):

@@ -1,10 +1,11 @@
 """Pretraining data: packed rows from corpus shards, a resumable sampler, a masking collator.
 
-- **Rows.** A row is a contiguous token range ``[start, end)`` of one shard, grown greedily from
-  consecutive sentences up to ``seq_len`` (a sentence longer than a row is cut). With
-  ``pack_docs`` a row may run on into the next document, with a [SEP] at each document start
-  (RoBERTa FULL-SENTENCES); without it a row stays inside one document (DOC-SENTENCES). Rows are
-  computed once from the flag side channel: no padding waste beyond the last row of a batch.
+- **Rows.** A row is a contiguous token range ``[start, end)`` of one shard. With ``pack_docs``
+  the shard is a token stream cut into full rows (RoBERTa FULL-SENTENCES: a row runs on into the
+  next document, with a [SEP] at each document start; the sentence at a row's end is split, at a
+  word start where one is near), so padding is only the last row of each shard; without it a row
+  is whole sentences of one document (DOC-SENTENCES). Rows are computed once from the flag side
+  channel; side channels are read by position, so they stay aligned however a row is cut.
 - **Sampling is a pure function of the step.** Step ``s``, micro-batch ``a``, rank ``r`` read rows
   ``perm_e[j]`` at global row positions ``((s·A + a)·W + r)·B …``; each epoch ``e`` has its own
   seeded permutation. Resuming needs nothing but the step; ranks never read the same row.
@@ -27,12 +28,43 @@ from clueforge.corpus.shards import Corpus
 from clueforge.pretrain.masking import Curriculum, Masker, MaskingConfig, Row, _groups, pick_strategy
 
 
-def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool) -> np.ndarray:
-    """Greedy packing of one shard's sentences into rows. Returns ``(R, 2)`` int64 [start, end)."""
+def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool, etype: np.ndarray | None = None,
+              slack: int | None = None) -> np.ndarray:
+    """Packing of one shard's tokens into rows. Returns ``(R, 2)`` int64 [start, end).
+
+    With ``pack_docs`` the shard is one token stream: each row takes as many tokens as fit
+    (``seq_len`` minus [CLS], the final [SEP] and one [SEP] per document starting inside it), so
+    only a shard's last row is short. The cut falls on the last word start (outside an entity
+    mention when ``etype`` is given) among the final ``slack`` tokens that fit (default
+    ``(seq_len - 2) // 16``), else exactly where the row is full; the sentence there is split, its rest opens the next row (whose first token
+    then carries no sentence-start flag: masking and objectives see it as mid-sentence).
+    Without ``pack_docs`` rows are whole sentences inside one document (a sentence longer than a
+    row is cut).
+    """
     n = flags.size
     if n == 0:
         return np.zeros((0, 2), dtype=np.int64)
     budget = seq_len - 2  # [CLS] ... [SEP]
+    slack = budget // 16 if slack is None else slack
+    if pack_docs:
+        # g[p]: tokens of a row from 0 through p, [SEP]s before the documents starting inside
+        # included (minus a constant); a row [s, e) costs g[e-1] - g[s] + 1
+        doc = np.cumsum((flags & DOC_START) != 0)
+        g = np.arange(n, dtype=np.int64) + doc
+        cut_ok = (flags & WORD_START) != 0
+        if etype is not None:
+            cut_ok &= ~((np.asarray(etype) > 0) & ((flags & ENT_START) == 0))  # not inside a mention
+        rows = []
+        s = 0
+        while s < n:
+            e = int(np.searchsorted(g, g[s] + budget - 1, side="right"))
+            if e < n and not cut_ok[e]:
+                ok = np.flatnonzero(cut_ok[max(s + 1, e - slack + 1):e])
+                if ok.size:
+                    e = max(s + 1, e - slack + 1) + int(ok[-1])
+            rows.append((s, e))
+            s = e
+        return np.asarray(rows, dtype=np.int64)
     starts = np.flatnonzero(flags & SENT_START)
     if starts.size == 0 or starts[0] != 0:
         starts = np.concatenate([[0], starts])
@@ -41,10 +73,10 @@ def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool) -> np.ndarray:
     rows: list[tuple[int, int]] = []
     row_start, row_len = -1, 0
     for s, e, d in zip(starts.tolist(), ends.tolist(), is_doc.tolist()):
-        if row_start >= 0 and d and not pack_docs:
+        if row_start >= 0 and d:
             rows.append((row_start, s))
             row_start, row_len = -1, 0
-        cost = (e - s) + (1 if (d and row_start >= 0) else 0)
+        cost = e - s
         if row_start >= 0 and row_len + cost <= budget:
             row_len += cost
             continue
@@ -74,7 +106,7 @@ class RowIndex:
 def build_row_index(corpus: Corpus, seq_len: int, pack_docs: bool) -> RowIndex:
     shards, spans = [], []
     for i, sh in enumerate(corpus.shards):
-        rows = pack_rows(np.asarray(sh.flags), seq_len, pack_docs)
+        rows = pack_rows(np.asarray(sh.flags), seq_len, pack_docs, None if sh.etype is None else np.asarray(sh.etype))
         shards.append(np.full(len(rows), i, dtype=np.int32))
         spans.append(rows)
     return RowIndex(np.concatenate(shards) if shards else np.zeros(0, np.int32),
