@@ -425,3 +425,34 @@ def test_replacement_shares_per_unit_for_every_strategy(strategy, probs):
         sd = np.sqrt(p * (1 - p) * (sizes ** 2).sum()) / total
         assert abs(tokens[name] / total - p) < 4.5 * sd + 0.003, (name, tokens, 4.5 * sd)
     assert not mixed, mixed[:3]  # one fate per unit
+
+
+def test_collator_calls_from_two_threads_match_sequential_calls():
+    """The prefetch thread (training, early curriculum) and evaluate() (main thread, progress 1)
+    share one collator: a batch must depend only on its own rows, generator and progress."""
+    import sys
+    import threading
+
+    cur = Curriculum([{"at": 0.0, "ratio": 0.3, "span_p": 0.9, "weights": {"span": 1.0}},
+                      {"at": 1.0, "ratio": 0.3, "span_p": 0.05, "weights": {"span": 1.0}}])
+    col, rows = _random_collator({"span": 1.0}, curriculum=cur)
+    rows = rows[:24]
+
+    def run(progress, seeds):
+        return [col(rows, np.random.default_rng(s), progress=progress)["labels"] for s in seeds]
+
+    seeds = range(15)
+    expected = {p: run(p, seeds) for p in (0.0, 1.0)}
+    got = {}
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often
+    try:
+        threads = [threading.Thread(target=lambda p=p: got.__setitem__(p, run(p, seeds))) for p in (0.0, 1.0)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
+    for p in (0.0, 1.0):
+        assert all((a == b).all() for a, b in zip(got[p], expected[p])), p
