@@ -18,7 +18,7 @@ The budget is ``round(ratio · real tokens)`` (at least 1) and is kept exactly: 
 the strategy's priority order, then at random, whenever they still fit; a remainder is filled with
 single tokens outside the strategy's protected units (so an entity mention, a span, a word is
 never split when the budget allows it). No unit ever contains a special token ([CLS], the [SEP]
-between two packed documents, [PAD]); only ``span`` units hold several words, and they stay
+between two packed documents, [PAD]); units of several words (``span``, ``entity``) stay
 inside one document. ``Masker.choose_units`` numbers the units, so that the 80/10/10 fate
 ([MASK] / random / kept) is drawn once per unit: a word, mention or span is never half masked.
 
