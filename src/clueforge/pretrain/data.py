@@ -1,16 +1,17 @@
 """Pretraining data: packed rows from corpus shards, a resumable sampler, a masking collator.
 
-- **Rows.** A row is a contiguous token range ``[start, end)`` of one shard, grown greedily from
-  consecutive sentences up to ``seq_len`` (a sentence longer than a row is cut). With
-  ``pack_docs`` a row may run on into the next document, with a [SEP] at each document start
-  (RoBERTa FULL-SENTENCES); without it a row stays inside one document (DOC-SENTENCES). Rows are
-  computed once from the flag side channel: no padding waste beyond the last row of a batch.
+- **Rows.** A row is a contiguous token range ``[start, end)`` of one shard. With ``pack_docs``
+  the shard is a token stream cut into full rows (RoBERTa FULL-SENTENCES: a row runs on into the
+  next document, with a [SEP] at each document start; the sentence at a row's end is split, at a
+  word start where one is near), so padding is only the last row of each shard; without it a row
+  is whole sentences of one document (DOC-SENTENCES). Rows are computed once from the flag side
+  channel; side channels are read by position, so they stay aligned however a row is cut.
 - **Sampling is a pure function of the step.** Step ``s``, micro-batch ``a``, rank ``r`` read rows
   ``perm_e[j]`` at global row positions ``((s·A + a)·W + r)·B …``; each epoch ``e`` has its own
   seeded permutation. Resuming needs nothing but the step; ranks never read the same row.
 - **Masking at collate time** with a generator seeded by ``(seed, step, micro, rank)``, so a
-  resumed run masks exactly as an uninterrupted one. Token or whole-word masking, budget exact in
-  tokens per row, 80/10/10 replacement.
+  resumed run masks exactly as an uninterrupted one. The strategies of ``masking``, budget
+  exact in tokens per row, 80/10/10 replacement decided per masked unit.
 """
 
 from __future__ import annotations
@@ -27,12 +28,43 @@ from clueforge.corpus.shards import Corpus
 from clueforge.pretrain.masking import Curriculum, Masker, MaskingConfig, Row, _groups, pick_strategy
 
 
-def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool) -> np.ndarray:
-    """Greedy packing of one shard's sentences into rows. Returns ``(R, 2)`` int64 [start, end)."""
+def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool, etype: np.ndarray | None = None,
+              slack: int | None = None) -> np.ndarray:
+    """Packing of one shard's tokens into rows. Returns ``(R, 2)`` int64 [start, end).
+
+    With ``pack_docs`` the shard is one token stream: each row takes as many tokens as fit
+    (``seq_len`` minus [CLS], the final [SEP] and one [SEP] per document starting inside it), so
+    only a shard's last row is short. The cut falls on the last word start (outside an entity
+    mention when ``etype`` is given) among the final ``slack`` tokens that fit (default
+    ``(seq_len - 2) // 16``), else exactly where the row is full; the sentence there is split, its rest opens the next row (whose first token
+    then carries no sentence-start flag: masking and objectives see it as mid-sentence).
+    Without ``pack_docs`` rows are whole sentences inside one document (a sentence longer than a
+    row is cut).
+    """
     n = flags.size
     if n == 0:
         return np.zeros((0, 2), dtype=np.int64)
     budget = seq_len - 2  # [CLS] ... [SEP]
+    slack = budget // 16 if slack is None else slack
+    if pack_docs:
+        # g[p]: tokens of a row from 0 through p, [SEP]s before the documents starting inside
+        # included (minus a constant); a row [s, e) costs g[e-1] - g[s] + 1
+        doc = np.cumsum((flags & DOC_START) != 0)
+        g = np.arange(n, dtype=np.int64) + doc
+        cut_ok = (flags & WORD_START) != 0
+        if etype is not None:
+            cut_ok &= ~((np.asarray(etype) > 0) & ((flags & ENT_START) == 0))  # not inside a mention
+        rows = []
+        s = 0
+        while s < n:
+            e = int(np.searchsorted(g, g[s] + budget - 1, side="right"))
+            if e < n and not cut_ok[e]:
+                ok = np.flatnonzero(cut_ok[max(s + 1, e - slack + 1):e])
+                if ok.size:
+                    e = max(s + 1, e - slack + 1) + int(ok[-1])
+            rows.append((s, e))
+            s = e
+        return np.asarray(rows, dtype=np.int64)
     starts = np.flatnonzero(flags & SENT_START)
     if starts.size == 0 or starts[0] != 0:
         starts = np.concatenate([[0], starts])
@@ -41,10 +73,10 @@ def pack_rows(flags: np.ndarray, seq_len: int, pack_docs: bool) -> np.ndarray:
     rows: list[tuple[int, int]] = []
     row_start, row_len = -1, 0
     for s, e, d in zip(starts.tolist(), ends.tolist(), is_doc.tolist()):
-        if row_start >= 0 and d and not pack_docs:
+        if row_start >= 0 and d:
             rows.append((row_start, s))
             row_start, row_len = -1, 0
-        cost = (e - s) + (1 if (d and row_start >= 0) else 0)
+        cost = e - s
         if row_start >= 0 and row_len + cost <= budget:
             row_len += cost
             continue
@@ -74,7 +106,7 @@ class RowIndex:
 def build_row_index(corpus: Corpus, seq_len: int, pack_docs: bool) -> RowIndex:
     shards, spans = [], []
     for i, sh in enumerate(corpus.shards):
-        rows = pack_rows(np.asarray(sh.flags), seq_len, pack_docs)
+        rows = pack_rows(np.asarray(sh.flags), seq_len, pack_docs, None if sh.etype is None else np.asarray(sh.etype))
         shards.append(np.full(len(rows), i, dtype=np.int32))
         spans.append(rows)
     return RowIndex(np.concatenate(shards) if shards else np.zeros(0, np.int32),
@@ -191,6 +223,8 @@ class Collator:
 
     def __call__(self, rows: list[tuple[int, int, int]], rng: np.random.Generator, progress: float = 0.0
                  ) -> dict[str, np.ndarray]:
+        """Mask ``rows`` with the settings in force at ``progress``; reads but never writes shared
+        state (the prefetch thread and evaluation call it concurrently)."""
         built = [self._row(*r) for r in rows]
         T = max(b[0].ids.size for b in built)
         B = len(built)
@@ -198,24 +232,14 @@ class Collator:
         labels = np.full((B, T), -100, dtype=np.int64)
         attn = np.zeros((B, T), dtype=np.int64)
         docs = np.full((B, T), -1, dtype=np.int64)
-        st = self.settings(progress)
-        self.masker.cfg.span_p = st["span_p"]
+        st = self.settings(progress)  # a fresh value for this batch
         for i, (row, doc) in enumerate(built):
-            ids = row.ids
-            n = ids.size
+            n = row.ids.size
             strategy = pick_strategy(st["weights"], rng)
-            chosen = self.masker.choose(strategy, row, rng, st["ratio"])
-            pos = np.flatnonzero(chosen)
-            labels[i, pos] = ids[pos]
-            masked = ids.copy()
-            r = rng.random(pos.size)
-            to_mask = pos[r < self.m.mask_prob]
-            if strategy == "corrective":
-                to_mask = self._correct(masked, row, chosen, to_mask, rng)
-            masked[to_mask] = self.mask
-            rnd = pos[(r >= self.m.mask_prob) & (r < self.m.mask_prob + self.m.random_prob)]
-            masked[rnd] = self.random_pool[rng.integers(0, self.random_pool.size, rnd.size)]
-            input_ids[i, :n] = masked
+            units = self.masker.choose_units(strategy, row, rng, st["ratio"], st["span_p"])
+            input_ids[i, :n] = self.apply(row, units, strategy, rng)
+            pos = np.flatnonzero(units)
+            labels[i, pos] = row.ids[pos]
             attn[i, :n] = 1
             docs[i, :n] = doc
         batch = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
@@ -223,15 +247,32 @@ class Collator:
             batch["doc_ids"] = docs
         return batch
 
-    def _correct(self, masked: np.ndarray, row: Row, chosen: np.ndarray, to_mask: np.ndarray,
+    def apply(self, row: Row, units: np.ndarray, strategy: str, rng: np.random.Generator) -> np.ndarray:
+        """The model's input for one row: each unit's fate ([MASK] with ``mask_prob``, random
+        tokens with ``random_prob``, else kept) is drawn once for the whole unit; with
+        ``corrective`` a "mask" unit gets a same-POS, same-length real word instead."""
+        masked = row.ids.copy()
+        n_units = int(units.max()) if units.size else 0
+        if n_units == 0:
+            return masked
+        fate = rng.random(n_units)
+        pos = np.flatnonzero(units)
+        f = fate[units[pos] - 1]
+        to_mask = pos[f < self.m.mask_prob]
+        rnd = pos[(f >= self.m.mask_prob) & (f < self.m.mask_prob + self.m.random_prob)]
+        if strategy == "corrective":
+            to_mask = self._correct(masked, row, units, fate < self.m.mask_prob, rng)
+        masked[to_mask] = self.mask
+        masked[rnd] = self.random_pool[rng.integers(0, self.random_pool.size, rnd.size)]
+        return masked
+
+    def _correct(self, masked: np.ndarray, row: Row, units: np.ndarray, is_mask: np.ndarray,
                  rng: np.random.Generator) -> np.ndarray:
-        """MacBERT: write a same-POS, same-length real word over each selected word; positions
-        with no such word fall back to [MASK] (returned)."""
-        sel = np.zeros(masked.size, dtype=bool)
-        sel[to_mask] = True
+        """MacBERT: write a same-POS, same-length real word over each unit whose fate is "mask";
+        positions of units with no such word fall back to [MASK] (returned)."""
         fallback = []
-        for s, n in _groups(np.where(chosen, row.word + 1, 0)):
-            if not sel[s]:
+        for s, n in _groups(units):
+            if not is_mask[units[s] - 1]:
                 continue
             options = self.inventory.get((int(row.pos[s]), n)) if self.inventory else None
             if options is None or len(options) < 2:

@@ -6,20 +6,26 @@ Strategies choose *units* of consecutive tokens that are masked whole:
 token         single tokens (BERT)
 wwm           whole words from the segmentation side channel
 entity        whole entity mentions (corpus built with knowledge files); filled up with words
-span          runs of whole words with geometric length (p = ``span_p``, at most ``span_max`` words)
+span          runs of whole words with geometric length (p = ``span_p``, at most ``span_max`` words);
+              a span may run over a sentence end (SpanBERT) but never over a document end
 discourse     connectives (因为/所以/但是/然而/因此/如果… user-extensible) and sentence-initial words
               first; filled up with words
-corrective    MacBERT: units chosen as ``wwm``, but a masked word is replaced by another real word
-              of the same POS and token length (80%), a random token (10%) or kept (10%)
+corrective    MacBERT: units chosen as ``wwm``, but a unit whose fate is "mask" is replaced by
+              another real word of the same POS and token length ([MASK] when there is none)
 ============  ==================================================================================
 
 The budget is ``round(ratio · real tokens)`` (at least 1) and is kept exactly: units are taken in
 the strategy's priority order, then at random, whenever they still fit; a remainder is filled with
 single tokens outside the strategy's protected units (so an entity mention, a span, a word is
-never split when the budget allows it).
+never split when the budget allows it). No unit ever contains a special token ([CLS], the [SEP]
+between two packed documents, [PAD]); units of several words (``span``, ``entity``) stay
+inside one document. ``Masker.choose_units`` numbers the units, so that the 80/10/10 fate
+([MASK] / random / kept) is drawn once per unit: a word, mention or span is never half masked.
 
 ``Curriculum`` (OBERT): stages ``{at: progress, ratio, span_p, weights}`` interpolated linearly
-over training progress (0 → 1), from easy (single tokens, low ratio) to hard.
+over training progress (0 → 1), from easy (single tokens, low ratio) to hard. The settings in
+force for a batch are values passed down (``ratio``, ``span_p`` arguments): nothing writes them
+back into a shared config, so a prefetch thread and evaluation never see each other's settings.
 """
 
 from __future__ import annotations
@@ -83,12 +89,15 @@ def _groups(labels: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _take(units: list[tuple[int, int]], budget: int, chosen: np.ndarray) -> int:
-    """Greedily add units that fit and do not overlap; returns the budget left."""
+    """Greedily add units that fit and do not overlap, numbering them in ``chosen`` (0 = free)
+    from ``chosen.max() + 1``; returns the budget left."""
+    k = int(chosen.max()) if chosen.size else 0
     for s, n in units:
         if budget == 0:
             break
         if n <= budget and not chosen[s:s + n].any():
-            chosen[s:s + n] = True
+            k += 1
+            chosen[s:s + n] = k
             budget -= n
     return budget
 
@@ -98,8 +107,10 @@ class Masker:
         self.cfg = cfg
         self.connectives = set(connective_ids or [])
 
-    def units(self, strategy: str, row: Row, rng: np.random.Generator) -> tuple[list, list, np.ndarray]:
-        """``(priority units, other units, protected positions)`` for a strategy."""
+    def units(self, strategy: str, row: Row, rng: np.random.Generator, span_p: float | None = None
+              ) -> tuple[list, list, np.ndarray]:
+        """``(priority units, other units, protected positions)`` for a strategy; units are
+        ``(start, length)`` runs of real tokens (never a special token, never two documents)."""
         words = _groups(row.word + 1)
         rng.shuffle(words)
         real = row.word >= 0
@@ -113,37 +124,52 @@ class Masker:
             rng.shuffle(mentions)
             return mentions, words, row.mention > 0
         if strategy == "discourse":
-            first = [(s, n) for s, n in words if row.sent_start[s] or (s > 0 and row.word[s - 1] < 0)]
+            first = [(s, n) for s, n in words if row.sent_start[s]]  # a row may start mid-sentence
             conn = [(s, n) for s, n in words if tuple(row.ids[s:s + n].tolist()) in self.connectives]
             seen = set(conn)
             return conn + [u for u in first if u not in seen], words, real
         if strategy == "span":
+            p = self.cfg.span_p if span_p is None else span_p
             order = sorted(_groups(row.word + 1))
+            # the words of one run of real tokens (between two specials): one document
+            segment = np.cumsum(~real)[[s for s, _ in order]] if order else np.zeros(0, np.int64)
+            seg_end = np.searchsorted(segment, segment, side="right")  # first word of the next segment
             spans = []
             for k in rng.permutation(len(order)):
-                length = min(int(rng.geometric(self.cfg.span_p)), self.cfg.span_max, len(order) - k)
+                length = min(int(rng.geometric(p)), self.cfg.span_max, int(seg_end[k]) - k)
                 s = order[k][0]
                 e = order[k + length - 1][0] + order[k + length - 1][1]
                 spans.append((s, e - s))
             return spans, words, real
         raise ValueError(f"unknown masking strategy {strategy!r}")
 
-    def choose(self, strategy: str, row: Row, rng: np.random.Generator, ratio: float | None = None) -> np.ndarray:
+    def choose_units(self, strategy: str, row: Row, rng: np.random.Generator, ratio: float | None = None,
+                     span_p: float | None = None) -> np.ndarray:
+        """``(T,)`` unit number of each position to predict (1, 2, …; 0 = not predicted).
+
+        ``ratio`` and ``span_p`` are this batch's values (curriculum); ``None`` takes the config's.
+        """
         real = row.word >= 0
-        chosen = np.zeros(row.word.size, dtype=bool)
+        chosen = np.zeros(row.word.size, dtype=np.int64)
         n_real = int(real.sum())
         if n_real == 0:
             return chosen
         ratio = self.cfg.ratio if ratio is None else ratio
         budget = min(n_real, max(1, int(round(ratio * n_real))))
-        first, rest, protected = self.units(strategy, row, rng)
+        first, rest, protected = self.units(strategy, row, rng, span_p)
         left = _take(first, budget, chosen)
         left = _take(rest, left, chosen)
         if left:  # exact budget: single tokens, outside protected units first
-            free = np.flatnonzero(real & ~chosen)
+            free = np.flatnonzero(real & (chosen == 0))
             order = np.concatenate([rng.permutation(free[~protected[free]]), rng.permutation(free[protected[free]])])
-            chosen[order[:left]] = True
+            k = int(chosen.max())
+            chosen[order[:left]] = np.arange(k + 1, k + 1 + left)
         return chosen
+
+    def choose(self, strategy: str, row: Row, rng: np.random.Generator, ratio: float | None = None,
+               span_p: float | None = None) -> np.ndarray:
+        """``(T,)`` bool: the positions to predict."""
+        return self.choose_units(strategy, row, rng, ratio, span_p) > 0
 
 
 def pick_strategy(weights: dict[str, float], rng: np.random.Generator) -> str:
