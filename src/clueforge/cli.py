@@ -7,6 +7,7 @@
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
     clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--set key=value ...]
     clueforge predict TASK --model DIR --input FILE --out FILE
+    clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
     clueforge tasks                           the task registry
@@ -48,7 +49,7 @@ def _logging(verbose: bool = False) -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 
@@ -302,6 +303,33 @@ def predict(
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
         _fail(str(exc).strip("'\""))
     console.print(f"wrote {n} predictions to {out}")
+
+
+@app.command()
+def zeroshot(
+    task: Annotated[str, typer.Argument(help="Task name (see `clueforge tasks`).")],
+    model: Annotated[Path, typer.Option(help="A clueforge or local Hugging Face BERT masked-LM directory.")],
+    input: Annotated[str, typer.Option(help="The task's file in its official format (comma-separated for several).")],
+    out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
+    template: Annotated[Optional[str], typer.Option(help="Template name (default: the first for the task).")] = None,
+    calibration: Annotated[str, typer.Option(help="none, pmi (÷ P(word | empty input)) or contextual (Zhao et al. 2021).")] = "none",
+    prompts: Annotated[Optional[Path], typer.Option(help="A prompt YAML file to use instead of the shipped prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 64,
+) -> None:
+    """Predict with a template and verbalizer through the MLM head, no training; scores labelled input."""
+    from rich.markup import escape
+
+    from clueforge.prompts.spec import PromptError
+    from clueforge.prompts.zeroshot import zeroshot as run
+    from clueforge.tasks.io import TaskDataError
+
+    _logging()
+    try:
+        res = run(task, model, input, out, template, calibration, prompts, batch_size)
+    except (PromptError, KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
+        _fail(escape(str(exc).strip("'\"")))  # messages quote [MASK], which rich would read as markup
+    console.print(f"wrote {res['examples']} predictions to {out} ({res['examples_per_s']} examples/s)")
+    print(json.dumps(res, ensure_ascii=False))
 
 
 @app.command()
