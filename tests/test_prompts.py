@@ -208,6 +208,11 @@ def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(tmp_path):
             res = zeroshot("fewclue-eprstmt", tmp_path / "mlm", str(data / "dev.json"), tmp_path / f"{name}.json",
                            template=name, calibration=cal, prompts=prompts)
             acc[name, cal] = res["metric"]["accuracy"]
+    for precision in ("bf16", "int8"):  # the CPU inference paths keep the answer
+        res = zeroshot("fewclue-eprstmt", tmp_path / "mlm", str(data / "dev.json"), None, template="right",
+                       prompts=prompts, precision=precision)
+        acc["right", precision] = res["metric"]["accuracy"]
+        assert acc["right", precision] >= 90, acc
     print(acc, f"{time.perf_counter() - t0:.1f}s")
     for cal in ("none", "pmi", "contextual"):
         assert acc["right", cal] >= 90, acc

@@ -315,6 +315,7 @@ def zeroshot(
     calibration: Annotated[str, typer.Option(help="none, pmi (÷ P(word | empty input)) or contextual (Zhao et al. 2021).")] = "none",
     prompts: Annotated[Optional[Path], typer.Option(help="A prompt YAML file to use instead of the shipped prompts.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 64,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or int8 (CPU inference paths).")] = "fp32",
 ) -> None:
     """Predict with a template and verbalizer through the MLM head, no training; scores labelled input."""
     from rich.markup import escape
@@ -325,7 +326,7 @@ def zeroshot(
 
     _logging()
     try:
-        res = run(task, model, input, out, template, calibration, prompts, batch_size)
+        res = run(task, model, input, out, template, calibration, prompts, batch_size, precision=precision)
     except (PromptError, KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
         _fail(escape(str(exc).strip("'\"")))  # messages quote [MASK], which rich would read as markup
     console.print(f"wrote {res['examples']} predictions to {out} ({res['examples_per_s']} examples/s)")

@@ -20,6 +20,7 @@ import torch
 
 from clueforge.model.bert import BertForMLM
 from clueforge.model.hf import from_hf_state_dict, read_hf_config, read_hf_weights
+from clueforge.model.inference import optimize_for_inference
 from clueforge.prompts.score import PromptEncoder, calibrate, score_examples, slots_of, words_of
 from clueforge.prompts.spec import SLOTS, check_for_task, pick, templates_for
 from clueforge.tasks.io import TaskDataError
@@ -59,9 +60,10 @@ def load_examples(task, fam, paths: list[Path], state: dict) -> tuple[list[dict]
 
 def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: str | Path | None,
              template: str | None = None, calibration: str = "none", prompts: str | Path | None = None,
-             batch_size: int = 64, max_length: int | None = None, model=None) -> dict:
+             batch_size: int = 64, max_length: int | None = None, model=None, precision: str = "fp32") -> dict:
     """Predict ``input_file`` (comma-separated for several) zero-shot; write ``out_file`` if given.
-    Returns ``{task, template, calibration, examples, seconds, examples_per_s, metric?}``."""
+    ``precision``: fp32, bf16 or int8 (``clueforge.model.inference``). Returns ``{task, template,
+    calibration, examples, seconds, examples_per_s, metric?}``."""
     from clueforge.finetune.loop import prepare_state, write_submission
 
     task = get_task(task_name)
@@ -72,7 +74,7 @@ def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: s
     t = pick(templates_for(task, prompts), template)
     check_for_task(t, task, labels)
     tok = load_tokenizer(model_dir)
-    model = model if model is not None else load_mlm(model_dir)
+    model = optimize_for_inference(model if model is not None else load_mlm(model_dir), precision)
     enc = PromptEncoder(tok, t, max_length or task.max_length)
     examples, labelled = load_examples(task, fam, paths, state)
     t0 = time.perf_counter()
