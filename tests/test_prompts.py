@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clueforge.finetune.loop import FinetuneConfig, finetune, predict
 from clueforge.model.bert import BertForMLM, ModelConfig
 from clueforge.model.hf import save_hf
 from clueforge.prompts.score import PromptEncoder, calibrate, example_rows, score_examples
@@ -157,14 +157,19 @@ def _synthetic(rng: random.Random, n: int) -> list[tuple[str, bool]]:
     return out
 
 
-@pytest.mark.slow
-def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(tmp_path):
-    """A tiny MLM trained for seconds on "<phrase>。很满意" (positive) / "<phrase>。不满意" (negative)
-    classifies held-out phrases zero-shot through the prompt; the swapped verbalizer does not."""
-    t0 = time.perf_counter()
+PROMPTS = ("tasks: [fewclue-eprstmt]\ntemplates:\n"
+           "  right:\n    pattern: '{sentence}。[MASK]满意'\n    verbalizer: {Negative: 不, Positive: 很}\n"
+           "  swapped:\n    pattern: '{sentence}。[MASK]满意'\n    verbalizer: {Negative: 很, Positive: 不}\n")
+
+
+@pytest.fixture(scope="module")
+def synthetic_mlm(tmp_path_factory):
+    """A tiny MLM trained for seconds on "<phrase>。很满意" (positive phrases) / "<phrase>。不满意"
+    (negative), an EPRSTMT-format folder of held-out phrases (train: 32, dev: 200) and a prompt file."""
+    tmp = tmp_path_factory.mktemp("synthetic")
     rng = random.Random(0)
     torch.manual_seed(0)
-    vocab = _tiny_vocab(tmp_path, POS + NEG + FILL + "。很不满意")
+    vocab = _tiny_vocab(tmp, POS + NEG + FILL + "。很不满意")
     tok = load_tokenizer(vocab)
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, num_layers=2, num_heads=4,
                       intermediate_size=128, max_position=32, dropout=0.0, attention_dropout=0.0)
@@ -191,34 +196,71 @@ def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(tmp_path):
             opt.zero_grad()
     finally:
         torch.set_num_threads(threads)
-    save_hf(model, tmp_path / "mlm", vocab=vocab)
-    held_out = _synthetic(random.Random(1), 200)
-    data = tmp_path / "eprstmt"
+    save_hf(model, tmp / "mlm", vocab=vocab)
+    data = tmp / "eprstmt"
     data.mkdir()
-    (data / "dev.json").write_text("".join(json.dumps({"id": i, "sentence": s, "label": "Positive" if p else "Negative"},
-                                                      ensure_ascii=False) + "\n" for i, (s, p) in enumerate(held_out)))
-    prompts = tmp_path / "prompts.yaml"
-    prompts.write_text("tasks: [fewclue-eprstmt]\ntemplates:\n"
-                       "  right:\n    pattern: '{sentence}。[MASK]满意'\n    verbalizer: {Negative: 不, Positive: 很}\n"
-                       "  swapped:\n    pattern: '{sentence}。[MASK]满意'\n    verbalizer: {Negative: 很, Positive: 不}\n",
-                       encoding="utf-8")
+    for split, n, seed in (("train", 32, 2), ("dev", 200, 1), ("test", 50, 3)):
+        rows = [{"id": i, "sentence": s, "label": "Positive" if p else "Negative"}
+                for i, (s, p) in enumerate(_synthetic(random.Random(seed), n))]
+        if split == "test":
+            rows = [{"id": r["id"], "sentence": r["sentence"]} for r in rows]
+        (data / f"{split}.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    prompts = tmp / "prompts.yaml"
+    prompts.write_text(PROMPTS, encoding="utf-8")
+    return tmp / "mlm", data, prompts
+
+
+@pytest.mark.slow
+def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(synthetic_mlm, tmp_path):
+    """Zero-shot through the prompt classifies held-out phrases; the swapped verbalizer does not."""
+    mlm, data, prompts = synthetic_mlm
     acc = {}
     for name in ("right", "swapped"):
         for cal in ("none", "pmi", "contextual"):
-            res = zeroshot("fewclue-eprstmt", tmp_path / "mlm", str(data / "dev.json"), tmp_path / f"{name}.json",
+            res = zeroshot("fewclue-eprstmt", mlm, str(data / "dev.json"), tmp_path / f"{name}.json",
                            template=name, calibration=cal, prompts=prompts)
             acc[name, cal] = res["metric"]["accuracy"]
     for precision in ("bf16", "int8"):  # the CPU inference paths keep the answer
-        res = zeroshot("fewclue-eprstmt", tmp_path / "mlm", str(data / "dev.json"), None, template="right",
+        res = zeroshot("fewclue-eprstmt", mlm, str(data / "dev.json"), None, template="right",
                        prompts=prompts, precision=precision)
         acc["right", precision] = res["metric"]["accuracy"]
         assert acc["right", precision] >= 90, acc
-    print(acc, f"{time.perf_counter() - t0:.1f}s")
+    print(acc)
     for cal in ("none", "pmi", "contextual"):
         assert acc["right", cal] >= 90, acc
         assert acc["swapped", cal] <= 10, acc
     rows = [json.loads(x) for x in (tmp_path / "right.json").read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(200)) and {r["label"] for r in rows} <= {"Positive", "Negative"}
+
+
+@pytest.mark.slow
+def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(synthetic_mlm, tmp_path):
+    """PET on 32 examples through the loop: far above chance on dev; with the swapped verbalizer and
+    the same few steps it stays below chance (the prompt's prior is what few-shot reuses). The
+    checkpoint keeps template and verbalizer: ``predict`` writes the submission from it alone."""
+    mlm, data, prompts = synthetic_mlm
+    acc = {}
+    for name in ("right", "swapped"):
+        cfg = FinetuneConfig(method="pet", template=name, prompts=str(prompts), epochs=2, batch_size=16, lr=1e-4,
+                             warmup_ratio=0.0)
+        res = finetune("fewclue-eprstmt", data, mlm, tmp_path / name, cfg, show_progress=False)
+        acc[name] = res["metric"]["accuracy"]
+    print(acc)
+    assert acc["right"] >= 90 and acc["swapped"] <= 40, acc
+    meta = json.loads((tmp_path / "right" / "best" / "config.json").read_text())["clueforge_task"]
+    assert meta["method"] == "pet" and meta["prompt"]["verbalizer"] == {"Negative": "不", "Positive": "很"}
+    out = tmp_path / "eprstmtf_predict.json"
+    assert predict("fewclue-eprstmt", tmp_path / "right" / "best", data / "test.json", out) == 50
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(50)) and {r["label"] for r in rows} <= {"Positive", "Negative"}
+
+
+def test_pet_refuses_candidate_tasks():
+    from clueforge.finetune.loop import family, with_method
+
+    fam = with_method(family(get_task("fewclue-chid")), FinetuneConfig(method="pet"))
+    with pytest.raises(ValueError, match="fixed verbalizer"):
+        fam.prepare(get_task("fewclue-chid"), Path("."))
 
 
 def test_pick_unknown_template_names_the_known_ones():

@@ -5,7 +5,7 @@
     clueforge corpus build INPUT... --out DIR --vocab vocab.txt [--workers N]
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
-    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--set key=value ...]
+    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet] [--set key=value ...]
     clueforge predict TASK --model DIR --input FILE --out FILE
     clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
     clueforge submit DIR --data DIR
@@ -272,13 +272,14 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    method: Annotated[str, typer.Option(help="finetune (a new head) or pet (the MLM head through a template; --set template=NAME).")] = "finetune",
 ) -> None:
     """Fine-tune on a task; dev scores each epoch; keep the best checkpoint."""
     from clueforge.finetune.loop import finetune as run
     from clueforge.tasks.io import TaskDataError
 
     _logging()
-    cfg = _finetune_config(set_, seed)
+    cfg = _finetune_config(list(set_ or []) + [f"method={method}"], seed)
     try:
         res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:

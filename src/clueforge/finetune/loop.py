@@ -67,6 +67,12 @@ class FinetuneConfig:
     dev_file: str | None = None
     """Override the task's dev file name (inside --data)."""
     log_every: int = 20
+    method: str = "finetune"
+    """``finetune`` (a new task head) or ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``)."""
+    template: str | None = None
+    """PET: the template's name (default: the task's first)."""
+    prompts: str | None = None
+    """PET: a prompt YAML file instead of the shipped prompts."""
 
 
 def family(task: Task):
@@ -77,6 +83,24 @@ def prepare_state(fam, task: Task, data: Path, cfg=None) -> dict:
     """What a family needs beyond its examples (labels, a knowledge base); families without such
     state (choice, span) define no ``prepare``."""
     return fam.prepare(task, data, cfg) if hasattr(fam, "prepare") else {}
+
+
+def with_method(fam, cfg: FinetuneConfig):
+    """The family the loop drives for ``cfg.method``: the task's own, or it seen through a prompt."""
+    if cfg.method == "finetune":
+        return fam
+    if cfg.method == "pet":
+        from clueforge.prompts.pet import PetFamily
+
+        return PetFamily(fam, template_name=cfg.template, prompts=cfg.prompts)
+    raise ValueError(f"method {cfg.method!r}: expected finetune or pet")
+
+
+def load_model(fam, model_dir: Path, state: dict, tok):
+    """The task model: a new head on the encoder, or the family's own (PET keeps the MLM head)."""
+    if hasattr(fam, "load_model"):
+        return fam.load_model(model_dir, state, tok)
+    return load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state))
 
 
 def _num_labels(fam, state: dict) -> int:
@@ -130,7 +154,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     data, model_dir, out = Path(data), Path(model_dir), Path(out)
     task = with_overrides(get_task(task_name), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                           max_length=cfg.max_length)
-    fam = family(task)
+    fam = with_method(family(task), cfg)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -149,7 +173,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     _, raw_cfg = read_hf_config(model_dir)
     if "clueforge_task" in raw_cfg and raw_cfg["clueforge_task"]["task"] != task.name:
         log.info("%s was fine-tuned for %s: its head is replaced", model_dir, raw_cfg["clueforge_task"]["task"])
-    model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state)).to(device)
+    model = load_model(fam, model_dir, state, tok).to(device)
     steps_per_epoch = math.ceil(len(train_f) / task.batch_size)
     total = steps_per_epoch * task.epochs
     if cfg.max_steps:
@@ -223,7 +247,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
                 best = {"score": scores[task.metric], "epoch": epoch, "metrics": scores}
                 ctx = ema.applied() if ema else _nullctx()
                 with ctx:
-                    save_checkpoint(model, out / "best", model_dir, task, state)
+                    save_checkpoint(model, out / "best", model_dir, task, state, fam)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     metrics_f.close()
@@ -246,8 +270,8 @@ class _nullctx:
         return False
 
 
-def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict) -> None:
-    fam = family(task)
+def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict, fam=None) -> None:
+    fam = fam or family(task)
     meta = {"task": task.name, "max_length": task.max_length,
             **(fam.state_to_json(state) if hasattr(fam, "state_to_json") else {})}
     save_hf(model, path, vocab=model_dir, extra_config={"clueforge_task": meta})
@@ -267,8 +291,12 @@ def load_finetuned(model_dir: str | Path, task_name: str):
     task = with_overrides(get_task(task_name), max_length=meta.get("max_length"))
     fam = family(task)
     state = fam.state_from_json(meta, model_dir) if hasattr(fam, "state_from_json") else {}
-    model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state))
-    return task, fam, state, model, load_tokenizer(model_dir)
+    if meta.get("method") == "pet":
+        from clueforge.prompts.pet import PetFamily
+
+        fam, state = PetFamily.from_meta(fam, meta, model_dir)
+    tok = load_tokenizer(model_dir)
+    return task, fam, state, load_model(fam, model_dir, state, tok), tok
 
 
 def predict(task_name: str, model_dir: str | Path, input_file: str | Path, out_file: str | Path,
