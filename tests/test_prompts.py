@@ -225,6 +225,11 @@ def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(synthetic_mlm, t
                        prompts=prompts, precision=precision)
         acc["right", precision] = res["metric"]["accuracy"]
         assert acc["right", precision] >= 90, acc
+    both = tmp_path / "both.yaml"  # --template all: two right templates, their distributions averaged
+    both.write_text(PROMPTS.split("  swapped:")[0] + "  sum:\n    pattern: '{sentence}。[MASK]满意'\n"
+                    "    verbalizer: {Negative: 不, Positive: 很}\n    score: sum\n", encoding="utf-8")
+    res = zeroshot("fewclue-eprstmt", mlm, str(data / "dev.json"), None, template="all", prompts=both)
+    assert res["template"] == "right,sum" and res["metric"]["accuracy"] >= 90, res
     print(acc)
     for cal in ("none", "pmi", "contextual"):
         assert acc["right", cal] >= 90, acc
@@ -241,7 +246,7 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     mlm, data, prompts = synthetic_mlm
     acc = {}
     for name in ("right", "swapped"):
-        cfg = FinetuneConfig(method="pet", template=name, prompts=str(prompts), epochs=2, batch_size=16, lr=1e-4,
+        cfg = FinetuneConfig(method="pet", template=name, prompts=str(prompts), epochs=2, batch_size=16, lr=1e-4, max_eval=100,
                              warmup_ratio=0.0)
         res = finetune("fewclue-eprstmt", data, mlm, tmp_path / name, cfg, show_progress=False)
         acc[name] = res["metric"]["accuracy"]

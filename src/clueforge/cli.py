@@ -312,7 +312,7 @@ def zeroshot(
     model: Annotated[Path, typer.Option(help="A clueforge or local Hugging Face BERT masked-LM directory.")],
     input: Annotated[str, typer.Option(help="The task's file in its official format (comma-separated for several).")],
     out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
-    template: Annotated[Optional[str], typer.Option(help="Template name (default: the first for the task).")] = None,
+    template: Annotated[Optional[str], typer.Option(help="Template name (default: the first for the task); 'all' ensembles them.")] = None,
     calibration: Annotated[str, typer.Option(help="none, pmi (÷ P(word | empty input)) or contextual (Zhao et al. 2021).")] = "none",
     prompts: Annotated[Optional[Path], typer.Option(help="A prompt YAML file to use instead of the shipped prompts.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 64,

@@ -62,7 +62,7 @@ def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: s
              template: str | None = None, calibration: str = "none", prompts: str | Path | None = None,
              batch_size: int = 64, max_length: int | None = None, model=None, precision: str = "fp32") -> dict:
     """Predict ``input_file`` (comma-separated for several) zero-shot; write ``out_file`` if given.
-    ``precision``: fp32, bf16 or int8 (``clueforge.model.inference``). Returns ``{task, template,
+    ``template="all"`` ensembles every template of the task. ``precision``: fp32, bf16 or int8 (``clueforge.model.inference``). Returns ``{task, template,
     calibration, examples, seconds, examples_per_s, metric?}``."""
     from clueforge.finetune.loop import prepare_state, write_submission
 
@@ -71,24 +71,30 @@ def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: s
     paths = [Path(p) for p in str(input_file).split(",")]
     state = prepare_state(fam, task, paths[0].parent)
     labels = state.get("labels")
-    t = pick(templates_for(task, prompts), template)
-    check_for_task(t, task, labels)
+    templates = templates_for(task, prompts)
+    chosen = templates if template == "all" else [pick(templates, template)]
+    for t in chosen:
+        check_for_task(t, task, labels)
     tok = load_tokenizer(model_dir)
     model = optimize_for_inference(model if model is not None else load_mlm(model_dir), precision)
-    enc = PromptEncoder(tok, t, max_length or task.max_length)
     examples, labelled = load_examples(task, fam, paths, state)
     t0 = time.perf_counter()
-    words = [words_of(t, e, labels) for e in examples]
-    if t.verbalizer is not None:  # candidates (CHID idioms) may hold rare characters: scored as [UNK]
-        check_vocab(enc, sorted(set(t.verbalizer.values())))
     slots = [slots_of(task, e) for e in examples]
-    with torch.inference_mode():
-        scores = score_examples(model, enc, slots, words, batch_size)
-        scores = calibrate(model, enc, scores, words, list(SLOTS[task.fmt]), calibration, batch_size)
+    scores = None
+    for t in chosen:  # several templates: the mean of their label distributions (log-softmax)
+        enc = PromptEncoder(tok, t, max_length or task.max_length)
+        words = [words_of(t, e, labels) for e in examples]
+        if t.verbalizer is not None:  # candidates (CHID idioms) may hold rare characters: scored as [UNK]
+            check_vocab(enc, sorted(set(t.verbalizer.values())))
+        with torch.inference_mode():
+            s_t = score_examples(model, enc, slots, words, batch_size)
+            s_t = calibrate(model, enc, s_t, words, list(SLOTS[task.fmt]), calibration, batch_size)
+        s_t = [x - x.max() - np.log(np.exp(x - x.max()).sum()) for x in s_t]
+        scores = s_t if scores is None else [a + b for a, b in zip(scores, s_t)]
     best = [int(np.argmax(s)) for s in scores]
     preds = best if task.family == "choice" else [labels[i] for i in best]
     seconds = time.perf_counter() - t0
-    result = {"task": task.name, "template": t.name, "calibration": calibration, "examples": len(examples),
+    result = {"task": task.name, "template": ",".join(t.name for t in chosen), "calibration": calibration, "examples": len(examples),
               "seconds": round(seconds, 2), "examples_per_s": round(len(examples) / max(seconds, 1e-9), 1)}
     if out_file is not None:
         write_submission(out_file, fam.submission(task, examples, preds, state))
