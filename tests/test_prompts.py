@@ -78,11 +78,13 @@ BAD = [
      "    verbalizer: {Negative: 不, Positive: 很}\n    score: max\n", "templates.a.score"),
     ("templates:\n  a:\n    pattern: '[MASK]{sentence}'\n    verbalizer: {Negative: 不, Positive: 很}\n", "tasks"),
     ("tasks: [fewclue-eprstmt]\ntemplates: [oops\n", "not valid YAML"),
+    ("tasks: [fewclue-eprstm]\ntemplates:\n  a:\n    pattern: '[MASK]{sentence}'\n    verbalizer: {Negative: 不, Positive: 很}\n",
+     "tasks"),
 ]
 
 
 @pytest.mark.parametrize("text,field", BAD, ids=["no-pattern", "two-masks", "unknown-slot", "missing-label",
-                                                 "bad-score", "no-tasks", "not-yaml"])
+                                                 "bad-score", "no-tasks", "not-yaml", "unknown-task"])
 def test_bad_prompt_file_names_file_and_field(tmp_path, text, field):
     f = tmp_path / "my_prompts.yaml"
     f.write_text(text, encoding="utf-8")

@@ -49,7 +49,9 @@ def _logging(verbose: bool = False) -> None:
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True)  # one line, however long
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)  # one line, however long; [MASK] kept
     raise typer.Exit(2)
 
 
@@ -319,8 +321,6 @@ def zeroshot(
     precision: Annotated[str, typer.Option(help="fp32, bf16 or int8 (CPU inference paths).")] = "fp32",
 ) -> None:
     """Predict with a template and verbalizer through the MLM head, no training; scores labelled input."""
-    from rich.markup import escape
-
     from clueforge.prompts.spec import PromptError
     from clueforge.prompts.zeroshot import zeroshot as run
     from clueforge.tasks.io import TaskDataError
@@ -329,7 +329,7 @@ def zeroshot(
     try:
         res = run(task, model, input, out, template, calibration, prompts, batch_size, precision=precision)
     except (PromptError, KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
-        _fail(escape(str(exc).strip("'\"")))  # messages quote [MASK], which rich would read as markup
+        _fail(str(exc).strip("'\""))
     console.print(f"wrote {res['examples']} predictions to {out} ({res['examples_per_s']} examples/s)")
     print(json.dumps(res, ensure_ascii=False))
 

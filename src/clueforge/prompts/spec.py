@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from clueforge.tasks.registry import Task
+from clueforge.tasks.registry import TASKS, Task
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 MASK = "[MASK]"
@@ -100,6 +100,9 @@ def load_file(path: str | Path) -> tuple[tuple[str, ...], list[Template]]:
         tasks = [tasks]
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise _err(f"{path}: tasks", "expected a task name or a list of task names")
+    unknown_tasks = [t for t in tasks if t not in TASKS]
+    if unknown_tasks:
+        raise _err(f"{path}: tasks", f"unknown task {unknown_tasks[0]!r} (see `clueforge tasks`)")
     templates = raw.get("templates")
     if not isinstance(templates, dict) or not templates:
         raise _err(f"{path}: templates", "expected a mapping name → {pattern, verbalizer}")
