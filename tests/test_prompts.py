@@ -144,6 +144,35 @@ def test_scores_equal_a_dense_forward(tmp_path):
         np.testing.assert_allclose(pmi[1], got[1] - empty, atol=1e-5)
 
 
+def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
+    """PET's PromptModel ((B, R, T) rows → (B, C) label scores, one row per word length) gives the
+    scores of the zero-shot scorer on the same weights, template and examples."""
+    from clueforge.prompts.pet import PetFamily, PromptModel
+    from clueforge.tasks import classify
+
+    tok = load_tokenizer(_tiny_vocab(tmp_path, "今天好坏不很满意的东西个人说是一二三四五六七八"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=4,
+                      intermediate_size=64, max_position=64)
+    mlm = BertForMLM(cfg).eval()
+    task = get_task("fewclue-bustm")  # labels "0", "1": words of one and three characters
+    t = Template("t", "{sentence1}，[MASK]，{sentence2}", {"0": "不", "1": "很满意"}, "mean")
+    examples = [{"a": "今天好", "b": "东西很不好", "label": "1"}, {"a": "一二三四五六七八", "b": "", "label": "0"}]
+    state = {"labels": ["0", "1"], "template": t}
+    pet = PetFamily(classify, template=t)
+    feats = pet.encode(task, examples, tok, 64, state)
+    assert all(len(f["rows"]) == 2 for f in feats)  # one row per word length
+    model = PromptModel(cfg, [tok.encode(w, add_special_tokens=False).ids for w in ("不", "很满意")],
+                        tok.token_to_id("[MASK]"))
+    model.load_state_dict(mlm.state_dict(), strict=False)
+    b = pet.collate(feats, 0)
+    with torch.no_grad():
+        got = model.eval()(b["input_ids"], b["attention_mask"], b["token_type_ids"]).numpy()  # (B, C)
+    want = score_examples(mlm, PromptEncoder(tok, t, 64), [{"sentence1": e["a"], "sentence2": e["b"]} for e in examples],
+                          [["不", "很满意"]] * 2)
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+
+
 POS, NEG = "好棒赞美爽优", "差烂糟坏臭劣"
 FILL = "这个东西质量服务物流包装价格外观味道声音颜色大小我们他们买了用过觉得"
 
