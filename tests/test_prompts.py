@@ -291,6 +291,40 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     assert [r["id"] for r in rows] == list(range(50)) and {r["label"] for r in rows} <= {"Positive", "Negative"}
 
 
+@pytest.mark.slow
+def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
+    """`benchmark fewclue --method zeroshot|pet|finetune`: each train_k → dev_k split, mean ± std; tasks
+    without splits are listed as skipped."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    mlm, data, prompts = synthetic_mlm
+    folder = tmp_path / "tasks" / "fewclue" / "eprstmt"
+    folder.mkdir(parents=True)
+    shutil.copy(data / "dev.json", folder / "dev.json")
+    for k in (0, 1):
+        shutil.copy(data / "train.json", folder / f"train_{k}.json")
+        lines = (data / "dev.json").read_text().splitlines(keepends=True)
+        (folder / f"dev_{k}.json").write_text("".join(lines[k * 50:(k + 1) * 50]))
+    common = ["--model", str(mlm), "--data", str(tmp_path / "tasks"), "--set", "template=right",
+              "--set", f"prompts={prompts}"]
+    for method, extra in (("zeroshot", ["--calibration", "pmi"]), ("pet", ["--set", "epochs=1", "--set", "lr=1e-4"]),
+                          ("finetune", ["--set", "epochs=1"])):
+        out = tmp_path / method
+        res = CliRunner().invoke(app, ["benchmark", "fewclue", "--method", method, "--out", str(out)] + common + extra)
+        assert res.exit_code == 0, res.output
+        report = json.loads((out / "report.json").read_text())
+        (row,) = report["tasks"]
+        assert row["task"] == "fewclue-eprstmt" and list(row["splits"]) == ["dev_0", "dev_1"], row
+        assert len(report["skipped"]) == 8 and report["method"] == method, report
+        if method != "finetune":  # a new head after one epoch on 32 examples knows nothing yet
+            assert row["mean"] >= 80, report  # chance: 50
+        assert "± " in (out / "report.md").read_text()
+
+
 def test_pet_refuses_candidate_tasks():
     from clueforge.finetune.loop import family, with_method
 

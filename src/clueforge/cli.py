@@ -10,6 +10,7 @@
     clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
+    clueforge benchmark fewclue --method finetune|pet|zeroshot --model PATH --data DIR --out DIR
     clueforge tasks                           the task registry
 """
 
@@ -362,11 +363,25 @@ def benchmark(
     out: Annotated[Path, typer.Option(help="Output directory (report.json, report.md).")],
     seeds: Annotated[int, typer.Option(help="Seeds per task.")] = 3,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet or zeroshot over the official splits train_k → dev_k.")] = None,
+    calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
 ) -> None:
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
     from clueforge.tasks.suite import run_suite
 
     _logging()
+    if method is not None:
+        from clueforge.prompts.fewclue import run_fewclue
+
+        if suite != "fewclue":
+            _fail(f"--method is for the FewCLUE protocol: `benchmark fewclue --method {method}`")
+        try:
+            run_fewclue(method, model, data, out, _finetune_config(set_), calibration,
+                        show_progress=sys.stderr.isatty())
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc).strip("'\""))
+        print((out / "report.md").read_text(encoding="utf-8"))
+        return
     try:
         run_suite(suite, model, data, out, seeds, _finetune_config(set_), show_progress=sys.stderr.isatty())
     except KeyError as exc:
