@@ -70,9 +70,9 @@ class FinetuneConfig:
     method: str = "finetune"
     """``finetune`` (a new task head) or ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``)."""
     template: str | None = None
-    """PET: the template's name (default: the task's first)."""
+    """PET and `benchmark fewclue --method zeroshot`: the template's name (default: the task's first)."""
     prompts: str | None = None
-    """PET: a prompt YAML file instead of the shipped prompts."""
+    """PET and `benchmark fewclue --method zeroshot`: a prompt YAML file instead of the shipped prompts."""
 
 
 def family(task: Task):
