@@ -5,10 +5,12 @@
     clueforge corpus build INPUT... --out DIR --vocab vocab.txt [--workers N]
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
-    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--set key=value ...]
+    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet] [--set key=value ...]
     clueforge predict TASK --model DIR --input FILE --out FILE
+    clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
+    clueforge benchmark fewclue --method finetune|pet|zeroshot --model PATH --data DIR --out DIR
     clueforge tasks                           the task registry
     clueforge config show [NAME]              every --set key with its default and meaning
 
@@ -367,6 +369,7 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    method: Annotated[str, typer.Option(help="finetune (a new head) or pet (the MLM head through a template; --set template=NAME).")] = "finetune",
 ) -> None:
     """Fine-tune on a task; dev scores each epoch; keep the best checkpoint (`--set select=last`: the last)."""
     from clueforge.finetune.loop import finetune as run
@@ -375,7 +378,7 @@ def finetune(
     from clueforge.runs import run_lock
 
     _logging()
-    cfg = _finetune_config(set_, seed)
+    cfg = _finetune_config(list(set_ or []) + [f"method={method}"], seed)
     try:
         with run_lock(out, "finetune"):
             res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
@@ -402,6 +405,32 @@ def predict(
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
         _fail(_message(exc))
     console.print(f"wrote {n} predictions to {out}")
+
+
+@app.command()
+def zeroshot(
+    task: Annotated[str, typer.Argument(help="Task name (see `clueforge tasks`).")],
+    model: Annotated[Path, typer.Option(help="A clueforge or local Hugging Face BERT masked-LM directory.")],
+    input: Annotated[str, typer.Option(help="The task's file in its official format (comma-separated for several).")],
+    out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
+    template: Annotated[Optional[str], typer.Option(help="Template name (default: the first for the task); 'all' ensembles them.")] = None,
+    calibration: Annotated[str, typer.Option(help="none, pmi (÷ P(word | empty input)) or contextual (Zhao et al. 2021).")] = "none",
+    prompts: Annotated[Optional[Path], typer.Option(help="A prompt YAML file to use instead of the shipped prompts.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 64,
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or int8 (CPU inference paths).")] = "fp32",
+) -> None:
+    """Predict with a template and verbalizer through the MLM head, no training; scores labelled input."""
+    from clueforge.prompts.spec import PromptError
+    from clueforge.prompts.zeroshot import zeroshot as run
+    from clueforge.tasks.io import TaskDataError
+
+    _logging()
+    try:
+        res = run(task, model, input, out, template, calibration, prompts, batch_size, precision=precision)
+    except (PromptError, KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
+        _fail(str(exc).strip("'\""))
+    console.print(f"wrote {res['examples']} predictions to {out} ({res['examples_per_s']} examples/s)")
+    print(json.dumps(res, ensure_ascii=False))
 
 
 @app.command()
@@ -440,6 +469,8 @@ def benchmark(
     out: Annotated[Path, typer.Option(help="Output directory (report.json, report.md).")],
     seeds: Annotated[int, typer.Option(help="Seeds per task.")] = 3,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet or zeroshot over the official splits train_k → dev_k.")] = None,
+    calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
 ) -> None:
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
     from clueforge.tasks.suite import run_suite
@@ -448,6 +479,21 @@ def benchmark(
 
     _logging()
     cfg = _finetune_config(set_)
+    if method is None and cfg.method != "finetune":  # `--set method=pet` means the same as `--method pet`
+        method = cfg.method
+    if method is not None:
+        from clueforge.prompts.fewclue import run_fewclue
+
+        if suite != "fewclue":
+            _fail(f"--method is for the FewCLUE protocol: `benchmark fewclue --method {method}`")
+        try:
+            with run_lock(out, "benchmark"):
+                run_fewclue(method, model, data, out, cfg, calibration,
+                            show_progress=sys.stderr.isatty())
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            _fail(_message(exc))
+        print((out / "report.md").read_text(encoding="utf-8"))
+        return
     try:
         with run_lock(out, "benchmark"):
             run_suite(suite, model, data, out, seeds, cfg, show_progress=sys.stderr.isatty())

@@ -80,6 +80,12 @@ class FinetuneConfig:
     select: str = "best"
     """Which weights to keep: ``best`` (the best-on-dev epoch, in ``out/best``) or ``last`` (the
     final epoch, in ``out/last``: a protocol without model selection on dev)."""
+    method: str = "finetune"
+    """``finetune`` (a new task head) or ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``)."""
+    template: str | None = None
+    """PET and `benchmark fewclue --method zeroshot`: the template's name (default: the task's first)."""
+    prompts: str | None = None
+    """PET and `benchmark fewclue --method zeroshot`: a prompt YAML file instead of the shipped prompts."""
 
 
 def family(task: Task):
@@ -90,6 +96,24 @@ def prepare_state(fam, task: Task, data: Path, cfg=None) -> dict:
     """What a family needs beyond its examples (labels, a knowledge base); families without such
     state (choice, span) define no ``prepare``."""
     return fam.prepare(task, data, cfg) if hasattr(fam, "prepare") else {}
+
+
+def with_method(fam, cfg: FinetuneConfig):
+    """The family the loop drives for ``cfg.method``: the task's own, or it seen through a prompt."""
+    if cfg.method == "finetune":
+        return fam
+    if cfg.method == "pet":
+        from clueforge.prompts.pet import PetFamily
+
+        return PetFamily(fam, template_name=cfg.template, prompts=cfg.prompts)
+    raise ValueError(f"method {cfg.method!r}: expected finetune or pet")
+
+
+def load_model(fam, model_dir: Path, state: dict, tok):
+    """The task model: a new head on the encoder, or the family's own (PET keeps the MLM head)."""
+    if hasattr(fam, "load_model"):
+        return fam.load_model(model_dir, state, tok)
+    return load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state))
 
 
 def _num_labels(fam, state: dict) -> int:
@@ -143,7 +167,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     data, model_dir, out = Path(data), Path(model_dir), Path(out)
     task = with_overrides(get_task(task_name), epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                           max_length=cfg.max_length)
-    fam = family(task)
+    fam = with_method(family(task), cfg)
     check_settings(cfg, task, model_dir)  # before any data is read
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -163,7 +187,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     _, raw_cfg = read_hf_config(model_dir)
     if "clueforge_task" in raw_cfg and raw_cfg["clueforge_task"]["task"] != task.name:
         log.info("%s was fine-tuned for %s: its head is replaced", model_dir, raw_cfg["clueforge_task"]["task"])
-    model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state)).to(device)
+    model = load_model(fam, model_dir, state, tok).to(device)
     steps_per_epoch = math.ceil(len(train_f) / task.batch_size)
     total = steps_per_epoch * task.epochs
     if cfg.max_steps:
@@ -242,7 +266,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
                 best = last
                 if cfg.select == "best":
                     with ema.applied() if ema else _nullctx():
-                        save_checkpoint(model, out / "best", model_dir, task, state, epoch)
+                        save_checkpoint(model, out / "best", model_dir, task, state, epoch, fam)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
     metrics_f.close()
@@ -250,7 +274,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
         raise UserError(f"{task.name}: no epoch produced a dev score (check --set epochs/max_steps)")
     if cfg.select == "last":
         with ema.applied() if ema else _nullctx():
-            save_checkpoint(model, out / "last", model_dir, task, state, last["epoch"])
+            save_checkpoint(model, out / "last", model_dir, task, state, last["epoch"], fam)
     selected = best if cfg.select == "best" else last
     results = {
         "task": task.name, "metric": selected["metrics"], "main_metric": task.metric, "checkpoint": cfg.select,
@@ -286,8 +310,9 @@ class _nullctx:
         return False
 
 
-def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict, epoch: int | None = None) -> None:
-    fam = family(task)
+def save_checkpoint(model, path: Path, model_dir: Path, task: Task, state: dict, epoch: int | None = None,
+                    fam=None) -> None:
+    fam = fam or family(task)
     meta = {"task": task.name, "max_length": task.max_length, "epoch": epoch,
             **(fam.state_to_json(state) if hasattr(fam, "state_to_json") else {})}
     extra = {"clueforge_task": meta}
@@ -321,8 +346,12 @@ def load_finetuned(model_dir: str | Path, task_name: str):
     task = with_overrides(get_task(task_name), max_length=meta.get("max_length"))
     fam = family(task)
     state = fam.state_from_json(meta, model_dir) if hasattr(fam, "state_from_json") else {}
-    model = load_hf_task(model_dir, fam.HEAD, _num_labels(fam, state))
-    return task, fam, state, model, load_tokenizer(model_dir)
+    if meta.get("method") == "pet":
+        from clueforge.prompts.pet import PetFamily
+
+        fam, state = PetFamily.from_meta(fam, meta, model_dir)
+    tok = load_tokenizer(model_dir)
+    return task, fam, state, load_model(fam, model_dir, state, tok), tok
 
 
 def predict(task_name: str, model_dir: str | Path, input_file: str | Path, out_file: str | Path,

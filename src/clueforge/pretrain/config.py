@@ -320,6 +320,7 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "weight_decay": _NONNEG, "clip_grad": _NONNEG, "max_steps": _ge(1), "max_train": _ge(1),
         "max_eval": _ge(1), "eval_batch_size": _ge(1), "rdrop": _NONNEG, "fgm": _NONNEG, "ema": _PROB_HALF_OPEN,
         "llrd": Rule(0, 1, lo_open=True), "log_every": _ge(1), "select": Rule(choices=("best", "last")),
+        "method": Rule(choices=("finetune", "pet")),
     },
 }
 

@@ -78,9 +78,12 @@ def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
             if not with_labels:
                 raise TaskDataError(f"{path}:{lineno}: missing field {task.id_field!r}")
             ex_id = lineno - 1
+        spans = None
         if task.fmt == "wsc":
-            text = mark_wsc(field(obj, "text", path, lineno), field(obj, "target", path, lineno, (dict,)), path, lineno)
+            target = field(obj, "target", path, lineno, (dict,))
+            text = mark_wsc(field(obj, "text", path, lineno), target, path, lineno)
             a, b = text, None
+            spans = (obj["text"], target["span1_text"], target["span2_text"])  # for prompts (clueforge.prompts)
         elif task.fmt == "csl":
             kw = field(obj, "keyword", path, lineno, (list,))
             a, b = "；".join(map(str, kw)), field(obj, "abst", path, lineno)
@@ -93,6 +96,8 @@ def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
             continue
         ex = {"id": ex_id, "a": normalize(a), "b": normalize(b) if b is not None else None, "label": label,
               "line": lineno}
+        if spans is not None:
+            ex["text"], ex["span1"], ex["span2"] = (normalize(x) for x in spans)
         desc = task.extra.get("desc_field")
         if desc and desc in obj:
             ex["desc"] = obj[desc]

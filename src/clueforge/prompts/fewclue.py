@@ -1,0 +1,78 @@
+"""The FewCLUE protocol: every task trained on each official split ``train_k`` and scored on its
+``dev_k`` (k = 0..4), mean ± std over the splits per task and the average, for one method:
+
+    clueforge benchmark fewclue --method finetune|pet|zeroshot --model runs/mini/final \\
+        --data ../shared/data/tasks --out runs/fewclue-pet [--calibration pmi] [--set epochs=20]
+
+``finetune`` and ``pet`` train with the fine-tuning loop (``--set`` applies); ``zeroshot`` trains
+nothing and scores each ``dev_k`` (the same five sets, so the three methods share one table shape).
+Tasks without data, and CHID under PET (no fixed verbalizer), are listed as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from clueforge.finetune.loop import FinetuneConfig, finetune
+from clueforge.prompts.zeroshot import load_mlm, zeroshot
+from clueforge.tasks.registry import SUITES, get_task
+from clueforge.tasks.submit import task_dir
+
+METHODS = ("finetune", "pet", "zeroshot")
+
+
+def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str | Path,
+                cfg: FinetuneConfig = FinetuneConfig(), calibration: str = "none", splits=range(5),
+                show_progress: bool = False) -> dict:
+    if method not in METHODS:
+        raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    out = Path(out)
+    mlm = load_mlm(model) if method == "zeroshot" else None
+    rows, skipped = [], []
+    for name in SUITES["fewclue"]:
+        task = get_task(name)
+        folder = task_dir(Path(data_root), task)
+        ks = [k for k in splits if folder is not None and (folder / f"train_{k}.json").is_file()
+              and (folder / f"dev_{k}.json").is_file()]
+        if not ks:
+            skipped.append({"task": name, "reason": f"no train_k/dev_k splits under {data_root}"})
+            continue
+        if method == "pet" and task.family != "classify":
+            skipped.append({"task": name, "reason": "PET needs a fixed verbalizer (per-example candidates)"})
+            continue
+        scores = []
+        for k in ks:
+            if method == "zeroshot":
+                res = zeroshot(name, model, str(folder / f"dev_{k}.json"), None, cfg.template, calibration,
+                               cfg.prompts, model=mlm)
+            else:
+                run_cfg = replace(cfg, method=method, train_file=f"train_{k}.json", dev_file=f"dev_{k}.json")
+                res = finetune(name, folder, model, out / name / f"split{k}", run_cfg, show_progress=show_progress)
+            scores.append(res["metric"][task.metric])
+        rows.append({"task": name, "metric": task.metric, "mean": statistics.fmean(scores),
+                     "std": statistics.pstdev(scores), "splits": dict(zip((f"dev_{k}" for k in ks), scores))})
+    report = {"suite": "fewclue", "protocol": "train_k → dev_k", "method": method, "model": str(model),
+              "calibration": calibration if method == "zeroshot" else None, "tasks": rows, "skipped": skipped,
+              "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
+              "config": {k: v for k, v in vars(cfg).items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    how = report["method"] + (f" ({report['calibration']} calibration)" if report["calibration"] else "")
+    lines = [f"# FewCLUE, {how}: {report['model']}", "",
+             "Mean ± std over the official splits (train_k → dev_k).", "",
+             "| task | metric | splits | mean ± std |", "|---|---|---|---|"]
+    for r in report["tasks"]:
+        lines.append(f"| {r['task']} | {r['metric']} | {len(r['splits'])} | {r['mean']:.2f} ± {r['std']:.2f} |")
+    if report["average"] is not None:
+        lines.append(f"| **average** | | | {report['average']:.2f} |")
+    for s in report["skipped"]:
+        lines.append(f"\nskipped {s['task']}: {s['reason']}")
+    return "\n".join(lines) + "\n"
