@@ -255,7 +255,8 @@ class KnowledgeData:
       characters found in the same sentence (any triple's tail). The label is the relation the KG
       gives the pair (1..R), or 0 (no relation) when the KG has none. Input
       ``[CLS] sentence [SEP] head [SEP] tail [SEP]``; both strings are in the sentence in every
-      example, so string presence tells nothing; positives and negatives are drawn ½ each.
+      example, so string presence tells nothing; positives and negatives are drawn ½ each, the
+      negatives at the tail lengths of the positives.
 
     Everything is indexed once at construction (seconds on the real corpus, with progress).
     """
@@ -381,13 +382,25 @@ class KnowledgeData:
         self._neg = np.flatnonzero(self.pairs[:, 6] == 0)
         self.head_tail = np.asarray(head_tail, dtype=np.int64).reshape(-1, 4)
         self._tail_ids = [[int(x) for x in sp.split()] for sp in spelled]
+        # negatives by tail length (tokens, 8 = 8 or more), drawn at the length of a random positive:
+        # KG relations co-occur with long specific tails, no-relation pairs with short common ones,
+        # and the length alone told the class (0.71 on the real corpus against a majority of 0.50)
+        length = np.minimum([len(self._tail_ids[v]) for v in self.pairs[:, 5]], 8).astype(np.int64) \
+            if len(self.pairs) else np.zeros(0, np.int64)
+        self._pos_len = length[self._pos]
+        self._neg_by_len = {int(n): self._neg[length[self._neg] == n] for n in np.unique(length[self._neg])}
 
     def relation(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         """``(input ids, token types, label)``; 0 = no relation."""
         if not len(self.pairs):
             raise ValueError("relation: no sentence mentions a KG head together with a KG tail value")
-        side = self._pos if (not len(self._neg) or (len(self._pos) and rng.random() < 0.5)) else self._neg
-        shard, a, b, hs, he, v, label = (int(x) for x in self.pairs[side[rng.integers(len(side))]])
+        if not len(self._neg) or (len(self._pos) and rng.random() < 0.5):
+            pick = self._pos[rng.integers(len(self._pos))]
+        else:
+            side = self._neg_by_len.get(int(self._pos_len[rng.integers(len(self._pos))]), self._neg) \
+                if len(self._pos) else self._neg
+            pick = side[rng.integers(len(side))]
+        shard, a, b, hs, he, v, label = (int(x) for x in self.pairs[pick])
         ids = np.asarray(self.shards[shard].ids[a:b], dtype=np.int64)
         head = ids[hs - a:he - a].tolist()[:16]
         tail = self._tail_ids[v][:16]
