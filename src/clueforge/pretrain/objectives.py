@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from array import array
 import math
 import sys
 import time
@@ -340,7 +341,7 @@ class KnowledgeData:
         keep = [k for k, x in enumerate(spelled) if x.strip()]
         ac = ahocorasick_rs.AhoCorasick([spelled[k] for k in keep], matchkind=ahocorasick_rs.MATCHKIND_STANDARD) \
             if keep else None
-        pairs, head_tail = [], []
+        pairs, head_tail = array("q"), array("q")  # flat int64 rows: no Python tuple per pair
         heads = self.triple_mentions
         order = np.lexsort((heads[:, 1], heads[:, 0]))
         heads = heads[order]
@@ -372,15 +373,15 @@ class KnowledgeData:
                         continue
                     seen.add(t)
                     k = known.get(t)
-                    pairs.append((shard, a, b, hs, he, v, rel_id[self.triples[k][1]] if k is not None else 0))
+                    pairs.extend((shard, a, b, hs, he, v, rel_id[self.triples[k][1]] if k is not None else 0))
                     if k is not None:
-                        head_tail.append((shard, a, b, k))
+                        head_tail.extend((shard, a, b, k))
             bar.advance()
         bar.close()
-        self.pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 7)
+        self.pairs = np.frombuffer(pairs, dtype=np.int64).reshape(-1, 7)
         self._pos = np.flatnonzero(self.pairs[:, 6] > 0)
         self._neg = np.flatnonzero(self.pairs[:, 6] == 0)
-        self.head_tail = np.asarray(head_tail, dtype=np.int64).reshape(-1, 4)
+        self.head_tail = np.frombuffer(head_tail, dtype=np.int64).reshape(-1, 4)
         self._tail_ids = [[int(x) for x in sp.split()] for sp in spelled]
         # negatives by tail length (tokens, 8 = 8 or more), drawn at the length of a random positive:
         # KG relations co-occur with long specific tails, no-relation pairs with short common ones,
