@@ -1,5 +1,5 @@
 """Knowledge for knowledge-enhanced pretraining: triples, typed entity lists, fast mention matching."""
 
-from clueforge.knowledge.sources import EntityTable, entity_name, load_entities, load_triples
+from clueforge.knowledge.sources import EntityTable, entity_name, kg_types, load_entities, load_triples
 
-__all__ = ["EntityTable", "entity_name", "load_entities", "load_triples"]
+__all__ = ["EntityTable", "entity_name", "kg_types", "load_entities", "load_triples"]

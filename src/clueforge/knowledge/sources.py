@@ -24,6 +24,18 @@ def entity_name(head: str) -> str:
     return _PAREN.sub("", head).strip() or head.strip()
 
 
+def kg_types(triples: list[tuple[str, str, str]]) -> dict[str, str]:
+    """A type for every KG head name: its relation signature, ``KG:<relation>|<relation>…`` (sorted).
+
+    Heads that carry the same relations are things of one kind (``作者|出版社`` → books, ``血型`` →
+    people), so same-type entity replacement swaps a book for a book, never for a person.
+    """
+    rels: dict[str, set[str]] = {}
+    for h, r, _ in triples:
+        rels.setdefault(entity_name(h), set()).add(r)
+    return {name: f"{KG_TYPE}:" + "|".join(sorted(rs)) for name, rs in rels.items()}
+
+
 def load_triples(path: str | Path) -> list[tuple[str, str, str]]:
     path = Path(path)
     out = []

@@ -1,0 +1,198 @@
+"""Knowledge objectives on a small synthetic KG corpus where every answer is known: relation
+examples that string presence cannot solve, same-type replacement, triple-text sentences that
+mention head and tail, the ``replace_share`` option, and the one-pass sentence index."""
+
+import logging
+import random
+
+import numpy as np
+import pytest
+
+from clueforge.corpus.build import BuildConfig, build_corpus
+from clueforge.corpus.shards import Corpus
+from clueforge.knowledge.sources import entity_name, load_triples
+from clueforge.text.tokenizer import load_tokenizer, special_ids
+
+TYPED = {"张伟": "PER", "李娜": "PER", "王芳": "PER", "刘洋": "PER", "北京": "LOC", "上海": "LOC", "广州": "LOC",
+         "深圳": "LOC"}
+TRIPLES = [("红楼梦", "作者", "曹雪芹"), ("西游记", "作者", "吴承恩"), ("水浒传", "作者", "施耐庵"),
+           ("三国演义", "作者", "罗贯中"), ("法国", "首都", "巴黎"), ("日本", "首都", "东京"), ("德国", "首都", "柏林"),
+           ("意大利", "首都", "罗马"), ("李白（诗人）", "朝代", "唐朝"), ("杜甫", "朝代", "唐朝"), ("苏轼", "朝代", "宋朝"),
+           ("张伟", "职业", "医生")]
+
+
+def _text(seed: int = 0) -> str:
+    """Documents of four sentences: a head beside its own tail or another head's tail (same
+    wording either way), relation statements, and sentences with typed names only."""
+    rnd = random.Random(seed)
+    heads = [(entity_name(h), r, t) for h, r, t in TRIPLES]
+    tails = sorted({t for _, _, t in TRIPLES})
+    people, places = [k for k, v in TYPED.items() if v == "PER"], [k for k, v in TYPED.items() if v == "LOC"]
+    sents = []
+    for _ in range(480):
+        h, r, t = rnd.choice(heads)
+        kind = rnd.random()
+        if kind < 0.35:
+            sents.append(f"{rnd.choice(people)}说{h}和{t if rnd.random() < 0.5 else rnd.choice(tails)}都很重要。")
+        elif kind < 0.55:
+            sents.append(f"{h}的{r}是{t}。")
+        elif kind < 0.8:
+            sents.append(f"{rnd.choice(people)}今天在{rnd.choice(places)}读到了{h}的故事。")
+        else:
+            sents.append(f"{rnd.choice(people)}和{rnd.choice(people)}去了{rnd.choice(places)}。")
+    return "\n\n".join("".join(sents[k:k + 4]) for k in range(0, len(sents), 4)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def kg(tmp_path_factory):
+    from clueforge.text.vocab import build_vocab
+
+    d = tmp_path_factory.mktemp("kgsyn")
+    (d / "docs.txt").write_text(_text(), encoding="utf-8")
+    (d / "ent.tsv").write_text("".join(f"{k}\t{v}\n" for k, v in TYPED.items()), encoding="utf-8")
+    (d / "triples.tsv").write_text("".join("\t".join(x) + "\n" for x in TRIPLES), encoding="utf-8")
+    build_vocab(iter([_text()]), d / "vocab.txt", vocab_size=600, min_frequency=1)
+    build_corpus([d / "docs.txt"], d / "c", BuildConfig(vocab=str(d / "vocab.txt"), doc_sep="blank",
+                                                        entities=(str(d / "ent.tsv"),),
+                                                        triples=(str(d / "triples.tsv"),)))
+    return d
+
+
+def _data(kg, **kw):
+    from clueforge.pretrain.objectives import KnowledgeData
+
+    tok = load_tokenizer(kg / "c" / "vocab.txt")
+    triples = load_triples(kg / "triples.tsv")
+    return KnowledgeData(Corpus(kg / "c"), tok, special_ids(tok), 64, triples=triples, **kw), tok
+
+
+def _type(name: str) -> str:
+    """The expected type, derived here independently: the typed list first, else the relations."""
+    if name in TYPED:
+        return TYPED[name]
+    rels = sorted({r for h, r, _ in TRIPLES if entity_name(h) == name})
+    assert rels, name
+    return "/".join(rels)
+
+
+def _decode(tok, ids) -> str:
+    return tok.decode([int(x) for x in ids]).replace(" ", "")
+
+
+def _best_rule_accuracy(feature: list, labels: list) -> float:
+    """Accuracy of the best classifier that sees only ``feature`` (the majority label per value)."""
+    groups: dict = {}
+    for f, y in zip(feature, labels):
+        groups.setdefault(f, []).append(y)
+    return sum(max(g.count(y) for y in set(g)) for g in groups.values()) / len(labels)
+
+
+def test_relation_examples_are_not_solved_by_string_presence(kg):
+    kd, tok = _data(kg)
+    sep = special_ids(tok)["sep"]
+    kg_rel = {(entity_name(h), t): r for h, r, t in TRIPLES}
+    tails = {t for _, _, t in TRIPLES}
+    labels, feats = [], {"tail in sentence": [], "head in sentence": [], "both in sentence": [],
+                         "tail is a KG tail value": [], "tail is a dictionary name": [], "tail length": []}
+    rng = np.random.default_rng(0)
+    for _ in range(600):
+        ids, _, label = kd.relation(rng)
+        s = [k for k, x in enumerate(ids.tolist()) if x == sep]
+        sent, head, tail = _decode(tok, ids[1:s[0]]), _decode(tok, ids[s[0] + 1:s[1]]), _decode(tok, ids[s[1] + 1:s[2]])
+        # distant supervision: the label is exactly what the KG says about the pair
+        assert label == (kd.relations.index(kg_rel[head, tail]) + 1 if (head, tail) in kg_rel else 0), (head, tail)
+        labels.append(label)
+        feats["tail in sentence"].append(tail in sent)
+        feats["head in sentence"].append(head in sent)
+        feats["both in sentence"].append(tail in sent and head in sent)
+        feats["tail is a KG tail value"].append(tail in tails)
+        feats["tail is a dictionary name"].append(kd.table.id(tail) > 0)
+        feats["tail length"].append(len(tail))
+    majority = max(labels.count(y) for y in set(labels)) / len(labels)
+    assert 0 in labels and len(set(labels)) > 2 and majority < 0.6
+    for name, f in feats.items():
+        assert _best_rule_accuracy(f, labels) <= majority + 0.02, name
+
+
+def _dictionary_name_at(kd, tok, original: list[int], p: int) -> tuple[str, int]:
+    """The longest dictionary name whose tokens start at ``original[p]``: (name, length in tokens)."""
+    best = ("", 0)
+    for name in kd.table.names:
+        ids = tok.encode(name, add_special_tokens=False).ids
+        if len(ids) > best[1] and original[p:p + len(ids)] == ids:
+            best = (name, len(ids))
+    return best
+
+
+def test_replacement_keeps_the_type_and_labels_exactly_the_swapped_tokens(kg):
+    kd, tok = _data(kg)
+    swaps = 0
+    seen = set()
+    for seed in range(60):
+        out = kd.replace(np.random.default_rng(seed))
+        ids, labels, original = out[0].tolist(), out[1].tolist(), out[2].tolist()
+        assert labels[0] == labels[-1] == -100 and set(labels[1:-1]) <= {0, 1}
+        p, k = 0, 1
+        while k < len(ids) - 1:
+            if labels[k] == 0:  # an untouched token: the original, in order, nothing skipped
+                assert ids[k] == original[p]
+                p, k = p + 1, k + 1
+                continue
+            e = k
+            while e < len(ids) - 1 and labels[e] == 1:
+                e += 1
+            inserted = _decode(tok, ids[k:e])
+            replaced, n = _dictionary_name_at(kd, tok, original, p)
+            assert n, "a swap replaces a whole dictionary mention"
+            if e < len(ids) - 1:  # (a name cut by the row end is not checked)
+                assert kd.table.id(inserted) > 0 and inserted != replaced
+                assert _type(inserted) == _type(replaced), (replaced, inserted)
+                swaps += 1
+                seen.add(_type(replaced))
+            p, k = p + n, e
+    assert swaps > 40 and {"PER", "LOC", "作者", "首都"} <= seen
+
+
+def test_replace_share_sets_the_share_of_swapped_mentions(kg):
+    counts = {}
+    for share in (0.25, 1.0):
+        kd, _ = _data(kg, replace_share=share)
+        swapped = total = 0
+        for seed in range(80):
+            ids, labels, original, swaps = kd.replace(np.random.default_rng(seed))
+            row = original.tolist()
+            n = 0
+            for name_ids in {tuple(kd._name_ids(e)) for e in range(1, len(kd.table.names) + 1)
+                             if kd.entity_type[e] in kd.by_type}:
+                n += sum(row[i:i + len(name_ids)] == list(name_ids) for i in range(len(row)))
+            swapped += len(swaps)
+            total += n
+        counts[share] = swapped / total
+    assert counts[1.0] > 0.9 and 0.15 < counts[0.25] < 0.4, counts
+
+
+def test_triple_text_sentence_mentions_head_and_tail(kg):
+    kd, tok = _data(kg)
+    sp = special_ids(tok)
+    triple_text = {_decode(tok, tok.encode(f"{h} {r} {t}", add_special_tokens=False).ids): (h, r, t)
+                   for h, r, t in TRIPLES}
+    for seed in range(60):
+        ids, types, labels = kd.triple_mlm(np.random.default_rng(seed))
+        restored = np.where(labels != -100, labels, ids)
+        sep = restored.tolist().index(sp["sep"])
+        h, _, t = triple_text[_decode(tok, restored[1:sep])]
+        sentence = _decode(tok, restored[sep + 1:-1])
+        assert entity_name(h) in sentence and t in sentence, (h, t, sentence)
+
+
+def test_sentence_index_matches_a_scan_and_preparation_reports_progress(kg, caplog):
+    from clueforge.corpus.build import SENT_START
+
+    with caplog.at_level(logging.INFO, logger="clueforge.pretrain"):
+        kd, _ = _data(kg)
+    assert any("relation examples" in r.getMessage() and "done in" in r.getMessage() for r in caplog.records)
+    sh = kd.shards[0]
+    starts = np.flatnonzero(np.asarray(sh.flags) & SENT_START)
+    for pos in range(0, sh.ids.size, 7):
+        k = np.searchsorted(starts, pos, side="right") - 1
+        assert kd.index.bounds(0, pos) == (int(starts[k]), int(starts[k + 1]) if k + 1 < starts.size else sh.ids.size)
