@@ -278,7 +278,7 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     acc = {}
     for name in ("right", "swapped"):
         cfg = FinetuneConfig(method="pet", template=name, prompts=str(prompts), epochs=2, batch_size=16, lr=1e-4, max_eval=100,
-                             warmup_ratio=0.0)
+                             warmup_ratio=0.0, max_length=32)
         res = finetune("fewclue-eprstmt", data, mlm, tmp_path / name, cfg, show_progress=False)
         acc[name] = res["metric"]["accuracy"]
     print(acc)
@@ -310,7 +310,7 @@ def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
         lines = (data / "dev.json").read_text().splitlines(keepends=True)
         (folder / f"dev_{k}.json").write_text("".join(lines[k * 50:(k + 1) * 50]))
     common = ["--model", str(mlm), "--data", str(tmp_path / "tasks"), "--set", "template=right",
-              "--set", f"prompts={prompts}"]
+              "--set", f"prompts={prompts}", "--set", "max_length=32"]
     for method, extra in (("zeroshot", ["--calibration", "pmi"]), ("pet", ["--set", "epochs=1", "--set", "lr=1e-4"]),
                           ("finetune", ["--set", "epochs=1"])):
         out = tmp_path / method
