@@ -67,3 +67,14 @@ def test_settings_a_curriculum_overrides_are_refused(tmp_path):
     # span_p is not set by every stage: the setting is used, so it may be written
     cfg = load_config("tiny", [f"train.curriculum={stages}", "train.span_p=0.3"])
     assert cfg.train.span_p == 0.3
+
+
+def test_a_set_path_replaces_a_config_path_that_does_not_exist(tmp_path, monkeypatch):
+    """The shipped knowledge config names ../shared/...: a user without it passes --set instead."""
+    yml = tmp_path / "k.yaml"
+    yml.write_text("train:\n  knowledge_triples: nowhere/t.tsv\n", encoding="utf-8")
+    (tmp_path / "mine.tsv").write_text("北京\t首都\t中国\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="train.knowledge_triples 'nowhere/t.tsv' not found"):
+        load_config(yml)
+    assert load_config(yml, ["train.knowledge_triples=mine.tsv"]).train.knowledge_triples == "mine.tsv"

@@ -175,9 +175,12 @@ def check_curriculum_overrides(train: dict, where: str) -> None:
                          f"of a stage to fall back on the setting")
 
 
-def _resolve_paths(train: dict, base: Path, where: str) -> None:
-    """Relative paths written in a config file are relative to its directory ``base``."""
+def _resolve_paths(train: dict, base: Path, where: str, skip=frozenset()) -> None:
+    """Relative paths written in a config file are relative to its directory ``base`` (keys in
+    ``skip`` came from ``--set`` and are left as given)."""
     for k in PATH_FIELDS:
+        if k in skip:
+            continue
         v = train.get(k)
         if not isinstance(v, str) or Path(v).expanduser().is_absolute():
             continue
@@ -257,12 +260,11 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     path = resolve_config_path(name_or_path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping with 'model' and 'train'")
+        raise UserError(f"{path}: expected a mapping with 'model' and 'train'")
     unknown = sorted(set(raw) - {"model", "train"})
     if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}; expected 'model' and 'train'")
+        raise UserError(f"{path}: unknown sections {unknown}; expected 'model' and 'train'")
     raw = {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
-    _resolve_paths(raw["train"], path.resolve().parent, str(path))
     overridden: dict[str, set] = {"model": set(), "train": set()}
     for item in overrides:
         keys, value = parse_override(item)
@@ -271,6 +273,8 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         _check_override_key(item, keys[0], keys[1])
         raw[keys[0]][keys[1]] = value
         overridden[keys[0]].add(keys[1])
+    # paths written in the file are relative to it; a --set path stays relative to the working directory
+    _resolve_paths(raw["train"], path.resolve().parent, str(path), skip=overridden["train"])
     check_curriculum_overrides(raw["train"], str(path))
     return PretrainConfig(
         model=build_dataclass(ModelConfig, raw["model"], f"{path} [model]", section="model.",
