@@ -105,6 +105,23 @@ def _quantize(src: Path, dst: Path) -> None:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
 
 
+def write_onnx(model: nn.Module, out_dir: Path, int8: bool = False) -> tuple[dict[str, str], dict]:
+    """``model.onnx`` (optimised fp32) and, with ``int8``, ``model.int8.onnx`` in ``out_dir``.
+    Returns ``({"fp32": name, "int8": name}, fused operator counts)``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _to_onnx(model, out_dir / "raw.onnx", model.cfg.max_position)
+    log.info("optimise: onnxruntime transformers optimizer (bert)")
+    fused = _optimize(out_dir / "raw.onnx", out_dir / "model.onnx", model.cfg)
+    (out_dir / "raw.onnx").unlink()
+    files = {"fp32": "model.onnx"}
+    if int8:
+        log.info("quantise: dynamic int8 (per-channel weights)")
+        _quantize(out_dir / "model.onnx", out_dir / "model.int8.onnx")
+        files["int8"] = "model.int8.onnx"
+    return files, fused
+
+
 def sample_features(task, tok, n: int = 64, max_len: int = 64, seed: int = 0) -> list[dict]:
     """Random token sequences of varied lengths (second segment typed 1 for pair tasks): the
     check's inputs when no dev set is given."""
@@ -167,6 +184,15 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, int8: bool = False, d
         raise ValueError(supported_message(task))
     model.eval()
     cfg = model.cfg
+    if data is not None:  # read before the slow export, so that a wrong --data fails at once
+        data = Path(data)
+        examples = subset(load_split(task, fam, data, task.files["dev"], state, True), max_check)
+        features = fam.encode(task, examples, tok, task.max_length, state)
+        source = f"dev set {data / task.files['dev']} ({len(examples)} examples)"
+    else:
+        examples, features = None, sample_features(task, tok, max_len=min(64, task.max_length))
+        source = f"random sample ({len(features)} sequences of 5-{min(64, task.max_length)} tokens, seed 0)"
+    pad_id = tok.token_to_id("[PAD]")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -174,25 +200,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, int8: bool = False, d
     try:
         log.info("export: %s (%s, %s head, %d layers × %d) → ONNX", model_dir, task.name, model.head,
                  cfg.num_layers, cfg.hidden_size)
-        _to_onnx(model, tmp / "raw.onnx", cfg.max_position)
-        log.info("optimise: onnxruntime transformers optimizer (bert)")
-        fused = _optimize(tmp / "raw.onnx", tmp / "model.onnx", cfg)
-        (tmp / "raw.onnx").unlink()
-        files = {"fp32": "model.onnx"}
-        if int8:
-            log.info("quantise: dynamic int8 (per-channel weights)")
-            _quantize(tmp / "model.onnx", tmp / "model.int8.onnx")
-            files["int8"] = "model.int8.onnx"
-
-        pad_id = tok.token_to_id("[PAD]")
-        if data is not None:
-            data = Path(data)
-            examples = subset(load_split(task, fam, data, task.files["dev"], state, True), max_check)
-            features = fam.encode(task, examples, tok, task.max_length, state)
-            source = f"dev set {data / task.files['dev']} ({len(examples)} examples)"
-        else:
-            examples, features = None, sample_features(task, tok, max_len=min(64, task.max_length))
-            source = f"random sample ({len(features)} sequences of 5-{min(64, task.max_length)} tokens, seed 0)"
+        files, fused = write_onnx(model, tmp, int8)
         log.info("check: PyTorch eager vs ONNX Runtime on the %s", source)
         ref = _logits(model, fam, features, pad_id)
         report = {"task": task.name, "family": task.family, "head": model.head, "source": model_dir.as_posix(),
