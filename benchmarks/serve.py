@@ -8,7 +8,7 @@ The model: a random ``--config`` (mini: 6 layers, hidden 384) sentence-pair clas
 labels, saved as a fine-tuned OCNLI checkpoint with the Chinese BERT vocabulary (``--model DIR``
 takes a real fine-tuned directory instead). Requests are real OCNLI dev pairs when
 ``../shared/data`` is there. Every server is a ``clueforge serve`` subprocess on 127.0.0.1 with
-``--threads``; the load generator (asyncio + httpx, one process) sends ``--requests`` requests per
+``--threads``; the load generator (one process, asyncio streams, keep-alive connections) sends ``--requests`` requests per
 (variant, concurrency), stopping early after ``--max-seconds``; each variant gets a warm-up first.
 
 Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``), ``batch_off`` (``--max-batch 1``),
@@ -101,35 +101,49 @@ def stop(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-async def load(url: str, items: list[list[str]], concurrency: int, n: int, max_seconds: float) -> dict:
-    """``n`` requests from ``concurrency`` workers (stopping after ``max_seconds``)."""
-    import httpx
+async def _post(reader, writer, request: bytes) -> int:
+    """One request on a keep-alive connection; returns the status code."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
 
+
+async def load(port: int, items: list[list[str]], concurrency: int, n: int, max_seconds: float) -> dict:
+    """``n`` requests from ``concurrency`` keep-alive connections (stopping after ``max_seconds``).
+    A minimal HTTP/1.1 client on asyncio streams, requests pre-encoded: an httpx client costs
+    about as much CPU per request as the server, and on a 2-core machine it would be the bottleneck."""
+    bodies = [json.dumps({"texts": t}, ensure_ascii=False).encode() for t in items]
+    requests = [b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies]
     lat, codes = [], {}
     sent = 0
     t_end = time.perf_counter() + max_seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    # TCP_NODELAY: without it, a request written as headers then body can wait ~40 ms for a delayed ACK
-    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-    async with httpx.AsyncClient(timeout=60, transport=transport) as client:
-        async def worker() -> None:
-            nonlocal sent
+    async def worker() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
             while sent < n and time.perf_counter() < t_end:
-                body = {"texts": items[sent % len(items)]}
+                req = requests[sent % len(requests)]
                 sent += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(url + "/predict", json=body)
-                    code = r.status_code
-                except httpx.HTTPError as exc:
+                    code = await _post(reader, writer, req)
+                except (OSError, asyncio.IncompleteReadError) as exc:
                     code = type(exc).__name__
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 lat.append(time.perf_counter() - t0)
                 codes[str(code)] = codes.get(str(code), 0) + 1
+        finally:
+            writer.close()
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
     lat.sort()
     q = lambda p: round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2)  # noqa: E731
     return {"requests": len(lat), "seconds": round(wall, 2), "rps": round(len(lat) / wall, 1), "p50_ms": q(0.5),
@@ -185,9 +199,9 @@ def main() -> None:
                                "--max-wait-ms", str(args.max_wait_ms)]
         proc = start(cmd, port)
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(load(url, items, 8, 40, 30))  # warm-up
+        asyncio.run(load(port, items, 8, 40, 30))  # warm-up
         for c in args.concurrency:
-            row = {"variant": variant, "concurrency": c, **asyncio.run(load(url, items, c, args.requests, args.max_seconds))}
+            row = {"variant": variant, "concurrency": c, **asyncio.run(load(port, items, c, args.requests, args.max_seconds))}
             import httpx
 
             m = httpx.get(url + "/metrics").json()
@@ -201,7 +215,7 @@ def main() -> None:
             chunk = max(1, args.memory_requests // 5)
             failed = 0
             for _ in range(5):
-                r = asyncio.run(load(url, items, 32, chunk, 600))
+                r = asyncio.run(load(port, items, 32, chunk, 600))
                 failed += r["failed"]
                 rss.append(httpx.get(url + "/metrics").json()["rss_mb"])
             results["memory"] = {"requests": 5 * chunk, "rss_mb_after_each_fifth": rss, "failed": failed,
