@@ -153,3 +153,13 @@ def test_onnx_ner_server_and_sigterm(exported, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert time.monotonic() - t0 < 10
+
+
+def test_serve_refuses_other_families(tmp_path, sample_vocab):
+    from deploy_models import tiny_finetuned
+
+    ft = tiny_finetuned(tmp_path / "c3", "c3", FIXTURES / "c3", sample_vocab)
+    # --queue 0 is refused too, later: without the family check this fails on the message, never serves
+    r = runner.invoke(app, ["serve", str(ft), "--port", str(_free_port()), "--queue", "0"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "c3 is a choice task" in text and "classify family" in text, r.output
