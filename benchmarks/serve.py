@@ -12,10 +12,11 @@ takes a real fine-tuned directory instead). Requests are real OCNLI dev pairs wh
 (variant, concurrency), stopping early after ``--max-seconds``; each variant gets a warm-up first.
 
 Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``), ``batch_off`` (``--max-batch 1``),
+the same two on the ONNX export (``onnx_on``, ``onnx_off``: ``--runtime onnx``, fp32),
 ``transformers`` (the same checkpoint loaded by ``transformers.BertForSequenceClassification``,
-one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_c32`` =
-requests/s of batch_on / batch_off at concurrency 32. Memory: RSS of the batch_on server (from
-``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
+one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
+= requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
+server (from ``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
 
 On a shared machine the load generator competes with the server for the same cores: read the
 figures as ratios within one run.
@@ -169,7 +170,8 @@ def main() -> None:
     ap.add_argument("--model", help="A fine-tuned sentence-pair checkpoint (default: a random --config one).")
     ap.add_argument("--config", default="mini")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--variants", nargs="+", default=["batch_on", "batch_off", "transformers"])
+    ap.add_argument("--variants", nargs="+", default=["batch_on", "batch_off", "onnx_on", "onnx_off", "transformers"])
+    ap.add_argument("--memory-variant", default="batch_on", help="The variant whose RSS is followed.")
     ap.add_argument("--requests", type=int, default=400, help="Requests per (variant, concurrency).")
     ap.add_argument("--max-seconds", type=float, default=40, help="Time cap per (variant, concurrency).")
     ap.add_argument("--memory-requests", type=int, default=10_000, help="Requests for the memory check (0 = skip).")
@@ -188,15 +190,23 @@ def main() -> None:
     results: dict = {"benchmark": "serve", "model": str(model) if args.model else f"random {args.config} OCNLI",
                      "threads": args.threads, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "rows": [], "machine": machine()}
-    serve_cmd = [sys.executable, "-m", "clueforge", "serve", str(model), "--threads", str(args.threads), "--queue", "1024"]
+    onnx_dir = None
+    if any(v.startswith("onnx") for v in args.variants):
+        from clueforge.deploy.export import export_onnx
+
+        onnx_dir = Path(tempfile.mkdtemp()) / "onnx"
+        export_onnx(model, onnx_dir)
     for variant in args.variants:
         port = free_port()
         if variant == "transformers":
             cmd = [sys.executable, __file__, "--serve-transformers", str(model), "--port", str(port),
                    "--threads", str(args.threads)]
         else:
-            cmd = serve_cmd + ["--port", str(port), "--max-batch", str(args.max_batch if variant == "batch_on" else 1),
-                               "--max-wait-ms", str(args.max_wait_ms)]
+            onnx = variant.startswith("onnx")
+            cmd = [sys.executable, "-m", "clueforge", "serve", str(onnx_dir if onnx else model), "--runtime",
+                   "onnx" if onnx else "torch", "--threads", str(args.threads), "--queue", "1024", "--port", str(port),
+                   "--max-batch", str(args.max_batch if variant.endswith("_on") else 1),
+                   "--max-wait-ms", str(args.max_wait_ms)]
         proc = start(cmd, port)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load(port, items, 8, 40, 30))  # warm-up
@@ -208,7 +218,7 @@ def main() -> None:
             row["server_mean_batch"], row["server_rss_mb"] = m["mean_batch_size"], m["rss_mb"]
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-        if variant == "batch_on" and args.memory_requests:
+        if variant == args.memory_variant and args.memory_requests:
             import httpx
 
             rss = [httpx.get(url + "/metrics").json()["rss_mb"]]
@@ -218,7 +228,7 @@ def main() -> None:
                 r = asyncio.run(load(port, items, 32, chunk, 600))
                 failed += r["failed"]
                 rss.append(httpx.get(url + "/metrics").json()["rss_mb"])
-            results["memory"] = {"requests": 5 * chunk, "rss_mb_after_each_fifth": rss, "failed": failed,
+            results["memory"] = {"variant": variant, "requests": 5 * chunk, "rss_mb_after_each_fifth": rss, "failed": failed,
                                  "growth_mb": round(rss[-1] - rss[1], 1)}
             print(json.dumps(results["memory"]), flush=True)
         results.setdefault("exit_codes", {})[variant] = stop(proc)
@@ -227,11 +237,12 @@ def main() -> None:
         return next((r["rps"] for r in results["rows"] if r["variant"] == v and r["concurrency"] == c), None)
 
     for c in args.concurrency:
-        on, off, hf = rps("batch_on", c), rps("batch_off", c), rps("transformers", c)
-        if on and off:
-            results[f"batching_speedup_c{c}"] = round(on / off, 2)
-        if on and hf:
-            results[f"batch_on_vs_transformers_c{c}"] = round(on / hf, 2)
+        hf = rps("transformers", c)
+        for rt, on, off in (("torch", "batch_on", "batch_off"), ("onnx", "onnx_on", "onnx_off")):
+            if rps(on, c) and rps(off, c):
+                results[f"batching_speedup_{rt}_c{c}"] = round(rps(on, c) / rps(off, c), 2)
+            if rps(on, c) and hf:
+                results[f"{on}_vs_transformers_c{c}"] = round(rps(on, c) / hf, 2)
     write_json(args.out, results)
 
 
