@@ -210,17 +210,18 @@ def main() -> None:
         proc = start(cmd, port)
         url = f"http://127.0.0.1:{port}"
         asyncio.run(load(port, items, 8, 40, 30))  # warm-up
-        for c in args.concurrency:
-            row = {"variant": variant, "concurrency": c, **asyncio.run(load(port, items, c, args.requests, args.max_seconds))}
-            import httpx
+        import httpx
 
+        for c in args.concurrency:
+            before = httpx.get(url + "/metrics").json()
+            row = {"variant": variant, "concurrency": c, **asyncio.run(load(port, items, c, args.requests, args.max_seconds))}
             m = httpx.get(url + "/metrics").json()
-            row["server_mean_batch"], row["server_rss_mb"] = m["mean_batch_size"], m["rss_mb"]
+            batches = m["batches"] - before["batches"]  # this cell's batches (the server counts since start)
+            row["server_mean_batch"] = round((m["requests"] - before["requests"]) / max(1, batches), 2)
+            row["server_rss_mb"] = m["rss_mb"]
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         if variant == args.memory_variant and args.memory_requests:
-            import httpx
-
             rss = [httpx.get(url + "/metrics").json()["rss_mb"]]
             chunk = max(1, args.memory_requests // 5)
             failed = 0
