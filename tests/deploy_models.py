@@ -46,14 +46,23 @@ _EXPORTED: dict = {}
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, sample_vocab):
     """{task: (fine-tuned dir, export dir)} shared by the export and serving tests: AFQMC (sentence
-    pair; fp32 + int8, checked on the fixture dev set) and CLUENER (NER; fp32, checked on a sample)."""
+    pair; `clueforge export --int8`, checked on 4 of the 6 fixture dev examples) and CLUENER (NER;
+    fp32, checked on a random sample)."""
     from clueforge.deploy.export import export_onnx
 
     if _EXPORTED:  # each test module that imports this fixture gets its own instance: export once
         return _EXPORTED
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
     root = tmp_path_factory.mktemp("export")
-    for task, int8, data in (("afqmc", True, FIXTURES / "afqmc"), ("cluener", False, None)):
-        ft = tiny_finetuned(root / task, task, FIXTURES / task, sample_vocab)
-        export_onnx(ft, root / f"{task}-onnx", int8=int8, data=data)
-        _EXPORTED[task] = (ft, root / f"{task}-onnx")
+    ft = tiny_finetuned(root / "afqmc", "afqmc", FIXTURES / "afqmc", sample_vocab)
+    r = CliRunner().invoke(app, ["export", str(ft), "--format", "onnx", "--int8", "--data", str(FIXTURES / "afqmc"),
+                                 "--max-check", "4", "--out", str(root / "afqmc-onnx")])  # through the CLI
+    assert r.exit_code == 0, r.output
+    _EXPORTED["afqmc"] = (ft, root / "afqmc-onnx")
+    ft = tiny_finetuned(root / "cluener", "cluener", FIXTURES / "cluener", sample_vocab)
+    export_onnx(ft, root / "cluener-onnx")
+    _EXPORTED["cluener"] = (ft, root / "cluener-onnx")
     return _EXPORTED

@@ -26,9 +26,9 @@ def test_export_directory_and_check(exported):
     assert cfg["clueforge_task"] == json.loads((ft / "config.json").read_text())["clueforge_task"]
     assert cfg["clueforge_onnx"]["model"] == "model.int8.onnx"
     rep = json.loads((onnx_dir / "export_check.json").read_text())
-    assert rep["checked_on"].startswith("dev set")
+    assert rep["checked_on"].startswith("dev set") and "(4 examples)" in rep["checked_on"]  # --max-check 4
     fp32, int8 = rep["onnxruntime"]["fp32"], rep["onnxruntime"]["int8"]
-    assert fp32["max_abs_logit_diff"] <= 1e-4 and fp32["label_agreement"] == 1.0 and fp32["labels_compared"] == 6
+    assert fp32["max_abs_logit_diff"] <= 1e-4 and fp32["label_agreement"] == 1.0 and fp32["labels_compared"] == 4
     assert 0.0 < int8["max_abs_logit_diff"] and 0.0 <= int8["label_agreement"] <= 1.0
     assert int8["bytes"] < fp32["bytes"]
     assert fp32["dev_score"] == rep["pytorch_dev_score"]
