@@ -11,9 +11,13 @@ alternating, all under ``torch.inference_mode``; transformers with its default a
 
 Contenders: transformers fp32 (what a user runs by default) and the same model with dynamic int8
 quantisation (so the int8 comparison is like for like); clueforge fp32, bf16 and int8
-(``clueforge.model.inference.optimize_for_inference``). ``latency_ratio`` = clueforge fp32 /
-transformers fp32; ``int8_ratio`` = clueforge int8 / transformers fp32; ``int8_vs_int8`` =
-clueforge int8 / transformers int8.
+(``clueforge.model.inference.optimize_for_inference``); ONNX Runtime fp32 and int8 (the files
+``clueforge export`` writes: BERT-optimised graph, dynamic int8), sessions with the same thread
+count, their fp32 logits checked against transformers' first (skipped with ``--no-onnx``).
+``latency_ratio`` = clueforge fp32 / transformers fp32; ``int8_ratio`` = clueforge int8 /
+transformers fp32; ``int8_vs_int8`` = clueforge int8 / transformers int8; ``ort_fp32_speedup`` =
+clueforge fp32 (PyTorch eager) / ORT fp32; ``ort_int8_vs_transformers`` = transformers fp32 / ORT
+int8 (speed-ups: higher is better).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
 
+from clueforge.deploy.export import write_onnx  # noqa: E402
+from clueforge.deploy.runtime import OnnxModel  # noqa: E402
 from clueforge.model.hf import load_hf_classifier  # noqa: E402
 from clueforge.model.inference import optimize_for_inference  # noqa: E402
 from clueforge.pretrain.config import load_config  # noqa: E402
@@ -73,6 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", nargs="+", type=int, default=[1, os.cpu_count()])
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--no-onnx", action="store_true", help="Skip the ONNX Runtime rows.")
     ap.add_argument("--out", default="bench-out/inference.json")
     args = ap.parse_args()
 
@@ -94,6 +101,7 @@ def main() -> None:
         variants = {"clueforge_fp32": ours, "clueforge_bf16": optimize_for_inference(ours, "bf16"),
                     "clueforge_int8": optimize_for_inference(ours, "int8")}
         hf_int8 = torch.ao.quantization.quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
+        onnx_files = {} if args.no_onnx else write_onnx(ours.eval(), d / "onnx", int8=True)[0]
         for bs in args.batches:
             a, b = zip(*pairs(bs))
             enc = tok(list(a), list(b), truncation=True, max_length=args.seq_len, padding="max_length", return_tensors="pt")
@@ -101,11 +109,17 @@ def main() -> None:
                 ref = hf(**enc).logits
                 got = ours(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[1]
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            feed = (enc["input_ids"].numpy(), enc["attention_mask"].numpy(), enc["token_type_ids"].numpy())
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 fns = {"transformers_fp32": lambda: hf(**enc), "transformers_int8": lambda: hf_int8(**enc)}
                 for k, m in variants.items():
                     fns[k] = lambda m=m: m(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+                for k, f in onnx_files.items():
+                    sess = OnnxModel(d / "onnx" / f, threads)
+                    if k == "fp32":
+                        torch.testing.assert_close(torch.from_numpy(sess.run(*feed)), ref, atol=1e-4, rtol=1e-4)
+                    fns[f"ort_{k}"] = lambda sess=sess: sess.run(*feed)
                 times: dict[str, list[float]] = {k: [] for k in fns}
                 with torch.inference_mode():
                     for fn in fns.values():
@@ -118,6 +132,9 @@ def main() -> None:
                 row["latency_ratio"] = round(row["clueforge_fp32_ms"] / row["transformers_fp32_ms"], 3)
                 row["int8_ratio"] = round(row["clueforge_int8_ms"] / row["transformers_fp32_ms"], 3)
                 row["int8_vs_int8"] = round(row["clueforge_int8_ms"] / row["transformers_int8_ms"], 3)
+                if onnx_files:
+                    row["ort_fp32_speedup"] = round(row["clueforge_fp32_ms"] / row["ort_fp32_ms"], 3)
+                    row["ort_int8_vs_transformers"] = round(row["transformers_fp32_ms"] / row["ort_int8_ms"], 3)
                 results.append(row)
                 print(row, flush=True)
     write_json(args.out, {"benchmark": "inference", "rows": results, "machine": machine()})

@@ -6,8 +6,10 @@
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
     clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet] [--set key=value ...]
-    clueforge predict TASK --model DIR --input FILE --out FILE
+    clueforge predict TASK --model DIR --input FILE --out FILE [--runtime onnx]
     clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
+    clueforge export DIR --format onnx [--int8] [--data DIR] --out DIR
+    clueforge serve DIR [--runtime torch|onnx] --port 8000 [--max-batch 32 --max-wait-ms 5 --queue 256]
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
     clueforge benchmark fewclue --method finetune|pet|zeroshot --model PATH --data DIR --out DIR
@@ -394,17 +396,77 @@ def predict(
     model: Annotated[Path, typer.Option(help="A `finetune` output directory or the checkpoint inside it (best/, last/).")],
     input: Annotated[str, typer.Option(help="The official test file (comma-separated for several).")],
     out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
+    runtime: Annotated[str, typer.Option(help="torch (a fine-tuned checkpoint) or onnx (a `clueforge export` directory).")] = "torch",
 ) -> None:
     """Predict an official test file in the task's submission format."""
-    from clueforge.finetune.loop import predict as run
     from clueforge.tasks.io import TaskDataError
 
     _logging()
     try:
-        n = run(task, model, input, out)
+        n = _predict_runtime(task, model, input, out, runtime)
     except (KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
         _fail(_message(exc))
     console.print(f"wrote {n} predictions to {out}")
+
+
+def _predict_runtime(task: str, model: Path, input: str, out: Path, runtime: str) -> int:
+    import torch
+
+    from clueforge.deploy.runtime import load_any
+    from clueforge.finetune.loop import predict_with
+
+    t, fam, state, m, tok = load_any(model, runtime, task)
+    device = torch.device("cuda" if runtime == "torch" and torch.cuda.is_available() else "cpu")
+    return predict_with(t, fam, state, m.to(device), tok, input, out, device=device)
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="A fine-tuned checkpoint (the best/ folder of `clueforge finetune`).")],
+    out: Annotated[Path, typer.Option(help="Output directory (model.onnx, tokenizer, config, export_check.json).")],
+    format: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (dynamic int8) and run it by default.")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="The task's folder: check equivalence on its dev set (else on a random sample).")] = None,
+    max_check: Annotated[int, typer.Option(help="Dev examples checked at most (a fixed random subset).")] = 1000,
+) -> None:
+    """Export the encoder and its task head to ONNX (optimised, optionally int8) and check it against PyTorch."""
+    from clueforge.deploy.export import export_onnx
+    from clueforge.tasks.io import TaskDataError
+
+    _logging()
+    try:
+        rep = export_onnx(model, out, int8=int8, data=data, max_check=max_check, fmt=format)
+    except (KeyError, FileNotFoundError, TaskDataError, ValueError, ImportError) as exc:
+        _fail(_message(exc))
+    for kind, row in rep["onnxruntime"].items():
+        console.print(f"{kind}: {row['file']} max |Δlogit| {row['max_abs_logit_diff']:.2e}, label agreement "
+                      f"{row['label_agreement']:.4f} ({row['labels_compared']} labels)")
+    console.print(f"wrote {out} (checked on the {rep['checked_on']}; {out / 'export_check.json'})")
+    if rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] > 1e-3:
+        console.print("[bold red]error:[/] the fp32 ONNX model differs from PyTorch by more than 1e-3")
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[Path, typer.Argument(help="A fine-tuned checkpoint (torch) or a `clueforge export` directory (onnx).")],
+    runtime: Annotated[str, typer.Option(help="torch or onnx.")] = "torch",
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Requests run together at most (1 = no batching).")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting request may wait for a batch to fill.")] = 5.0,
+    queue: Annotated[int, typer.Option(help="Requests admitted and not yet answered at most; more get 503.")] = 256,
+    threads: Annotated[int, typer.Option(help="Compute threads (0 = the runtime's default).")] = 0,
+) -> None:
+    """Serve the model over HTTP (POST /predict, GET /health, GET /metrics) with dynamic batching."""
+    from clueforge.deploy.serve import Backend, serve
+
+    _logging()
+    try:
+        backend = Backend.load(model, runtime, threads)
+        serve(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, backend=backend)
+    except (KeyError, FileNotFoundError, ValueError, ImportError) as exc:
+        _fail(_message(exc))
 
 
 @app.command()
@@ -428,7 +490,7 @@ def zeroshot(
     try:
         res = run(task, model, input, out, template, calibration, prompts, batch_size, precision=precision)
     except (PromptError, KeyError, FileNotFoundError, TaskDataError, ValueError) as exc:
-        _fail(str(exc).strip("'\""))
+        _fail(_message(exc))
     console.print(f"wrote {res['examples']} predictions to {out} ({res['examples_per_s']} examples/s)")
     print(json.dumps(res, ensure_ascii=False))
 

@@ -359,7 +359,13 @@ def predict(task_name: str, model_dir: str | Path, input_file: str | Path, out_f
     """Predict an official test file into the task's submission format. Returns the row count."""
     task, fam, state, model, tok = load_finetuned(model_dir, task_name)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    return predict_with(task, fam, state, model.to(device), tok, input_file, out_file, batch_size, device)
+
+
+def predict_with(task: Task, fam, state: dict, model, tok, input_file: str | Path, out_file: str | Path,
+                 batch_size: int = 64, device=torch.device("cpu")) -> int:
+    """``predict`` for a loaded model: anything called as ``model(input_ids, attention_mask,
+    token_type_ids)`` → logits (a PyTorch ``TaskModel``, ``deploy.runtime.OnnxModel``)."""
     examples = []
     for path in str(input_file).split(","):
         examples.extend(fam.load(task, Path(path), state, False))

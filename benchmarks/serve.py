@@ -1,0 +1,251 @@
+"""`clueforge serve` under load: requests/s and p50/p99 latency at concurrency 1/8/32, batching on
+vs off, and a plain transformers BertForSequenceClassification behind the same HTTP stack.
+
+    python benchmarks/serve.py --out bench-out/serve.json
+    python benchmarks/serve.py --config tiny --requests 200 --memory-requests 2000 --out bench-out/serve-quick.json
+
+The model: a random ``--config`` (mini: 6 layers, hidden 384) sentence-pair classifier with 3
+labels, saved as a fine-tuned OCNLI checkpoint with the Chinese BERT vocabulary (``--model DIR``
+takes a real fine-tuned directory instead). Requests are real OCNLI dev pairs when
+``../shared/data`` is there. Every server is a ``clueforge serve`` subprocess on 127.0.0.1 with
+``--threads``; the load generator (one process, asyncio streams, keep-alive connections) sends ``--requests`` requests per
+(variant, concurrency), stopping early after ``--max-seconds``; each variant gets a warm-up first.
+
+Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``), ``batch_off`` (``--max-batch 1``),
+the same two on the ONNX export (``onnx_on``, ``onnx_off``: ``--runtime onnx``, fp32),
+``transformers`` (the same checkpoint loaded by ``transformers.BertForSequenceClassification``,
+one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
+= requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
+server (from ``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
+
+On a shared machine the load generator competes with the server for the same cores: read the
+figures as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BERT_VOCAB, ROOT, SHARED, machine, write_json  # noqa: E402
+
+
+def pairs(n: int) -> list[list[str]]:
+    f = SHARED / "tasks" / "ocnli" / "dev.json"
+    if f.is_file():
+        rows = [json.loads(line) for line in f.open(encoding="utf-8")][:n]
+        return [[r["sentence1"], r["sentence2"]] for r in rows]
+    return [["今天天气很好，我们一起去公园散步吧。", "天气不错，适合出门。"]] * n
+
+
+def make_model(config: str, out: Path) -> Path:
+    """A random ``config`` OCNLI classifier saved as a fine-tuned checkpoint (HF layout)."""
+    import torch
+
+    from clueforge.finetune.loop import save_checkpoint
+    from clueforge.model.heads import TaskModel
+    from clueforge.pretrain.config import load_config
+    from clueforge.tasks.registry import get_task
+
+    if not BERT_VOCAB.is_file():
+        sys.exit(f"{BERT_VOCAB} is absent: pass --model DIR (a fine-tuned checkpoint)")
+    mc = load_config(config).model
+    mc.vocab_size = sum(1 for _ in open(BERT_VOCAB, encoding="utf-8"))
+    torch.manual_seed(0)
+    task = get_task("ocnli")
+    save_checkpoint(TaskModel(mc, "sequence", 3).eval(), out, BERT_VOCAB, task, {"labels": list(task.labels), "descs": {}})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit("server did not start in 180 s")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.terminate()
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+async def _post(reader, writer, request: bytes) -> int:
+    """One request on a keep-alive connection; returns the status code."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def load(port: int, items: list[list[str]], concurrency: int, n: int, max_seconds: float) -> dict:
+    """``n`` requests from ``concurrency`` keep-alive connections (stopping after ``max_seconds``).
+    A minimal HTTP/1.1 client on asyncio streams, requests pre-encoded: an httpx client costs
+    about as much CPU per request as the server, and on a 2-core machine it would be the bottleneck."""
+    bodies = [json.dumps({"texts": t}, ensure_ascii=False).encode() for t in items]
+    requests = [b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(b), b) for b in bodies]
+    lat, codes = [], {}
+    sent = 0
+    t_end = time.perf_counter() + max_seconds
+
+    async def worker() -> None:
+        nonlocal sent
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while sent < n and time.perf_counter() < t_end:
+                req = requests[sent % len(requests)]
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    code = await _post(reader, writer, req)
+                except (OSError, asyncio.IncompleteReadError) as exc:
+                    code = type(exc).__name__
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                lat.append(time.perf_counter() - t0)
+                codes[str(code)] = codes.get(str(code), 0) + 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    lat.sort()
+    q = lambda p: round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2)  # noqa: E731
+    return {"requests": len(lat), "seconds": round(wall, 2), "rps": round(len(lat) / wall, 1), "p50_ms": q(0.5),
+            "p99_ms": q(0.99), "mean_ms": round(1000 * statistics.fmean(lat), 2),
+            "failed": sum(v for k, v in codes.items() if k != "200"), "status": codes}
+
+
+def serve_transformers(model_dir: str, port: int, max_batch: int, threads: int) -> None:
+    """Run the clueforge HTTP app with transformers' BertForSequenceClassification as the model."""
+    from transformers import BertForSequenceClassification
+
+    from clueforge.deploy.serve import Backend, serve
+
+    backend = Backend.load(model_dir, "torch", threads)
+    hf = BertForSequenceClassification.from_pretrained(model_dir).eval()
+    backend.model = lambda ids, mask, types: hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    backend.runtime = "transformers"  # Backend.infer runs it under torch.inference_mode, like ours
+    serve(model_dir, port=port, max_batch=max_batch, max_wait_ms=5, queue=1024, backend=backend)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="A fine-tuned sentence-pair checkpoint (default: a random --config one).")
+    ap.add_argument("--config", default="mini")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--variants", nargs="+", default=["batch_on", "batch_off", "onnx_on", "onnx_off", "transformers"])
+    ap.add_argument("--memory-variant", default="batch_on", help="The variant whose RSS is followed.")
+    ap.add_argument("--requests", type=int, default=400, help="Requests per (variant, concurrency).")
+    ap.add_argument("--max-seconds", type=float, default=40, help="Time cap per (variant, concurrency).")
+    ap.add_argument("--memory-requests", type=int, default=10_000, help="Requests for the memory check (0 = skip).")
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--max-wait-ms", type=float, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="Server compute threads.")
+    ap.add_argument("--out", default="bench-out/serve.json")
+    ap.add_argument("--serve-transformers", help=argparse.SUPPRESS)  # internal: the transformers server
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve_transformers:
+        return serve_transformers(args.serve_transformers, args.port, 1, args.threads)
+
+    model = Path(args.model) if args.model else make_model(args.config, Path(tempfile.mkdtemp()) / "ocnli")
+    items = pairs(500)
+    results: dict = {"benchmark": "serve", "model": str(model) if args.model else f"random {args.config} OCNLI",
+                     "threads": args.threads, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+                     "rows": [], "machine": machine()}
+    onnx_dir = None
+    if any(v.startswith("onnx") for v in args.variants):
+        from clueforge.deploy.export import export_onnx
+
+        onnx_dir = Path(tempfile.mkdtemp()) / "onnx"
+        export_onnx(model, onnx_dir)
+    for variant in args.variants:
+        port = free_port()
+        if variant == "transformers":
+            cmd = [sys.executable, __file__, "--serve-transformers", str(model), "--port", str(port),
+                   "--threads", str(args.threads)]
+        else:
+            onnx = variant.startswith("onnx")
+            cmd = [sys.executable, "-m", "clueforge", "serve", str(onnx_dir if onnx else model), "--runtime",
+                   "onnx" if onnx else "torch", "--threads", str(args.threads), "--queue", "1024", "--port", str(port),
+                   "--max-batch", str(args.max_batch if variant.endswith("_on") else 1),
+                   "--max-wait-ms", str(args.max_wait_ms)]
+        proc = start(cmd, port)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(load(port, items, 8, 40, 30))  # warm-up
+        import httpx
+
+        for c in args.concurrency:
+            before = httpx.get(url + "/metrics").json()
+            row = {"variant": variant, "concurrency": c, **asyncio.run(load(port, items, c, args.requests, args.max_seconds))}
+            m = httpx.get(url + "/metrics").json()
+            batches = m["batches"] - before["batches"]  # this cell's batches (the server counts since start)
+            row["server_mean_batch"] = round((m["requests"] - before["requests"]) / max(1, batches), 2)
+            row["server_rss_mb"] = m["rss_mb"]
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        if variant == args.memory_variant and args.memory_requests:
+            rss = [httpx.get(url + "/metrics").json()["rss_mb"]]
+            chunk = max(1, args.memory_requests // 5)
+            failed = 0
+            for _ in range(5):
+                r = asyncio.run(load(port, items, 32, chunk, 600))
+                failed += r["failed"]
+                rss.append(httpx.get(url + "/metrics").json()["rss_mb"])
+            results["memory"] = {"variant": variant, "requests": 5 * chunk, "rss_mb_after_each_fifth": rss, "failed": failed,
+                                 "growth_mb": round(rss[-1] - rss[1], 1)}
+            print(json.dumps(results["memory"]), flush=True)
+        results.setdefault("exit_codes", {})[variant] = stop(proc)
+
+    def rps(v, c):
+        return next((r["rps"] for r in results["rows"] if r["variant"] == v and r["concurrency"] == c), None)
+
+    for c in args.concurrency:
+        hf = rps("transformers", c)
+        for rt, on, off in (("torch", "batch_on", "batch_off"), ("onnx", "onnx_on", "onnx_off")):
+            if rps(on, c) and rps(off, c):
+                results[f"batching_speedup_{rt}_c{c}"] = round(rps(on, c) / rps(off, c), 2)
+            if rps(on, c) and hf:
+                results[f"{on}_vs_transformers_c{c}"] = round(rps(on, c) / hf, 2)
+    write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Export a fine-tuned model (encoder + task head) to ONNX, optimise it, optionally quantise it to
+int8, and check it against PyTorch.
+
+    clueforge export runs/ft/ocnli/best --format onnx --out runs/onnx/ocnli
+    clueforge export runs/ft/ocnli/best --format onnx --int8 --data ../shared/data/tasks/ocnli --out runs/onnx/ocnli
+    clueforge predict ocnli --model runs/onnx/ocnli --runtime onnx --input test.json --out ocnli_50k_predict.json
+
+The output directory holds ``model.onnx`` (fp32, optimised), ``model.int8.onnx`` (with
+``--int8``; then it is the one the ONNX runtime loads), ``config.json`` (the checkpoint's, task
+metadata included, plus ``clueforge_onnx`` naming the model file), the tokenizer files, and
+``export_check.json``: max |Δlogit| of each ONNX file against PyTorch eager and the agreement of
+their labels, on the task's dev set (``--data``) or else on a fixed sample of random token
+sequences of varied lengths with padding.
+
+Design choices:
+- The graph always takes the padding mask (the eager encoder skips it when a batch has no padding,
+  a data-dependent branch an exported graph must not bake in). Batch and length are dynamic, the
+  length bounded by the position table.
+- The torch.export-based exporter (``dynamo=True``, the default since PyTorch 2.9), then
+  onnxruntime's BERT optimizer (LayerNorm/GELU fusions), then ``quantize_dynamic`` (int8 weights
+  per channel, activations quantised on the fly: the usual CPU path, no calibration data).
+- Only the families whose output is one tensor of logits decoded without extra state export
+  (classification, NER); the others are refused up front, naming what is supported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from clueforge.deploy.runtime import EXPORTABLE, ONNX_KEY, OnnxModel, read_task_meta, supported_message
+
+log = logging.getLogger("clueforge.export")
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+FORMATS = ("onnx",)
+
+
+class ExportGraph(nn.Module):
+    """``TaskModel`` forward for export: the padding mask is always applied (see module doc)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        m, enc = self.model, self.model.encoder
+        mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        x = enc.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        for layer in enc.layers:
+            x = layer(x, mask)
+        if enc.final_ln is not None:
+            x = enc.final_ln(x)
+        if m.head == "sequence":
+            return m.classifier(torch.tanh(m.pooler(x[:, 0])))  # (B, C)
+        return m.classifier(x)  # (B, T, C)
+
+
+@contextmanager
+def _quiet():
+    """The exporter, optimizer and quantiser log every pass at INFO/WARNING: keep our own lines."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _to_onnx(model: nn.Module, path: Path, max_len: int) -> None:
+    graph = ExportGraph(model).eval()
+    ids = torch.full((2, 8), 5, dtype=torch.long)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max_len)
+    shapes = {k: {0: batch, 1: seq} for k in INPUTS}
+    with _quiet(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), input_names=list(INPUTS),
+                          output_names=["logits"], dynamic_shapes=shapes, dynamo=True, external_data=False,
+                          verbose=False)
+
+
+def _optimize(src: Path, dst: Path, cfg) -> dict:
+    """onnxruntime's transformers optimizer for BERT; returns its fused-operator counts."""
+    from onnxruntime.transformers import optimizer
+
+    with _quiet():
+        opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=cfg.num_heads,
+                                       hidden_size=cfg.hidden_size, opt_level=0)
+        opt.save_model_to_file(str(dst))
+        return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():  # also its "consider pre-processing" hint, which concerns static quantisation
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+
+
+def write_onnx(model: nn.Module, out_dir: Path, int8: bool = False) -> tuple[dict[str, str], dict]:
+    """``model.onnx`` (optimised fp32) and, with ``int8``, ``model.int8.onnx`` in ``out_dir``.
+    Returns ``({"fp32": name, "int8": name}, fused operator counts)``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _to_onnx(model, out_dir / "raw.onnx", model.cfg.max_position)
+    log.info("optimise: onnxruntime transformers optimizer (bert)")
+    fused = _optimize(out_dir / "raw.onnx", out_dir / "model.onnx", model.cfg)
+    (out_dir / "raw.onnx").unlink()
+    files = {"fp32": "model.onnx"}
+    if int8:
+        log.info("quantise: dynamic int8 (per-channel weights)")
+        _quantize(out_dir / "model.onnx", out_dir / "model.int8.onnx")
+        files["int8"] = "model.int8.onnx"
+    return files, fused
+
+
+def sample_features(task, tok, n: int = 64, max_len: int = 64, seed: int = 0) -> list[dict]:
+    """Random token sequences of varied lengths (second segment typed 1 for pair tasks): the
+    check's inputs when no dev set is given."""
+    rng = np.random.default_rng(seed)
+    specials = {tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
+    vocab = np.array([i for i in range(tok.get_vocab_size()) if i not in specials])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    pair = task.family == "classify" and task.fmt in ("pair", "csl")
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(3, max(4, max_len - 1)))
+        body = rng.choice(vocab, length).tolist()
+        if pair:
+            cut = length // 2
+            ids = [cls, *body[:cut], sep, *body[cut:], sep]
+            types = [0] * (cut + 2) + [1] * (length - cut + 1)
+        else:
+            ids, types = [cls, *body, sep], [0] * (length + 2)
+        out.append({"input_ids": ids, "token_type_ids": types})
+    return out
+
+
+def _logits(model, fam, features: list[dict], pad_id: int, batch_size: int = 32):
+    """Per batch: (logits as numpy, attention mask as numpy)."""
+    from clueforge.tasks.io import pad_features
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(features), batch_size):
+            ids, types, mask = pad_features(features[i:i + batch_size], pad_id)
+            out.append((model(ids, mask, types).float().numpy(), mask.numpy().astype(bool)))
+    return out
+
+
+def compare(ref: list, got: list, head: str) -> dict:
+    """Max |Δlogit| over real positions and the share of equal argmax labels."""
+    diff, same, total = 0.0, 0, 0
+    for (r, mask), (g, _) in zip(ref, got):
+        if head == "token":  # only the real tokens carry labels
+            r, g = r[mask], g[mask]
+        diff = max(diff, float(np.abs(r - g).max()))
+        same += int((r.argmax(-1) == g.argmax(-1)).sum())
+        total += int(r.shape[0])
+    return {"max_abs_logit_diff": diff, "label_agreement": same / max(1, total), "labels_compared": total}
+
+
+def export_onnx(model_dir: str | Path, out: str | Path, *, int8: bool = False, data: str | Path | None = None,
+                max_check: int = 1000, fmt: str = "onnx") -> dict:
+    """Export ``model_dir`` (a fine-tuned checkpoint) into ``out``; returns the check report."""
+    from clueforge.finetune.loop import load_finetuned, load_split, subset
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    model_dir, out = Path(model_dir), Path(out)
+    raw = read_task_meta(model_dir)
+    if ONNX_KEY in raw:
+        raise ValueError(f"{model_dir} is already an ONNX export; export its fine-tuned checkpoint instead")
+    task, fam, state, model, tok = load_finetuned(model_dir, raw["clueforge_task"]["task"])
+    if task.family not in EXPORTABLE:
+        raise ValueError(supported_message(task))
+    model.eval()
+    cfg = model.cfg
+    if data is not None:  # read before the slow export, so that a wrong --data fails at once
+        data = Path(data)
+        examples = subset(load_split(task, fam, data, task.files["dev"], state, True), max_check)
+        features = fam.encode(task, examples, tok, task.max_length, state)
+        source = f"dev set {data / task.files['dev']} ({len(examples)} examples)"
+    else:
+        examples, features = None, sample_features(task, tok, max_len=min(64, task.max_length))
+        source = f"random sample ({len(features)} sequences of 5-{min(64, task.max_length)} tokens, seed 0)"
+    pad_id = tok.token_to_id("[PAD]")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        log.info("export: %s (%s, %s head, %d layers × %d) → ONNX", model_dir, task.name, model.head,
+                 cfg.num_layers, cfg.hidden_size)
+        files, fused = write_onnx(model, tmp, int8)
+        log.info("check: PyTorch eager vs ONNX Runtime on the %s", source)
+        ref = _logits(model, fam, features, pad_id)
+        report = {"task": task.name, "family": task.family, "head": model.head, "source": model_dir.as_posix(),
+                  "checked_on": source, "fused_operators": fused, "model": files.get("int8", "model.onnx"),
+                  "onnxruntime": {}}
+        for kind, name in files.items():
+            got = _logits(OnnxModel(tmp / name), fam, features, pad_id)
+            row = compare(ref, got, model.head)
+            row["file"], row["bytes"] = name, (tmp / name).stat().st_size
+            if examples is not None:
+                row["dev_score"] = fam.score(task, fam.decode(task, [g for g, _ in got], features, examples, state),
+                                             examples)
+            report["onnxruntime"][kind] = row
+        if examples is not None:
+            report["pytorch_dev_score"] = fam.score(task, fam.decode(task, [r for r, _ in ref], features, examples,
+                                                                     state), examples)
+        report["pytorch_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+
+        raw[ONNX_KEY] = {"model": report["model"], "files": files, "format": fmt}
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False), encoding="utf-8")
+        for f in model_dir.iterdir():  # tokenizer files and any family state files, not the weights
+            if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.endswith(".bin"):
+                shutil.copyfile(f, tmp / f.name)
+        (tmp / "export_check.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return report

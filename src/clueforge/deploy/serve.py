@@ -1,0 +1,346 @@
+"""An HTTP JSON API for a fine-tuned (PyTorch) or exported (ONNX) model, with dynamic batching.
+
+    clueforge serve runs/ft/ocnli/best --port 8000
+    clueforge serve runs/onnx/ocnli --runtime onnx --port 8000 --max-batch 32 --max-wait-ms 5 --queue 256
+    curl -s 127.0.0.1:8000/predict -d '{"texts": ["他昨天去了北京。", "他去过北京。"]}'
+
+Endpoints (FastAPI on Uvicorn, bound to 127.0.0.1 unless ``--host`` says otherwise):
+
+- ``POST /predict`` one example: ``{"texts": [text]}`` for single-sentence tasks and NER,
+  ``{"texts": [text_a, text_b]}`` for sentence-pair tasks (CSL: keywords joined by "；", then the
+  abstract). Classification answers ``{"label", "scores": {label: probability}}`` (plus the label
+  description where the task has one); NER answers ``{"tags": [one per character], "entities":
+  [{"type", "text", "start", "end"}]}`` (``end`` inclusive, as in CLUENER). Labels are the task's.
+- ``GET /health``: task, runtime, labels, batching settings.
+- ``GET /metrics``: requests by status, batch-size histogram, latency p50/p90/p99 over the last
+  10,000 answered requests (submission to answer, in ms), queue depth, resident memory.
+
+Errors are ``{"error": message}``: 400 body is not a JSON object; 413 body over 1 MiB; 422 unknown
+or missing fields, wrong types, wrong number of texts, empty text, or a text longer than the model
+takes (no silent truncation: an entity or a clause cut off would be a wrong answer); 503 the queue
+is full; 500 the model failed.
+
+Batching: requests are tokenised on the event loop and wait in a queue; one worker takes up to
+``max_batch`` of them as soon as that many wait or the oldest has waited ``max_wait_ms``, and runs
+them as one padded batch in a worker thread (the event loop keeps accepting). ``--queue Q`` bounds
+the requests admitted and not yet answered (waiting or being computed); the next one gets 503 at
+once, so memory and latency stay bounded under overload. ``--max-batch 1`` turns batching off.
+The answer for an example is the one ``clueforge predict`` writes for it (the same family
+``encode``/``decode``), whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from clueforge.deploy.runtime import EXPORTABLE, load_any, supported_message
+from clueforge.text.normalize import normalize
+
+log = logging.getLogger("clueforge.serve")
+MAX_BODY = 1 << 20
+LATENCY_WINDOW = 10_000
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Backend:
+    """What the server runs: a task's family code and a model called as
+    ``model(input_ids, attention_mask, token_type_ids)`` → logits (torch tensors)."""
+
+    task: object
+    fam: object
+    state: dict
+    model: object
+    tok: object
+    runtime: str
+
+    @classmethod
+    def load(cls, model_dir: str | Path, runtime: str = "torch", threads: int = 0) -> "Backend":
+        task, fam, state, model, tok = load_any(model_dir, runtime, threads=threads)
+        if task.family not in EXPORTABLE or task.fmt == "wsc":
+            raise ValueError(supported_message(task) if task.family not in EXPORTABLE else
+                             f"{task.name} needs span annotations the server does not take; serving supports "
+                             f"single-sentence and sentence-pair classification and NER")
+        return cls(task, fam, state, model, tok, runtime)
+
+    @property
+    def n_texts(self) -> int:
+        return 2 if self.task.family == "classify" and self.task.fmt in ("pair", "csl") else 1
+
+    def parse(self, body: bytes) -> tuple[dict, dict]:
+        """Validate a request body; ``(example, feature)`` as the family's ``load``/``encode`` make them."""
+        if len(body) > MAX_BODY:
+            raise RequestError(413, f"request body is {len(body)} bytes; the limit is {MAX_BODY}")
+        try:
+            obj = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"invalid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise RequestError(400, f'expected a JSON object {{"texts": [...]}}, got {type(obj).__name__}')
+        unknown = sorted(set(obj) - {"texts"})
+        if unknown:
+            raise RequestError(422, f"unknown field {unknown[0]!r}; the only field is 'texts'")
+        if "texts" not in obj:
+            raise RequestError(422, "missing field 'texts' (a list of strings)")
+        texts = obj["texts"]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise RequestError(422, "'texts' must be a list of strings")
+        n = self.n_texts
+        if len(texts) != n:
+            kind = "a sentence pair: 2 texts" if n == 2 else "1 text"
+            raise RequestError(422, f"{self.task.name} takes {kind}, got {len(texts)}")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise RequestError(422, f"texts[{i}] is empty")
+        task, tok = self.task, self.tok
+        if task.family == "ner":
+            ex = {"id": 0, "chars": list(texts[0]), "tags": None}
+            n_tok = len(tok.encode(ex["chars"], is_pretokenized=True).ids)
+        else:
+            a, b = normalize(texts[0]), normalize(texts[1]) if n == 2 else None
+            ex = {"id": 0, "a": a, "b": b, "label": None}
+            n_tok = len((tok.encode(a, b) if b is not None else tok.encode(a)).ids)
+        if n_tok > task.max_length:
+            raise RequestError(422, f"text too long: {n_tok} tokens with [CLS]/[SEP]; this model takes at most "
+                                    f"{task.max_length}")
+        return ex, self.fam.encode(task, [ex], tok, task.max_length, self.state)[0]
+
+    def infer(self, examples: list[dict], features: list[dict]) -> list[dict]:
+        """One padded batch → one answer per example (runs in the worker thread)."""
+        batch = self.fam.collate(features, self.tok.token_to_id("[PAD]"))
+        with torch.inference_mode():
+            logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        logits = logits.float().cpu().numpy()
+        preds = self.fam.decode(self.task, [logits], features, examples, self.state)
+        if self.task.family == "ner":
+            from clueforge.tasks.metrics import bio_spans
+
+            out = []
+            for ex, tags in zip(examples, preds):
+                ents = [{"type": k, "text": "".join(ex["chars"][s:e + 1]), "start": s, "end": e}
+                        for k, s, e in sorted(bio_spans(tags), key=lambda x: x[1])]
+                out.append({"tags": tags, "entities": ents})
+            return out
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        labels, descs = self.state["labels"], self.state.get("descs") or {}
+        out = []
+        for label, row in zip(preds, p):
+            ans = {"label": label, "scores": {lab: round(float(x), 6) for lab, x in zip(labels, row)}}
+            if label in descs:
+                ans["label_desc"] = descs[label]
+            out.append(ans)
+        return out
+
+
+@dataclass
+class Metrics:
+    status: Counter = field(default_factory=Counter)
+    batch_sizes: Counter = field(default_factory=Counter)
+    latency: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    started: float = field(default_factory=time.time)
+
+    def snapshot(self) -> dict:
+        lat = np.array(self.latency) * 1000 if self.latency else None
+        pct = {f"p{q}": (round(float(np.percentile(lat, q)), 3) if lat is not None else None) for q in (50, 90, 99)}
+        batches = sum(self.batch_sizes.values())
+        return {
+            "requests": sum(self.status.values()), "by_status": {str(k): v for k, v in sorted(self.status.items())},
+            "batches": batches, "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "mean_batch_size": round(sum(k * v for k, v in self.batch_sizes.items()) / batches, 3) if batches else None,
+            "latency_ms": {**pct, "window": len(self.latency)}, "uptime_s": round(time.time() - self.started, 1),
+            "rss_mb": rss_mb(),
+        }
+
+
+def rss_mb() -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class _Item:
+    example: dict
+    feature: dict
+    future: asyncio.Future
+    t0: float
+
+
+class Batcher:
+    """A bounded queue of requests and the one worker that runs them in batches."""
+
+    def __init__(self, backend: Backend, metrics: Metrics, max_batch: int, max_wait_ms: float, capacity: int):
+        self.backend, self.metrics = backend, metrics
+        self.max_batch, self.max_wait, self.capacity = max_batch, max_wait_ms / 1000, capacity
+        self.pending: deque[_Item] = deque()
+        self.admitted = 0
+        self.wake = asyncio.Event()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="clueforge-infer")
+        self.task: asyncio.Task | None = None
+
+    def submit(self, example: dict, feature: dict) -> asyncio.Future:
+        if self.admitted >= self.capacity:
+            raise QueueFull
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(_Item(example, feature, fut, time.perf_counter()))
+        self.admitted += 1
+        self.wake.set()
+        return fut
+
+    async def _next_batch(self) -> list[_Item]:
+        while not self.pending:
+            self.wake.clear()
+            await self.wake.wait()
+        deadline = self.pending[0].t0 + self.max_wait
+        while len(self.pending) < self.max_batch:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                break
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        return [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            try:
+                answers = await loop.run_in_executor(self.pool, self.backend.infer, [b.example for b in batch],
+                                                     [b.feature for b in batch])
+            except Exception as exc:  # the model failed: every request of the batch gets a 500
+                log.exception("inference failed")
+                for b in batch:
+                    if not b.future.done():
+                        b.future.set_exception(exc)
+            else:
+                for b, ans in zip(batch, answers):
+                    if not b.future.done():
+                        b.future.set_result(ans)
+            finally:
+                self.admitted -= len(batch)
+                self.metrics.batch_sizes[len(batch)] += 1
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        while self.pending:
+            b = self.pending.popleft()
+            if not b.future.done():
+                b.future.set_exception(QueueFull())
+        self.pool.shutdown(wait=True)
+
+
+def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256):
+    """The FastAPI application (the caller runs it under Uvicorn)."""
+    if max_batch < 1 or queue < 1 or max_wait_ms < 0:
+        raise ValueError(f"--max-batch {max_batch}, --queue {queue}, --max-wait-ms {max_wait_ms}: "
+                         f"batch and queue must be ≥ 1, wait ≥ 0")
+    metrics = Metrics()
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state["batcher"] = Batcher(backend, metrics, max_batch, max_wait_ms, queue)
+        state["batcher"].start()
+        yield
+        await state["batcher"].stop()
+
+    app = FastAPI(title=f"clueforge {backend.task.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str) -> JSONResponse:
+        metrics.status[status] += 1
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        t0 = time.perf_counter()
+        try:
+            example, feature = backend.parse(await request.body())
+        except RequestError as exc:
+            return error(exc.status, exc.message)
+        try:
+            fut = state["batcher"].submit(example, feature)
+        except QueueFull:
+            return error(503, f"queue full ({queue} requests waiting or running); retry later")
+        try:
+            answer = await fut
+        except QueueFull:
+            return error(503, "server shutting down")
+        except Exception as exc:
+            return error(500, f"inference failed: {type(exc).__name__}: {exc}")
+        metrics.status[200] += 1
+        metrics.latency.append(time.perf_counter() - t0)
+        return answer
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "task": backend.task.name, "family": backend.task.family, "runtime": backend.runtime,
+                "texts_per_request": backend.n_texts, "max_length": backend.task.max_length,
+                "labels": backend.state["labels"], "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue": queue}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        b = state.get("batcher")
+        return {**metrics.snapshot(), "queue": {"capacity": queue, "admitted": b.admitted if b else 0,
+                                                "waiting": len(b.pending) if b else 0}}
+
+    return app
+
+
+def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0.1", port: int = 8000,
+          max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256, threads: int = 0,
+          backend: Backend | None = None) -> None:
+    """Load the model and serve until SIGTERM/SIGINT (Uvicorn's graceful shutdown: in-flight
+    requests are answered, then the process exits 0)."""
+    import uvicorn
+
+    backend = backend or Backend.load(model_dir, runtime, threads)
+    app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue)
+    log.info("serving %s (%s runtime, batch ≤ %d, wait ≤ %g ms, queue %d) on http://%s:%d", backend.task.name,
+             backend.runtime, max_batch, max_wait_ms, queue, host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5, lifespan="on")
+    # Uvicorn answers SIGTERM/SIGINT with a graceful shutdown, then re-raises the signal to the
+    # handler it found: with the defaults the process would die by the signal (exit -15) or raise
+    # KeyboardInterrupt after a clean stop. A no-op handler makes the stop an ordinary exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(config).run()
