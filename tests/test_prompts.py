@@ -285,7 +285,7 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     assert acc["right"] >= 90 and acc["swapped"] <= 40, acc
     meta = json.loads((tmp_path / "right" / "best" / "config.json").read_text())["clueforge_task"]
     assert meta["method"] == "pet" and meta["prompt"]["verbalizer"] == {"Negative": "不", "Positive": "很"}
-    out = tmp_path / "eprstmtf_predict.json"
+    out = tmp_path / "eprstmt_predict.json"
     assert predict("fewclue-eprstmt", tmp_path / "right" / "best", data / "test.json", out) == 50
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(50)) and {r["label"] for r in rows} <= {"Positive", "Negative"}

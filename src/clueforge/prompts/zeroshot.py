@@ -1,7 +1,7 @@
 """Zero-shot prediction with a template and verbalizer, no training.
 
     clueforge zeroshot fewclue-eprstmt --model runs/mini/final \\
-        --input ../shared/data/tasks/fewclue/eprstmt/test.json --out sub/eprstmtf_predict.json \\
+        --input ../shared/data/tasks/fewclue/eprstmt/test.json --out sub/eprstmt_predict.json \\
         [--template satisfied] [--calibration none|pmi|contextual] [--prompts my_prompts.yaml]
 
 Works on any clueforge or local Hugging Face BERT masked-LM directory. Writes the task's official
