@@ -289,3 +289,107 @@ def test_kb_tsv_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         kb.save(path)
     assert path.read_text(encoding="utf-8") == "old\tkb\tfile\n"  # the old file, whole
+
+
+# ---- issue 10 audit -------------------------------------------------------------------------------
+
+def _fewclue_tnews_root(tmp_path: Path) -> Path:
+    """A root holding only FewCLUE's TNEWS folder (its ``tnews/`` name is CLUE's too)."""
+    root = tmp_path / "data"
+    (root / "tnews").mkdir(parents=True)
+    for f in ("test.json", "train_0.json", "dev_0.json"):
+        (root / "tnews" / f).write_text((LB / "fewclue" / "tnews" / "test.json").read_text(encoding="utf-8"),
+                                        encoding="utf-8")
+    return root
+
+
+def test_clue_file_is_never_checked_against_fewclue_test_data(tmp_path):
+    root = _fewclue_tnews_root(tmp_path)
+    sub = tmp_path / "sub"
+    _write(sub / "tnews11_predict.json", _valid_rows(TASKS["fewclue-tnews"], root))
+    assert task_dir(root, TASKS["tnews"]) is None and task_dir(root, TASKS["fewclue-tnews"]) == root / "tnews"
+    _, problems = validate_and_zip(sub, root)
+    assert problems == [f"tnews11_predict.json: no test data for tnews under {root}: {root / 'tnews'} holds FewCLUE "
+                        f"data (train_0.json / dev_0.json, or a fewclue/ folder), not CLUE's; put CLUE's release "
+                        f"folder tnews_public/ (or tnews/) under the root"]
+    assert not (sub / "submission.zip").exists()
+    # FewCLUE's layout without the split files (a test-only fewclue/ folder) is refused as well
+    assert task_dir(LB / "fewclue", TASKS["tnews"]) is None
+    assert task_dir(LB / "fewclue" / "tnews", TASKS["tnews"]) is None
+    assert task_dir(LB / "fewclue", TASKS["fewclue-tnews"]) == LB / "fewclue" / "tnews"
+
+
+def test_clue_release_folder_is_found_before_a_fewclue_folder(tmp_path):
+    root = _fewclue_tnews_root(tmp_path)
+    (root / "tnews_public").mkdir()
+    (root / "tnews_public" / "test.json").write_text((FIX / "tnews" / "test.json").read_text(encoding="utf-8"),
+                                                     encoding="utf-8")
+    assert task_dir(root, TASKS["tnews"]) == root / "tnews_public"
+    sub = tmp_path / "sub"
+    _write(sub / "tnews11_predict.json", _valid_rows(TASKS["tnews"], FIX))
+    _, problems = validate_and_zip(sub, root)
+    assert problems == []
+
+
+@pytest.mark.parametrize("wrong,expected", [("iflytek_predict_all.json", ["iflytekf_predict_all.json"]),
+                                            ("csl_predict_0.json", ["cslf_predict_0.json", "csldcp_predict_0.json"]),
+                                            ("tnews_predict_3.json", ["tnewsf_predict_3.json"]),
+                                            ("afqmc_predict_0.json", ["afqmc_predict.json"])])
+def test_five_split_suffix_suggests_fewclue_names_only(tmp_path, wrong, expected):
+    _write(tmp_path / wrong, [{"id": 0, "label": "1"}])
+    _, problems = validate_and_zip(tmp_path, LB)
+    assert problems == [f"{wrong}: not a leaderboard file name; expected {' or '.join(expected)}"]
+
+
+def test_stale_zip_is_removed_when_the_check_cannot_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    _write(tmp_path / "afqmc_predict.json", _valid_rows(TASKS["afqmc"], FIX))
+    zip_path, problems = validate_and_zip(tmp_path, FIX)
+    assert problems == [] and zip_path.is_file()
+    res = CliRunner().invoke(app, ["submit", str(tmp_path), "--data", str(tmp_path / "no-such-root")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert not zip_path.exists()
+    assert "removed the stale" in " ".join(res.output.split())
+
+
+def test_files_of_different_leaderboards_are_not_zipped_together(tmp_path):
+    _write(tmp_path / "afqmc_predict.json", _valid_rows(TASKS["afqmc"], FIX))
+    _write(tmp_path / "eprstmt_predict.json", _valid_rows(TASKS["fewclue-eprstmt"], LB))
+    _write(tmp_path / "eprstmt_predict_0.json", _valid_rows(TASKS["fewclue-eprstmt"], LB))
+    (tmp_path / "submission.zip").write_text("stale")
+    _, problems = validate_and_zip(tmp_path, FIX)
+    mixed = [p for p in problems if p.startswith("files of several leaderboards")]
+    assert mixed == ["files of several leaderboards in one folder; zip each board's files on their own: "
+                     "CLUE 1.1: afqmc_predict.json; FewCLUE: eprstmt_predict.json; "
+                     "FewCLUE five-split: eprstmt_predict_0.json"]
+    assert not (tmp_path / "submission.zip").exists()
+
+
+def test_kgclue_scores_the_tail_only():
+    """Official evaluate_f1_em.py: Score = 0.5·EM_O + 0.5·F1_O — head and relation are not scored."""
+    task = TASKS["kgclue"]
+    gold = ("刘晓华（广东工业大学教授）", "主讲课程", "《固体物理》")
+    ex = [{"gold": gold, "candidates": [gold]}]
+    s = kgclue.score(task, [("刘晓华", "教授课程", "《固体物理》")], ex)
+    assert s["em"] == 100 and s["f1"] == 100 and s["score"] == 100
+    s = kgclue.score(task, [gold[:2] + ("固体物理",)], ex)  # same head and relation, other tail
+    assert s["em"] == 0 and s["f1"] == pytest.approx(100 * 2 * 4 / (4 + 6))
+
+
+# CMRC2018 F1 by hand with the official mixed_segmentation: punctuation of its list dropped without
+# ending the run, a CJK character per token, every other run nltk.word_tokenize'd.
+@pytest.mark.parametrize("pred,answers,tokens,f1", [
+    ("10km", ["约10km"], ["10km"], 2 * 1 * 0.5 / 1.5),  # ['10km'] vs ['约', '10km']
+    ("50％", ["约50％"], ["50％"], 2 * 1 * 0.5 / 1.5),
+    ("2cm（0.79", ["2cm0.79英寸"], ["2cm0.79"], 2 * 1 * (1 / 3) / (4 / 3)),  # （ dropped inside the run
+    ("don't know", ["i don't know"], ["do", "n't", "know"], 2 * 1 * 0.75 / 1.75),
+    ("hello, world", ["hello world"], ["hello", ",", "world"], 2 * (1 / 3) * 0.5 / (1 / 3 + 0.5)),
+])
+def test_cmrc_f1_uses_the_official_segmentation(pred, answers, tokens, f1):
+    from clueforge.tasks.metrics import _cmrc_segment, cmrc_f1
+
+    assert _cmrc_segment(pred) == tokens
+    assert cmrc_f1(pred, answers) == pytest.approx(f1)

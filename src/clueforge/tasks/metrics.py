@@ -1,7 +1,8 @@
 """Task metrics, each the official scorer's formula.
 
 - accuracy (classification, choice);
-- CMRC2018/DRCD: the official EM and F1, reported separately (the leaderboard ranks by EM);
+- CMRC2018/DRCD: the official ``cmrc2018_evaluate.py`` EM and F1, reported separately (the
+  leaderboard ranks by EM); F1's non-Chinese runs are tokenised with nltk as the official script does;
 - MSRA NER: entity-level micro P/R/F1 over ``(type, start, end)`` spans;
 - CLUENER: the official ``score.py`` — per type, F1 over the entity *strings* of each line (the
   keys of its label dict), then the macro average over the 10 types;
@@ -12,13 +13,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 # The official CMRC2018 evaluation's punctuation list, kept as a list of strings on purpose: its
 # membership test is per character, so the two-character entry "……" never matches a single "…".
 _CMRC_SP = ["-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=", "，", "。", "：", "？", "！", "“", "”", "；", "’", "《",
             "》", "……", "·", "、", "「", "」", "（", "）", "－", "～", "『", "』"]
-_WORD = re.compile(r"\d+(?:[.,]\d+)*|\w+|[^\w\s]")
 
 
 def accuracy(pred: list, gold: list) -> float:
@@ -27,10 +28,22 @@ def accuracy(pred: list, gold: list) -> float:
     return sum(p == g for p, g in zip(pred, gold)) / len(gold)
 
 
+@functools.cache
+def _nltk_words():
+    """nltk's ``NLTKWordTokenizer`` (regular expressions only: no data download). It is what
+    ``nltk.word_tokenize`` runs on each sentence; ``word_tokenize`` first splits sentences with the
+    Punkt model (a data download), which only matters for a sentence-final period inside a
+    non-Chinese run that goes on after it ("a. b") — a case the answers practically never have."""
+    from nltk.tokenize import NLTKWordTokenizer
+
+    return NLTKWordTokenizer().tokenize
+
+
 def _cmrc_segment(text: str) -> list[str]:
-    """CMRC's ``mixed_segmentation(rm_punc=True)``: listed punctuation dropped, each CJK character
-    a token, other runs split into words and symbols (the official script's nltk ``word_tokenize``,
-    approximated by a regular expression: numbers like 3.14 stay whole)."""
+    """CMRC's ``mixed_segmentation(rm_punc=True)``: listed punctuation dropped (without ending the
+    current run: "2cm（0.79" is one run "2cm0.79"), each CJK character a token, every other run
+    tokenised by nltk as the official script does ("10km", "50％", "2cm0.79" stay whole; "don't" is
+    "do", "n't")."""
     out: list[str] = []
     buf = ""
     for ch in str(text).lower().strip():
@@ -38,13 +51,13 @@ def _cmrc_segment(text: str) -> list[str]:
             continue
         if re.match(r"[\u4e00-\u9fa5]", ch):
             if buf:
-                out.extend(_WORD.findall(buf))
+                out.extend(_nltk_words()(buf))
                 buf = ""
             out.append(ch)
         else:
             buf += ch
     if buf:
-        out.extend(_WORD.findall(buf))
+        out.extend(_nltk_words()(buf))
     return out
 
 

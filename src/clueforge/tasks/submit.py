@@ -10,8 +10,10 @@ the file, the line (or id) and what is wrong, before anything is zipped:
   candidate index, a well-formed ``head ||| relation ||| tail``, a label dict).
 
 An incomplete suite is allowed but reported (which CLUE 1.1 / FewCLUE files are missing), as are
-the files the zip leaves out. When validation fails, a ``submission.zip`` left by an earlier run is
-removed, so a stale zip is never mistaken for the current predictions.
+the files the zip leaves out. Files of different leaderboards (CLUE 1.1, FewCLUE single-split,
+FewCLUE five-split, KgCLUE, CLUENER, …) are never zipped together: each board scores its own zip.
+When validation fails, or the check cannot run at all (a wrong ``--data``), a ``submission.zip``
+left by an earlier run is removed, so a stale zip is never mistaken for the current predictions.
 """
 
 from __future__ import annotations
@@ -27,31 +29,74 @@ from pathlib import Path
 from clueforge.tasks.io import TaskDataError
 from clueforge.tasks.registry import FEWCLUE_SPLITS, SUITES, TASKS, Task, resolve_file, submission_names
 
-# Where a task's files live under a data root: the official CLUE release names and this project's
-# ../shared/data/tasks layout.
+# Where a task's files live under a data root. CLUE tasks: the official release folders first
+# (``<task>_public``, as the CLUE downloads unpack: ``tnews_public``, ``cluewsc2020_public``, …), then
+# this project's ../shared/data/tasks names. FewCLUE tasks: ``fewclue/<task>`` first.
 _FOLDERS = {"msra-ner": ["msra_ner", "msra"], "cluewsc2020": ["cluewsc2020", "cluewsc"], "c3": ["c3"],
             "cmrc2018": ["cmrc2018", "cmrc"], "kgclue": ["kgclue"]}
+# FewCLUE's layout reuses CLUE's short names (tnews, iflytek, ocnli, csl, chid, ...); its folders are
+# recognisable by the five-split files. Such a folder never stands for a CLUE task's test data.
+FEWCLUE_MARKERS = ("train_0.json", "dev_0.json")
 ZIP_NAME = "submission.zip"
 
 
-def task_dir(root: Path, task: Task) -> Path | None:
-    """The folder of ``task`` under ``root`` (``root`` itself if it holds the task's files)."""
-    root = Path(root)
+def is_fewclue_folder(folder: Path) -> bool:
+    """Whether ``folder`` is FewCLUE's: it holds the five-split files (``train_0.json`` /
+    ``dev_0.json``) or sits in a ``fewclue/`` folder (FewCLUE's layout, test files only)."""
+    folder = Path(folder).absolute()
+    return folder.parent.name.lower() == "fewclue" or any((folder / m).is_file() for m in FEWCLUE_MARKERS)
+
+
+def _task_candidates(root: Path, task: Task) -> list[Path]:
     short = task.name.removeprefix("fewclue-")
-    names = _FOLDERS.get(task.name, []) + [task.name, short, f"{short}_public"]
-    candidates = [root] + [root / n for n in names]
     if task.name.startswith("fewclue-"):
-        candidates = [root / "fewclue" / short, root / short] + candidates
-    for c in candidates:
-        files = task.files.get("test", "").split(",") + task.files.get("dev", "").split(",")
-        if any((c / f).is_file() for f in files if f):
+        names = ["fewclue/" + short, short, task.name]
+    else:
+        names = [f"{task.name}_public", f"{short}_public"] + _FOLDERS.get(task.name, []) + [task.name, short]
+    return [root / n for n in dict.fromkeys(names)] + [root]
+
+
+def _holds_task(folder: Path, task: Task) -> bool:
+    files = task.files.get("test", "").split(",") + task.files.get("dev", "").split(",")
+    return any((folder / f).is_file() for f in files if f)
+
+
+def task_dir(root: Path, task: Task) -> Path | None:
+    """The folder of ``task`` under ``root`` (``root`` itself if it holds the task's files). For a
+    CLUE task a FewCLUE folder (``is_fewclue_folder``) is never taken: FewCLUE's ``tnews/test.json``
+    is not CLUE TNEWS' test file."""
+    for c in _task_candidates(Path(root), task):
+        if _holds_task(c, task) and (task.name.startswith("fewclue-") or not is_fewclue_folder(c)):
             return c
     return None
+
+
+def missing_task_dir_reason(root: Path, task: Task) -> str:
+    """Why ``task_dir`` found no folder: names the FewCLUE folders it refused for a CLUE task."""
+    root = Path(root)
+    few = [c for c in _task_candidates(root, task) if _holds_task(c, task) and is_fewclue_folder(c)]
+    if few and not task.name.startswith("fewclue-"):
+        return (f"no test data for {task.name} under {root}: {', '.join(map(str, few))} holds FewCLUE data "
+                f"({' / '.join(FEWCLUE_MARKERS)}, or a fewclue/ folder), not CLUE's; put CLUE's release folder "
+                f"{task.name}_public/ (or {task.name}/) under the root")
+    return f"no test data for {task.name} under {root}"
 
 
 def leaderboard_files() -> dict[str, Task]:
     """Every official prediction file name → its task."""
     return {name: t for t in TASKS.values() for name in submission_names(t)}
+
+
+_OWN_BOARDS = {"kgclue": "KgCLUE", "cluener": "CLUENER", "msra-ner": "MSRA-NER", "drcd": "DRCD"}
+
+
+def leaderboard_of(name: str) -> str:
+    """The leaderboard an official file name is submitted to: CLUE 1.1, FewCLUE (single files),
+    FewCLUE five-split (``_0`` … ``_4``, ``_all``), or a task's own board (KgCLUE, CLUENER, …)."""
+    task = leaderboard_files()[name]
+    if task.name.startswith("fewclue-"):
+        return "FewCLUE" if name == task.submission else "FewCLUE five-split"
+    return _OWN_BOARDS.get(task.name, "CLUE 1.1")
 
 
 def expected_suite_files() -> dict[str, tuple[str, ...]]:
@@ -62,25 +107,35 @@ def expected_suite_files() -> dict[str, tuple[str, ...]]:
             "FewCLUE five-split": tuple(f"{s}_{k}.json" for s in few for k in FEWCLUE_SPLITS)}
 
 
+def _close_stems(stem: str, stems: list[str]) -> list[str]:
+    """The stems ``stem`` most likely meant: itself, the known stems it shortens, the longest one it
+    extends, else the most similar (none when nothing is similar enough)."""
+    if stem in stems:
+        return [stem]
+    if longer := sorted((k for k in stems if k.startswith(stem)), key=len):
+        return longer
+    if shorter := [k for k in stems if stem.startswith(k)]:
+        return [max(shorter, key=len)]
+    ratio = {k: difflib.SequenceMatcher(None, stem, k).ratio() for k in stems}
+    best = max(ratio.values())
+    return sorted((k for k, r in ratio.items() if r >= max(0.6, best - 0.05)), key=lambda k: -ratio[k])
+
+
 def _expected_names(name: str) -> list[str]:
-    """The official names a wrong ``name`` most likely meant: same task stem (a known stem it
-    shortens, or the longest one it extends, else the most similar), same five-split suffix."""
+    """The official names a wrong ``name`` most likely meant. A five-split suffix (``_0`` … ``_4``,
+    ``_all``) exists only on FewCLUE, so with one only FewCLUE names are suggested
+    (``iflytek_predict_all.json`` → ``iflytekf_predict_all.json``, not CLUE's ``iflytek_predict.json``);
+    only when no FewCLUE task is close is the CLUE single file named (``afqmc_predict_0.json`` →
+    ``afqmc_predict.json``)."""
     stem, _, rest = name.partition("_predict")
     m = re.fullmatch(r"_([0-4]|all)\.json", rest)
     split = m.group(1) if m else None
     stems = {t.submission.removesuffix("_predict.json"): t for t in TASKS.values()}
-    if stem in stems:
-        close = [stem]
-    elif longer := sorted((k for k in stems if k.startswith(stem)), key=len):
-        close = longer
-    elif shorter := [k for k in stems if stem.startswith(k)]:
-        close = [max(shorter, key=len)]
-    else:
-        ratio = {k: difflib.SequenceMatcher(None, stem, k).ratio() for k in stems}
-        best = max(ratio.values())
-        close = sorted((k for k, r in ratio.items() if r >= max(0.6, best - 0.05)), key=lambda k: -ratio[k])
-    few = {k for k in close if stems[k].name.startswith("fewclue-")}
-    return [f"{k}_predict_{split}.json" if split and k in few else f"{k}_predict.json" for k in close]
+    if split:
+        few = [k for k, t in stems.items() if t.name.startswith("fewclue-")]
+        if close := _close_stems(stem, few):
+            return [f"{k}_predict_{split}.json" for k in close]
+    return [f"{k}_predict.json" for k in _close_stems(stem, list(stems))]
 
 
 def _rows(path: Path, as_object: bool):
@@ -109,7 +164,7 @@ def validate_file(path: Path, task: Task, data_root: Path) -> list[str]:
     fam = importlib.import_module(f"clueforge.tasks.{task.family}")
     folder = task_dir(data_root, task)
     if folder is None:
-        return [f"{path.name}: no test data for {task.name} under {data_root}"]
+        return [f"{path.name}: {missing_task_dir_reason(data_root, task)}"]
     test_files = [resolve_file(task, folder / f) for f in task.files["test"].split(",")]
     missing = [str(f) for f in test_files if not f.is_file()]
     if missing:
@@ -201,6 +256,12 @@ def check_submission(pred_dir: Path, data_root: Path) -> SubmissionCheck:
             check.problems.extend(validate_file(f, known[f.name], data_root))
         except (TaskDataError, FileNotFoundError) as exc:
             check.problems.append(str(exc))
+    boards: dict[str, list[str]] = {}
+    for f in check.files:
+        boards.setdefault(leaderboard_of(f.name), []).append(f.name)
+    if len(boards) > 1:  # each board scores its own zip: the others' files would be lost or fail it
+        check.problems.append("files of several leaderboards in one folder; zip each board's files on their own: "
+                              + "; ".join(f"{b}: {', '.join(n)}" for b, n in boards.items()))
     present = {f.name for f in check.files}
     for suite, names in expected_suite_files().items():
         have = [n for n in names if n in present]
@@ -227,8 +288,15 @@ def write_zip(files: list[Path], out_zip: Path) -> Path:
 
 def submit(pred_dir: Path, data_root: Path, out_zip: Path | None = None) -> tuple[Path, SubmissionCheck]:
     """Check ``pred_dir``; zip its files when all are valid, else remove a stale zip (noted)."""
-    check = check_submission(pred_dir, data_root)
     out_zip = Path(out_zip or Path(pred_dir) / ZIP_NAME)
+    try:
+        check = check_submission(pred_dir, data_root)
+    except Exception as exc:  # e.g. a wrong --data: the old zip must not outlive a failed check either
+        if out_zip.exists():
+            out_zip.unlink()
+            if isinstance(exc, TaskDataError):
+                raise TaskDataError(f"{exc}; removed the stale {out_zip}") from None
+        raise
     if not check.problems:
         write_zip(check.files, out_zip)
     elif out_zip.exists():
