@@ -2,10 +2,12 @@
 examples that string presence cannot solve, same-type replacement, triple-text sentences that
 mention head and tail, the ``replace_share`` option, and the one-pass sentence index."""
 
+import json
 import logging
 import random
 
 import numpy as np
+from pathlib import Path
 import pytest
 
 from clueforge.corpus.build import BuildConfig, build_corpus
@@ -196,3 +198,79 @@ def test_sentence_index_matches_a_scan_and_preparation_reports_progress(kg, capl
     for pos in range(0, sh.ids.size, 7):
         k = np.searchsorted(starts, pos, side="right") - 1
         assert kd.index.bounds(0, pos) == (int(starts[k]), int(starts[k + 1]) if k + 1 < starts.size else sh.ids.size)
+
+
+REAL = Path("/work/shared/data")
+
+
+def _split_rule_accuracy(feature: list, labels: list) -> float:
+    """A rule fitted on the first half (majority label per feature value, else the overall majority)
+    scored on the second half: what memorising that one feature earns on unseen samples."""
+    half = len(labels) // 2
+    groups: dict = {}
+    for f, y in zip(feature[:half], labels[:half]):
+        groups.setdefault(f, []).append(y)
+    default = max(set(labels[:half]), key=labels[:half].count)
+    rule = {f: max(set(g), key=g.count) for f, g in groups.items()}
+    return sum(rule.get(f, default) == y for f, y in zip(feature[half:], labels[half:])) / (len(labels) - half)
+
+
+@pytest.fixture(scope="module")
+def real_slice(tmp_path_factory):
+    """The real corpus's documents that mention a KG head with one of its tails (where relation
+    positives can come from) and 1,500 others that mention a head, built with the real knowledge files."""
+    if not (REAL / "corpus" / "corpus.jsonl").is_file() or not (REAL / "kg" / "kgclue_triples.tsv").is_file():
+        pytest.skip(f"real data not available under {REAL}")
+    import ahocorasick_rs
+
+    triples = load_triples(REAL / "kg" / "kgclue_triples.tsv")
+    tails: dict[str, list[str]] = {}
+    for h, _, t in triples:
+        tails.setdefault(entity_name(h), []).append(t)
+    names = [n for n in tails if len(n) >= 2]
+    ac = ahocorasick_rs.AhoCorasick(names)
+    keep, others = [], 0
+    with open(REAL / "corpus" / "corpus.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            text = json.loads(line)["text"]
+            hits = {names[k] for k, _, _ in ac.find_matches_as_indexes(text)}
+            if any(len(t) >= 2 and t in text for n in hits for t in tails[n]):
+                keep.append(line)
+            elif hits and others < 1500:
+                keep.append(line)
+                others += 1
+    d = tmp_path_factory.mktemp("kgreal")
+    (d / "slice.jsonl").write_text("".join(keep), encoding="utf-8")
+    build_corpus([d / "slice.jsonl"], d / "c", BuildConfig(
+        vocab=str(REAL / "vocab" / "bert-chinese-vocab.txt"),
+        entities=(str(REAL / "kg" / "msra_entities.tsv"), str(REAL / "kg" / "medical_entities")),
+        triples=(str(REAL / "kg" / "kgclue_triples.tsv"),)))
+    return d / "c", triples
+
+
+def test_relation_classes_are_not_told_by_head_tail_or_length_on_the_real_corpus(real_slice, caplog):
+    from clueforge.pretrain.objectives import KnowledgeData
+
+    path, triples = real_slice
+    tok = load_tokenizer(path / "vocab.txt")
+    sep = special_ids(tok)["sep"]
+    with caplog.at_level(logging.WARNING, logger="clueforge.pretrain"):
+        kd = KnowledgeData(Corpus(path), tok, special_ids(tok), 128, triples=triples)
+    assert 0 < len(kd._pos) < 1000 and any("memorisation-prone" in r.getMessage() for r in caplog.records)
+    rng = np.random.default_rng(0)
+    labels, feats = [], {"head": [], "tail": [], "head length": [], "tail length": [], "tail in sentence": []}
+    for _ in range(2000):
+        ids, _, label = kd.relation(rng)
+        row = ids.tolist()
+        s = [k for k, x in enumerate(row) if x == sep]
+        sent, head, tail = row[1:s[0]], tuple(row[s[0] + 1:s[1]]), tuple(row[s[1] + 1:s[2]])
+        labels.append(int(label > 0))  # related or not: what head or tail identity separated
+        feats["head"].append(head)
+        feats["tail"].append(tail)
+        feats["head length"].append(len(head))
+        feats["tail length"].append(len(tail))
+        feats["tail in sentence"].append(any(tuple(sent[k:k + len(tail)]) == tail for k in range(len(sent))))
+    majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
+    assert majority < 0.56
+    accuracy = {name: round(_split_rule_accuracy(f, labels), 3) for name, f in feats.items()}
+    assert all(a <= majority + 0.04 for a in accuracy.values()), (majority, accuracy)

@@ -183,6 +183,7 @@ class AuxHeads(nn.Module):
 
 
 KNOWLEDGE_OBJECTIVES = ("replace", "triple_mlm", "relation")
+RELATION_FEW = 1000  # fewer positive relation pairs than this: a warning (memorisation-prone)
 
 
 class _Progress:
@@ -256,8 +257,13 @@ class KnowledgeData:
       characters found in the same sentence (any triple's tail). The label is the relation the KG
       gives the pair (1..R), or 0 (no relation) when the KG has none. Input
       ``[CLS] sentence [SEP] head [SEP] tail [SEP]``; both strings are in the sentence in every
-      example, so string presence tells nothing; positives and negatives are drawn ½ each, the
-      negatives at the tail lengths of the positives.
+      example, so string presence tells nothing. Positives and negatives are drawn ½ each, with
+      weights that give both classes the same distribution of head entities and of tail values
+      (the negatives pair a positive head with a positive tail value, weights fitted by iterative
+      proportional fitting), so neither the head, the tail nor their lengths tell the class; on a
+      corpus without such negatives, the negatives are drawn at the tail lengths of the positives.
+      Few positives (< ``RELATION_FEW``) are logged as a warning: the objective is then
+      memorisation-prone (a model can still learn which sentences are positive).
 
     Everything is indexed once at construction (seconds on the real corpus, with progress).
     """
@@ -327,8 +333,8 @@ class KnowledgeData:
                         "sentences that mention the head are used")
 
     def _build_relation_pairs(self) -> None:
-        """``self.pairs`` (P, 7): shard, sentence start, sentence end, head start, head end, tail value,
-        relation id (0: none); ``self.tail_values``; ``self.head_tail`` (Q, 4): shard, sentence start,
+        """``self.pairs`` (P, 8): shard, sentence start, sentence end, head start, head end, tail value,
+        relation id (0: none), head entity id; ``self.tail_values``; ``self.head_tail`` (Q, 4): shard, sentence start,
         sentence end, triple index, for the sentences that mention a triple's head and tail."""
         import ahocorasick_rs
 
@@ -373,12 +379,12 @@ class KnowledgeData:
                         continue
                     seen.add(t)
                     k = known.get(t)
-                    pairs.extend((shard, a, b, hs, he, v, rel_id[self.triples[k][1]] if k is not None else 0))
+                    pairs.extend((shard, a, b, hs, he, v, rel_id[self.triples[k][1]] if k is not None else 0, e))
                     if k is not None:
                         head_tail.extend((shard, a, b, k))
             bar.advance()
         bar.close()
-        self.pairs = np.frombuffer(pairs, dtype=np.int64).reshape(-1, 7)
+        self.pairs = np.frombuffer(pairs, dtype=np.int64).reshape(-1, 8)
         self._pos = np.flatnonzero(self.pairs[:, 6] > 0)
         self._neg = np.flatnonzero(self.pairs[:, 6] == 0)
         self.head_tail = np.frombuffer(head_tail, dtype=np.int64).reshape(-1, 4)
@@ -390,18 +396,53 @@ class KnowledgeData:
             if len(self.pairs) else np.zeros(0, np.int64)
         self._pos_len = length[self._pos]
         self._neg_by_len = {int(n): self._neg[length[self._neg] == n] for n in np.unique(length[self._neg])}
+        self._balance_relation_pairs()
+
+    def _balance_relation_pairs(self, rounds: int = 200) -> None:
+        """``self._rel_pick``/``self._rel_p``: pairs and sampling weights with the same head-entity and
+        tail-value distributions in both classes. On the real corpus (169 positives) the head alone
+        told the class 0.98 of the time and the tail alone 0.97 (majority 0.50): heads and tails of
+        positives are a few dozen specific strings. Candidates: the positives and the negatives
+        that pair a positive head with a positive tail value; iterative proportional fitting then
+        scales each class to the geometric mean of the two classes' mass, per head, then per tail."""
+        self._rel_pick = self._rel_cdf = None
+        pos = self.pairs[:, 6] > 0
+        if len(self.pairs) and len(self._pos) < RELATION_FEW:
+            log.warning("relation: only %d positive pairs; the objective is memorisation-prone on so few "
+                        "(a model can learn which sentences are positive)", len(self._pos))
+        if not pos.any() or pos.all():
+            return
+        head, tail = self.pairs[:, 7], self.pairs[:, 5]
+        cand = np.flatnonzero(pos | (np.isin(head, head[pos]) & np.isin(tail, tail[pos])))
+        y, w = pos[cand], np.ones(cand.size)
+        keys = [np.unique(k[cand], return_inverse=True)[1].reshape(-1) for k in (head, tail)]
+        for _ in range(rounds):
+            for k in keys:
+                wp, wn = np.bincount(k[y], w[y], k.max() + 1), np.bincount(k[~y], w[~y], k.max() + 1)
+                m = np.sqrt(wp * wn)
+                fp = np.divide(m, wp, out=np.zeros_like(m), where=wp > 0)
+                fn = np.divide(m, wn, out=np.zeros_like(m), where=wn > 0)
+                w *= np.where(y, fp[k], fn[k])
+        keep = w > 1e-9 * w.max() if w.max() > 0 else np.zeros(w.size, bool)
+        if (keep & y).any() and (keep & ~y).any():
+            self._rel_pick, self._rel_cdf = cand[keep], np.cumsum(w[keep]) / w[keep].sum()
+        log.info("relation: %d positive and %d negative pairs matched on head and tail", int((keep & y).sum()),
+                 int((keep & ~y).sum()))
 
     def relation(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
         """``(input ids, token types, label)``; 0 = no relation."""
         if not len(self.pairs):
             raise ValueError("relation: no sentence mentions a KG head together with a KG tail value")
-        if not len(self._neg) or (len(self._pos) and rng.random() < 0.5):
+        if self._rel_pick is not None:  # head- and tail-matched classes
+            pick = self._rel_pick[min(int(np.searchsorted(self._rel_cdf, rng.random(), side="right")),
+                                      len(self._rel_pick) - 1)]
+        elif not len(self._neg) or (len(self._pos) and rng.random() < 0.5):
             pick = self._pos[rng.integers(len(self._pos))]
         else:
             side = self._neg_by_len.get(int(self._pos_len[rng.integers(len(self._pos))]), self._neg) \
                 if len(self._pos) else self._neg
             pick = side[rng.integers(len(side))]
-        shard, a, b, hs, he, v, label = (int(x) for x in self.pairs[pick])
+        shard, a, b, hs, he, v, label, _ = (int(x) for x in self.pairs[pick])
         ids = np.asarray(self.shards[shard].ids[a:b], dtype=np.int64)
         head = ids[hs - a:he - a].tolist()[:16]
         tail = self._tail_ids[v][:16]
