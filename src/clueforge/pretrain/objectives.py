@@ -249,9 +249,11 @@ class KnowledgeData:
       KG its relation signature (``kg_types``: heads with the same relations are one kind); a name
       without a type, or alone in its type, is never swapped.
     - ``triple_mlm`` (Shenzhou, ERNIE 3.0): ``[CLS] head relation tail [SEP] sentence [SEP]`` for a
-      sentence that mentions the head and the tail of the triple (only where the corpus has no
-      such sentence, one that mentions the head), tokens masked on both sides (at least one in the
-      triple), predicted by the MLM head.
+      sentence that mentions the triple's head, tokens masked on both sides (at least one in the
+      triple), predicted by the MLM head. A share ``triple_text_share`` of the examples take a
+      sentence that mentions the head and the tail (where the corpus has any), the others a
+      sentence that mentions the head: the real corpus has only ~170 head+tail sentences, too few
+      to be the whole of the objective.
     - ``relation`` (distant supervision): the candidates are pairs of KG entities that co-occur in
       a sentence: a mention of a KG head (entity channel) and a KG tail value of at least two
       characters found in the same sentence (any triple's tail). The label is the relation the KG
@@ -270,7 +272,7 @@ class KnowledgeData:
 
     def __init__(self, corpus, tokenizer, specials: dict[str, int], seq_len: int, rows=None,
                  triples: list[tuple[str, str, str]] | None = None, replace_share: float = 0.5,
-                 mask_ratio: float = 0.15, shards: list[int] | None = None):
+                 mask_ratio: float = 0.15, shards: list[int] | None = None, triple_text_share: float = 0.5):
         from clueforge.knowledge.sources import KG_TYPE, EntityTable, entity_name, kg_types
 
         if not all(sh.ent is not None for sh in corpus.shards):
@@ -278,6 +280,7 @@ class KnowledgeData:
         t0 = time.monotonic()
         self.shards, self.tok, self.sp = corpus.shards, tokenizer, specials
         self.seq_len, self.share, self.ratio = seq_len, replace_share, mask_ratio
+        self.triple_text_share = triple_text_share
         self.table = EntityTable.read(corpus.path / "entities.tsv")
         triples = list(triples or [])
         derived = kg_types(triples)
@@ -507,9 +510,10 @@ class KnowledgeData:
 
     def triple_mlm(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(masked input ids, token types, MLM labels)``."""
-        if len(self.head_tail):
+        both = len(self.head_tail) and (not len(self.triple_mentions) or rng.random() < self.triple_text_share)
+        if both:  # a sentence that mentions the head and the tail
             shard, a, b, k = (int(x) for x in self.head_tail[rng.integers(len(self.head_tail))])
-        elif len(self.triple_mentions):  # no sentence holds a head and its tail: the head alone
+        elif len(self.triple_mentions):  # a sentence that mentions the head
             shard, pos, _, e = (int(x) for x in self.triple_mentions[rng.integers(len(self.triple_mentions))])
             options = self.triples_by_entity[e]
             k = options[int(rng.integers(len(options)))]
