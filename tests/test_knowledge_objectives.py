@@ -20,7 +20,10 @@ TYPED = {"张伟": "PER", "李娜": "PER", "王芳": "PER", "刘洋": "PER", "�
 TRIPLES = [("红楼梦", "作者", "曹雪芹"), ("西游记", "作者", "吴承恩"), ("水浒传", "作者", "施耐庵"),
            ("三国演义", "作者", "罗贯中"), ("法国", "首都", "巴黎"), ("日本", "首都", "东京"), ("德国", "首都", "柏林"),
            ("意大利", "首都", "罗马"), ("李白（诗人）", "朝代", "唐朝"), ("杜甫", "朝代", "唐朝"), ("苏轼", "朝代", "宋朝"),
-           ("张伟", "职业", "医生")]
+           ("张伟", "职业", "医生"), ("红楼梦", "体裁", "小说"), ("西游记", "体裁", "小说"), ("水浒传", "体裁", "小说"),
+           ("三国演义", "体裁", "小说"), ("法国", "大洲", "欧洲"), ("日本", "大洲", "亚洲"), ("德国", "大洲", "欧洲"),
+           ("意大利", "大洲", "欧洲")]
+SINGLE = {"李白", "杜甫", "苏轼"}  # KG-only names with one relation (朝代): no type, never swapped
 
 
 def _text(seed: int = 0) -> str:
@@ -69,12 +72,13 @@ def _data(kg, **kw):
 
 
 def _type(name: str) -> str:
-    """The expected type, derived here independently: the typed list first, else the relations."""
+    """The expected type, derived here independently: the typed list first, else the relations
+    when there are at least two ("" for one: no type)."""
     if name in TYPED:
         return TYPED[name]
     rels = sorted({r for h, r, _ in TRIPLES if entity_name(h) == name})
     assert rels, name
-    return "/".join(rels)
+    return "/".join(rels) if len(rels) >= 2 else ""
 
 
 def _decode(tok, ids) -> str:
@@ -146,13 +150,22 @@ def test_replacement_keeps_the_type_and_labels_exactly_the_swapped_tokens(kg):
             inserted = _decode(tok, ids[k:e])
             replaced, n = _dictionary_name_at(kd, tok, original, p)
             assert n, "a swap replaces a whole dictionary mention"
+            assert replaced not in SINGLE and _type(replaced), replaced
             if e < len(ids) - 1:  # (a name cut by the row end is not checked)
-                assert kd.table.id(inserted) > 0 and inserted != replaced
+                assert kd.table.id(inserted) > 0 and inserted != replaced and inserted not in SINGLE
                 assert _type(inserted) == _type(replaced), (replaced, inserted)
                 swaps += 1
                 seen.add(_type(replaced))
             p, k = p + n, e
-    assert swaps > 40 and {"PER", "LOC", "作者", "首都"} <= seen
+    assert swaps > 40 and {"PER", "LOC", "体裁/作者", "大洲/首都"} <= seen
+
+
+def test_one_relation_is_no_kg_type():
+    from clueforge.knowledge.sources import kg_types
+
+    triples = [("歌A（歌曲）", "语言", "国语"), ("报B", "语言", "中文"), ("人C", "语言", "英语"),
+               ("书D", "作者", "某甲"), ("书D", "出版社", "某社"), ("书E", "出版社", "某社"), ("书E", "作者", "某乙")]
+    assert kg_types(triples) == {"书D": "KG:作者|出版社", "书E": "KG:作者|出版社"}
 
 
 def test_replace_share_sets_the_share_of_swapped_mentions(kg):

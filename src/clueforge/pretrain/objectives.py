@@ -246,8 +246,9 @@ class KnowledgeData:
     - ``replace`` (Shenzhou): a row of the corpus with a share (``replace_share``) of its dictionary
       mentions swapped for another entity of the same type; per-token labels are 1 exactly on the
       inserted tokens. Types: a typed list's type (PER, drug, …), or for a name known only from the
-      KG its relation signature (``kg_types``: heads with the same relations are one kind); a name
-      without a type, or alone in its type, is never swapped.
+      KG its relation signature when it has at least two relations (``kg_types``: heads with the
+      same relations are one kind; one relation is no type); a name without a type, or alone in
+      its type, is never swapped.
     - ``triple_mlm`` (Shenzhou, ERNIE 3.0): ``[CLS] head relation tail [SEP] sentence [SEP]`` for a
       sentence that mentions the triple's head, tokens masked on both sides (at least one in the
       triple), predicted by the MLM head. A share ``triple_text_share`` of the examples take a
