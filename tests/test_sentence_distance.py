@@ -49,17 +49,20 @@ def _best_rule_accuracy(feature: list, labels: list) -> float:
 
 def test_no_distance_class_is_told_by_one_sentence_alone(distance_data):
     sd, _ = distance_data
-    labels, a_doc, b_doc = [], [], []
+    labels, a_doc, b_doc, a_end, b_end = [], [], [], [], []
     rng = np.random.default_rng(0)
     for _ in range(1500):
         _, _, label, (i, j) = sd.distance(rng)
         labels.append(label)
         a_doc.append(int(sd.doc_count[sd.s_doc[i]]))  # what sentence A alone reveals (its document's kind)
         b_doc.append(int(sd.doc_count[sd.s_doc[j]]))
+        # whether a sentence opens or closes its document (titles, openers, sign-offs read as such)
+        a_end.append(tuple(x == sd.doc_first[sd.s_doc[i]] + k for k, x in ((0, i), (sd.doc_count[sd.s_doc[i]] - 1, i))))
+        b_end.append(tuple(x == sd.doc_first[sd.s_doc[j]] + k for k, x in ((0, j), (sd.doc_count[sd.s_doc[j]] - 1, j))))
     majority = max(labels.count(y) for y in range(3)) / len(labels)
     assert majority < 0.37
-    assert _best_rule_accuracy(a_doc, labels) <= majority + 0.03
-    assert _best_rule_accuracy(b_doc, labels) <= majority + 0.03
+    for name, f in {"A's document": a_doc, "B's document": b_doc, "A first/last": a_end, "B first/last": b_end}.items():
+        assert _best_rule_accuracy(f, labels) <= majority + 0.03, name
 
 
 def test_distance_objective_learns_on_synthetic_documents(distance_data):
@@ -69,8 +72,12 @@ def test_distance_objective_learns_on_synthetic_documents(distance_data):
 
     sd, tok = distance_data
     torch.manual_seed(0)
-    # a wider initialisation than BERT's 0.02: comparing tokens across the two segments starts on a
-    # long plateau from a small one (the different-document class stays at chance for ~1k steps)
+    # a wider initialisation than BERT's 0.02. Class 2 needs attention that matches a token of B
+    # with the same token of A; attention logits have std ~ initializer_range² · hidden, 0.013 at
+    # this width (0.31 at BERT-base's 768), so attention starts uniform and the Q·K product grows
+    # from a saddle: with 0.02 the class stays near chance (400 steps: 0.73 overall, class 2 0.29;
+    # 1,500 steps: 0.75, class 2 0.40). Widening only the Q/K weights to 0.2 learns (0.95); head or
+    # pooler init 0.2 (0.59) and lr 3e-3 (0.65) do not, so the plateau is the encoder's, not the head's.
     cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                       max_position=16, dropout=0.0, attention_dropout=0.0, initializer_range=0.2)
     encoder, head = BertForMLM(cfg).encoder, AuxHeads(32, {"distance": 3})

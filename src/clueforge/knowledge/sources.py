@@ -24,16 +24,19 @@ def entity_name(head: str) -> str:
     return _PAREN.sub("", head).strip() or head.strip()
 
 
-def kg_types(triples: list[tuple[str, str, str]]) -> dict[str, str]:
-    """A type for every KG head name: its relation signature, ``KG:<relation>|<relation>…`` (sorted).
+def kg_types(triples: list[tuple[str, str, str]], min_relations: int = 2) -> dict[str, str]:
+    """A type for the KG head names with at least ``min_relations`` relations: their relation
+    signature, ``KG:<relation>|<relation>…`` (sorted).
 
-    Heads that carry the same relations are things of one kind (``作者|出版社`` → books, ``血型`` →
-    people), so same-type entity replacement swaps a book for a book, never for a person.
+    Heads that carry the same several relations are things of one kind (``作者|出版社|页数`` →
+    books), so same-type entity replacement swaps a book for a book, never for a person. One
+    relation is no type: in ``kgclue_triples.tsv`` every head has exactly one triple, and ``语言``
+    alone groups songs, newspapers and a person; such names get no type (never swapped).
     """
     rels: dict[str, set[str]] = {}
     for h, r, _ in triples:
         rels.setdefault(entity_name(h), set()).add(r)
-    return {name: f"{KG_TYPE}:" + "|".join(sorted(rs)) for name, rs in rels.items()}
+    return {name: f"{KG_TYPE}:" + "|".join(sorted(rs)) for name, rs in rels.items() if len(rs) >= min_relations}
 
 
 def load_triples(path: str | Path) -> list[tuple[str, str, str]]:

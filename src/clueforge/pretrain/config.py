@@ -104,6 +104,9 @@ class TrainConfig:
     """KG triple file (``head<TAB>relation<TAB>tail``) for ``triple_mlm``."""
     replace_share: float = 0.5
     """``replace``: share of a row's dictionary mentions swapped for a same-type entity."""
+    triple_text_share: float = 0.5
+    """``triple_mlm``: share of examples whose sentence mentions the triple's head and tail (the
+    others: a sentence that mentions the head)."""
     seed: int = 1234
     """Seeds initialisation, data order, masking and dropout."""
     log_every: int = 10
@@ -315,7 +318,8 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "span_p": Rule(0, 1, lo_open=True), "mask_ratio": Rule(0, 1, lo_open=True, hi_open=True),
         "mask_token_prob": _PROB, "random_token_prob": _PROB, "self_distill_instance": _NONNEG,
         "self_distill_layer_weight": _NONNEG, "structure_batch_size": _ge(1), "reorder_max_segments": _ge(2),
-        "knowledge_batch_size": _ge(1), "replace_share": _PROB, "log_every": _ge(1), "eval_every": _NONNEG,
+        "knowledge_batch_size": _ge(1), "replace_share": _PROB, "triple_text_share": _PROB,
+        "log_every": _ge(1), "eval_every": _NONNEG,
         "eval_batches": _ge(1), "save_every": _ge(1), "keep_checkpoints": _NONNEG, "prefetch": _ge(1),
         "peak_tflops": _POS,
     },

@@ -209,7 +209,8 @@ def build_objectives(cfg: PretrainConfig, corpus: Corpus, tok, specials: dict) -
             raise UserError("train.knowledge_weights.triple_mlm needs train.knowledge_triples (a triple file)")
         knowledge = KnowledgeData(corpus, tok, specials, t.seq_len,
                                   triples=load_triples(t.knowledge_triples) if t.knowledge_triples else None,
-                                  replace_share=t.replace_share, mask_ratio=t.mask_ratio, shards=train_shards)
+                                  replace_share=t.replace_share, mask_ratio=t.mask_ratio, shards=train_shards,
+                                  triple_text_share=t.triple_text_share)
     aux = None
     if structure is not None or knowledge is not None:
         from clueforge.pretrain.objectives import AuxHeads, n_reorder_classes
