@@ -12,7 +12,7 @@ self-distillation). Every recipe trains for ``--steps`` optimizer steps of the s
 the table reports as extra tokens.
 
 Every recipe is pretrained with ``--pretrain-seeds`` seeds and scored on the held-out rows twice:
-under one fixed protocol (token masking 15 %, fixed masking seed, the same rows for every recipe:
+under one fixed protocol (token masking 15 %, fixed masking seed, the same 640 rows in batches of 32 for every recipe:
 ``eval_fixed_loss``/``eval_fixed_mlm_acc``, the comparable column, mean ± std over the seeds) and
 under the recipe's own final masking (``eval_own_loss``, not comparable across recipes). The first
 seed's model is fine-tuned on OCNLI, FewCLUE EPRSTMT/TNEWS/BUSTM and C3 dev with ``--seeds``
@@ -30,6 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BERT_VOCAB, CORPUS, SHARED, machine  # noqa: E402
+
+EVAL_PROTOCOL = ("eval_fixed_*: token masking 15 % (80/10/10), masking seed 0, the first 640 held-out rows in "
+                 "batches of 32 for every recipe and batch size; eval_own_*: the recipe's final masking")
 
 TASKS = ("ocnli", "fewclue-eprstmt", "fewclue-tnews", "fewclue-bustm", "c3")
 FULL_KEYS = ("masking_weights", "curriculum", "structure_weights", "knowledge_weights", "knowledge_triples",
@@ -105,8 +108,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data) if args.data else build_knowledge_corpus(work, args.docs)
     out_path = Path(args.out)
-    done = {r["recipe"]: r for r in json.loads(out_path.read_text())["rows"]
-            if "eval_fixed_loss" in r} if out_path.is_file() else {}  # rows of an older protocol are re-run
+    old = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    done = {r["recipe"]: r for r in old.get("rows", []) if "eval_fixed_loss" in r
+            } if old.get("eval_protocol") == EVAL_PROTOCOL else {}  # rows of an older protocol are re-run
     full_train = yaml.safe_load((CONFIG_DIR / "knowledge.yaml").read_text())["train"]
     full_train["knowledge_triples"] = str(SHARED / "kg" / "kgclue_triples.tsv")
     small = {"structure_batch_size": 4, "knowledge_batch_size": 4}
@@ -166,8 +170,7 @@ def _write(out_path: Path, args, rows: list[dict]) -> None:
     out_path.write_text(json.dumps({"benchmark": "recipes", "config": args.config, "steps": args.steps,
                           "batch_size": args.batch_size, "seq_len": args.seq_len, "seeds": args.seeds,
                           "pretrain_seeds": args.pretrain_seeds,
-                          "eval_protocol": "eval_fixed_*: token masking 15 % (80/10/10), masking seed 0, the same "
-                                           "held-out rows for every recipe; eval_own_*: the recipe's final masking",
+                          "eval_protocol": EVAL_PROTOCOL,
                           "finetune_steps": args.finetune_steps, "rows": rows, "machine": machine()},
                                indent=2, ensure_ascii=False))
 

@@ -19,7 +19,7 @@ def test_every_shipped_config_builds_at_any_depth(name, layers, tmp_path, monkey
     shape = [s for s in TINY_SHAPE if "num_layers" not in s] + [f"model.num_layers={layers}"]
     cfg = load_config(name, shape)
     BertForMLM(cfg.model)
-    taps = resolve_layers(cfg.train.self_distill_layers, layers) if layers > 1 else ()
+    taps = resolve_layers(cfg.train.self_distill_layers, layers)  # 1 layer: none, with a warning
     assert all(1 <= x < layers for x in taps)
     if cfg.train.knowledge_triples:
         assert Path(cfg.train.knowledge_triples).is_absolute()
@@ -30,6 +30,17 @@ def test_knowledge_config_taps_the_middle_layer_of_any_depth():
     if cfg is None or not Path(cfg.train.knowledge_triples).is_file():
         pytest.skip("needs ../shared/data/kg")
     assert [resolve_layers(cfg.train.self_distill_layers, n) for n in (2, 4, 6, 12)] == [(1,), (2,), (3,), (6,)]
+
+
+def test_a_one_layer_model_skips_layer_taps_with_a_warning(caplog):
+    """No intermediate layer: the layer-wise term is dropped (warned), not an error."""
+    for spec in ([0.5], [1], [-2]):
+        caplog.clear()
+        assert resolve_layers(spec, 1) == ()
+        assert "no intermediate layer" in caplog.text and "skipped" in caplog.text
+    assert resolve_layers(None, 1) == () and resolve_layers([], 1) == ()
+    with pytest.raises(ValueError, match="fraction of the depth"):
+        resolve_layers(["x"], 1)  # a malformed entry is still an error
 
 
 def test_layer_taps_relative_to_depth():
@@ -64,6 +75,11 @@ def test_settings_a_curriculum_overrides_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"curriculum overrides mask_ratio .*masking_weights"):
         load_config("tiny", [f"train.curriculum={stages}", "train.mask_ratio=0.15",
                              "train.masking_weights={wwm: 1.0}"])
+    # ``masking`` is the one-strategy form of masking_weights: ignored just the same
+    with pytest.raises(ValueError, match=r"curriculum overrides masking \(every stage sets weights\)"):
+        load_config("tiny", [f"train.curriculum={stages}", "train.masking=token"])
+    with pytest.raises(ValueError, match=r"curriculum overrides masking \(every stage sets weights\)"):
+        load_config("knowledge", ["train.masking=token", "train.knowledge_triples=/dev/null"])
     # span_p is not set by every stage: the setting is used, so it may be written
     cfg = load_config("tiny", [f"train.curriculum={stages}", "train.span_p=0.3"])
     assert cfg.train.span_p == 0.3
@@ -78,3 +94,14 @@ def test_a_set_path_replaces_a_config_path_that_does_not_exist(tmp_path, monkeyp
     with pytest.raises(ValueError, match="train.knowledge_triples 'nowhere/t.tsv' not found"):
         load_config(yml)
     assert load_config(yml, ["train.knowledge_triples=mine.tsv"]).train.knowledge_triples == "mine.tsv"
+
+
+def test_every_option_is_named_by_some_test():
+    """``tests/untested_options.py``: no ``TrainConfig``/``FinetuneConfig``/``ModelConfig`` field
+    that no test file names."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("untested_options", Path(__file__).with_name("untested_options.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.untested() == {}

@@ -82,3 +82,28 @@ def test_warmup_clipping_and_eval_batches_take_effect(tiny_bert, tmp_path, monke
     end = load_hf_task(out / "last", "sequence", 2).state_dict()
     moved = max((end[k] - start[k]).abs().max().item() for k in start if k.startswith("encoder."))
     assert moved < 1e-4  # unclipped: about 4e-3
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.123])
+def test_weight_decay_reaches_the_optimizer(tiny_bert, tmp_path, monkeypatch, wd):
+    """``FinetuneConfig.weight_decay`` is the decay of the matrices' AdamW groups (biases and
+    LayerNorm: none)."""
+    import clueforge.finetune.loop as ft
+
+    made = []
+    adamw = torch.optim.AdamW
+
+    class Spy(adamw):
+        def __init__(self, params, *a, **kw):
+            super().__init__(params, *a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(ft.torch.optim, "AdamW", Spy)
+    cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, lr=1e-3, max_steps=1, weight_decay=wd, select="last")
+    finetune("afqmc", AFQMC, tiny_bert, tmp_path / "ft", cfg, show_progress=False)
+    assert len(made) == 1
+    groups = made[0].param_groups
+    decays = {g["weight_decay"] for g in groups}
+    assert decays == ({0.0} if wd == 0 else {0.0, wd})
+    matrices = sum(p.numel() for g in groups if g["weight_decay"] == wd for p in g["params"] if p.ndim == 2)
+    assert matrices > 0

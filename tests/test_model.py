@@ -249,3 +249,38 @@ def test_bf16_autocast_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = m(ids, labels=labels).loss
     assert got.dtype == torch.float32 and abs(got.item() - ref.item()) < 0.05 and got.item() != ref.item()
+
+
+def test_embedding_and_norm_options_reach_the_model(tmp_path):
+    """``type_vocab_size``, ``layer_norm_eps`` and ``pad_token_id``, set through the config, shape
+    the model that is built and survive the HF round trip."""
+    from clueforge.model.hf import load_hf, save_hf
+    from clueforge.pretrain.config import load_config
+
+    shape = ["model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64", "model.num_layers=1",
+             "model.vocab_size=50", "model.max_position=16"]
+    base = load_config("tiny", shape).model
+    cfg = load_config("tiny", shape + ["model.type_vocab_size=3", "model.layer_norm_eps=0.5", "model.pad_token_id=7"]).model
+    torch.manual_seed(0)
+    ref = BertForMLM(base)
+    torch.manual_seed(0)
+    m = BertForMLM(cfg)
+    assert m.encoder.embeddings.token_type.num_embeddings == 3
+    ids = torch.tensor([[1, 2, 7, 3]])
+    m(ids, torch.ones_like(ids), torch.tensor([[0, 1, 2, 2]]))  # a third segment type is accepted
+    with pytest.raises(IndexError):
+        ref(ids, torch.ones_like(ids), torch.tensor([[0, 1, 2, 2]]))
+    lns = [x for x in m.modules() if isinstance(x, torch.nn.LayerNorm)]
+    assert lns and {x.eps for x in lns} == {0.5}
+    ref_word7 = ref.encoder.embeddings.word.weight[7].detach().clone()
+    ref.load_state_dict({k: v for k, v in m.state_dict().items() if "token_type" not in k}, strict=False)
+    ref.encoder.embeddings.token_type.weight.data.copy_(m.encoder.embeddings.token_type.weight.data[:2])
+    m.eval(), ref.eval()
+    tt = torch.zeros_like(ids)
+    assert not torch.allclose(m(ids, torch.ones_like(ids), tt).logits, ref(ids, torch.ones_like(ids), tt).logits)
+    word = m.encoder.embeddings.word
+    assert word.padding_idx == 7 and torch.count_nonzero(word.weight[7]) == 0
+    assert torch.count_nonzero(ref_word7) > 0  # without it: an ordinary row
+    save_hf(m, tmp_path / "hf")
+    back = load_hf(tmp_path / "hf").cfg
+    assert (back.type_vocab_size, back.layer_norm_eps, back.pad_token_id) == (3, 0.5, 7)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from clueforge.model.bert import BertForMLM, flops_per_token
+from clueforge.model.bert import flops_per_token
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.loop import pretrain
 
@@ -58,31 +58,96 @@ def test_throughput_counts_the_doubled_batch_and_options_take_effect(sample_corp
     assert {(tuple(g["betas"]), g["eps"]) for g in state["optimizer"]["param_groups"]} == {((0.8, 0.9), 1e-5)}
 
 
+def _eval_inputs(monkeypatch) -> list:
+    """Every evaluation batch (collated on the main thread; training batches come from the
+    prefetch thread) as ``(protocol, sha of inputs + labels, rows in the batch)``."""
+    import threading
+
+    from clueforge.pretrain import loop
+    from clueforge.pretrain.data import Collator
+
+    seen = []
+    call = Collator.__call__
+
+    def spy(self, rows, rng, progress=0.0):
+        batch = call(self, rows, rng, progress)
+        if threading.current_thread() is threading.main_thread():
+            h = hashlib.sha256(batch["input_ids"].tobytes() + batch["labels"].tobytes()).hexdigest()
+            seen.append(("fixed" if self.m is loop.FIXED_EVAL_MASKING else "own", h, len(rows)))
+        return batch
+
+    monkeypatch.setattr(Collator, "__call__", spy)
+    return seen
+
+
 def test_every_run_is_also_scored_on_the_same_fixed_masked_rows(sample_corpus, tmp_path, monkeypatch):
     """Runs with different masking strategies and seeds evaluate on identical masked inputs under
     the fixed protocol, beside their own masking."""
-    seen: list[list[str]] = []
-    forward = BertForMLM.forward
-
-    def spy(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, *a, **kw):
-        if not self.training:
-            seen[-1].append(hashlib.sha256(input_ids.numpy().tobytes() + labels.numpy().tobytes()).hexdigest())
-        return forward(self, input_ids, attention_mask, token_type_ids, labels, *a, **kw)
-
-    monkeypatch.setattr(BertForMLM, "forward", spy)
+    seen = _eval_inputs(monkeypatch)
     runs = {}
     for name, extra in {"token": ["train.masking=token", "train.seed=1"],
                         "span": ["train.masking=span", "train.seed=2", "train.mask_ratio=0.3"]}.items():
-        seen.append([])
+        seen.clear()
         _run(sample_corpus, tmp_path / name, "train.max_steps=1", *extra)
-        runs[name] = seen[-1]
+        runs[name] = list(seen)
         last = _metrics(tmp_path / name)[-1]
         assert {"eval_loss", "eval_mlm_acc", "eval_fixed_loss", "eval_fixed_mlm_acc"} <= set(last)
     a, b = runs["token"], runs["span"]
-    n = len(a) // 2  # own masking first, then the fixed protocol
-    assert n >= 1 and len(a) == len(b) == 2 * n
-    assert a[n:] == b[n:]  # the fixed protocol: identical masked inputs
-    assert a[:n] != b[:n]  # each run's own masking differs
+    fixed = [[x for x in r if x[0] == "fixed"] for r in (a, b)]
+    own = [[x for x in r if x[0] == "own"] for r in (a, b)]
+    assert fixed[0] and own[0] and fixed[0] == fixed[1]  # the fixed protocol: identical masked inputs
+    assert own[0] != own[1]  # each run's own masking differs
+
+
+def test_the_fixed_protocol_scores_the_same_rows_whatever_the_batch_size(sample_corpus, tmp_path, monkeypatch):
+    """The fixed protocol's rows and batches do not follow the run's ``batch_size`` or
+    ``eval_batches``: two runs that differ only there score identical inputs and, on the same
+    weights (a learning rate too small to move them), the same ``eval_fixed_loss``."""
+    from clueforge.pretrain.loop import FIXED_EVAL_BATCH
+
+    seen = _eval_inputs(monkeypatch)
+    runs = {}
+    for bs, nb in ((2, 2), (5, 3)):
+        seen.clear()
+        runs[bs] = (_run(sample_corpus, tmp_path / f"b{bs}", "train.max_steps=1", f"train.batch_size={bs}",
+                         f"train.eval_batches={nb}", "train.lr=1.0e-12", "train.weight_decay=0"), list(seen))
+    (s2, seen2), (s5, seen5) = runs[2], runs[5]
+    fixed2, fixed5 = ([x for x in r if x[0] == "fixed"] for r in (seen2, seen5))
+    assert fixed2 and fixed2 == fixed5
+    assert {n for *_, n in fixed2[:-1]} <= {FIXED_EVAL_BATCH}
+    assert [n for p, _, n in seen2 if p == "own"] != [n for p, _, n in seen5 if p == "own"]  # the run's own follows
+    assert s2["eval_fixed_loss"] == pytest.approx(s5["eval_fixed_loss"], rel=1e-6)
+    assert s2["eval_fixed_mlm_acc"] == s5["eval_fixed_mlm_acc"]
+
+
+def test_a_curriculum_sets_the_ratio_behind_mfu_and_triple_mlm(sample_corpus, tmp_path, monkeypatch):
+    """``mask_ratio`` is refused beside a curriculum that sets every stage's ratio, so neither the
+    MFU FLOPs nor the ``triple_mlm`` budget may read it: they take the curriculum's ratio."""
+    import clueforge.pretrain.objectives as objectives
+    from clueforge.pretrain.loop import build_objectives, effective_mask_ratio
+
+    stages = "[{at: 0.0, ratio: 0.1, weights: {token: 1.0}}, {at: 1.0, ratio: 0.4, weights: {token: 1.0}}]"
+    _run(sample_corpus, tmp_path / "c", "train.max_steps=4", f"train.curriculum={stages}")
+    cfg = load_config("tiny", [f"train.curriculum={stages}"])
+    cfg.model.vocab_size = len((sample_corpus / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    for r in _metrics(tmp_path / "c"):  # at step s the rows were masked at ratio 0.1 + 0.3 * s / 4
+        ratio = 0.1 + 0.3 * r["step"] / 4
+        assert effective_mask_ratio(cfg.train, r["step"] / 4) == pytest.approx(ratio)
+        flops = flops_per_token(cfg.model, cfg.train.seq_len, mlm_fraction=ratio)
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops / 1e12, rel=1e-9)
+
+    got = {}
+
+    class Spy:
+        def __init__(self, *a, mask_ratio, **kw):
+            got["mask_ratio"] = mask_ratio
+            raise RuntimeError("stop")
+
+    monkeypatch.setattr(objectives, "KnowledgeData", Spy)
+    cfg.train.knowledge_weights = {"replace": 1.0}
+    with pytest.raises(RuntimeError, match="stop"):
+        build_objectives(cfg, [], None, {})
+    assert got["mask_ratio"] == pytest.approx(0.4)  # the curriculum's final ratio, not mask_ratio (0.15)
 
 
 def _hf_bert(tmp_path, vocab, layers, max_position=128):
@@ -115,12 +180,13 @@ def test_continued_pretraining_from_a_deeper_transformers_bert(sample_corpus, tm
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["model.num_layers=6", "train.self_distill_layers=[3]"], r"self_distill_layers \[3\].*1-layer model.*init_from"),
+    (["model.num_layers=6", "train.self_distill_layers=[3]"], r"self_distill_layers \[3\].*2-layer model.*init_from"),
     (["train.seq_len=64"], r"seq_len 64 exceeds model.max_position 32.*init_from"),
 ])
 def test_a_shallower_checkpoint_is_refused_at_start(sample_corpus, tmp_path, overrides, match):
     """Checks run against the loaded model (the YAML's passed them, and the run crashed later)."""
-    _, path = _hf_bert(tmp_path, sample_corpus / "vocab.txt", layers=1, max_position=32)
+    # 2 layers: a 1-layer model has no intermediate layer and skips the taps (with a warning)
+    _, path = _hf_bert(tmp_path, sample_corpus / "vocab.txt", layers=2, max_position=32)
     if "train.seq_len=64" in overrides:
         overrides = overrides + ["model.max_position=128"]
     with pytest.raises(ValueError, match=match):

@@ -114,7 +114,8 @@ class TrainConfig:
     eval_every: int = 200
     """Steps between held-out evaluations (0 = only at the end)."""
     eval_batches: int = 20
-    """Held-out batches per evaluation."""
+    """Held-out batches (of ``batch_size``) per evaluation under the run's own masking (``eval_*``);
+    the fixed protocol (``eval_fixed_*``) always scores the same rows in the same batches."""
     save_every: int = 500
     """Steps between checkpoints."""
     keep_checkpoints: int = 3
@@ -138,8 +139,8 @@ class PretrainConfig:
 
 PATH_FIELDS = ("knowledge_triples", "init_from")
 """``train`` fields holding a file or directory path."""
-CURRICULUM_OVERRIDES = {"ratio": "mask_ratio", "span_p": "span_p", "weights": "masking_weights"}
-"""Curriculum stage key → the ``train`` setting it replaces when every stage sets it."""
+CURRICULUM_OVERRIDES = {"ratio": ("mask_ratio",), "span_p": ("span_p",), "weights": ("masking_weights", "masking")}
+"""Curriculum stage key → the ``train`` settings it replaces when every stage sets it."""
 
 
 def resolve_layers(spec: list | None, num_layers: int, where: str = "") -> tuple[int, ...]:
@@ -147,6 +148,8 @@ def resolve_layers(spec: list | None, num_layers: int, where: str = "") -> tuple
 
     ``k ≥ 1`` is layer k; ``-k`` is layer ``num_layers + 1 - k`` (``-1`` would be the last layer,
     which is the teacher); a float in (0, 1) is that fraction of the depth, rounded, at least 1.
+    A 1-layer model has no intermediate layer: the taps are dropped with a warning (the layer-wise
+    term is skipped), so a config written for deeper models still runs.
     """
     out = []
     for x in spec or ():
@@ -158,6 +161,13 @@ def resolve_layers(spec: list | None, num_layers: int, where: str = "") -> tuple
             raise UserError(f"train.self_distill_layers entry {x!r}: expected a layer (3), a negative index (-2) "
                              f"or a fraction of the depth (0.5)")
         out.append(layer)
+    if out and num_layers == 1:
+        import logging
+
+        logging.getLogger("clueforge.pretrain").warning(
+            "train.self_distill_layers %s: a 1-layer model%s has no intermediate layer; layer-wise "
+            "self-distillation is skipped", list(spec), where)
+        return ()
     bad = [x for x, layer in zip(spec or (), out) if not 1 <= layer < num_layers]
     if bad:
         raise UserError(f"train.self_distill_layers {bad}: intermediate layers are 1..{num_layers - 1} for a "
@@ -171,8 +181,8 @@ def check_curriculum_overrides(train: dict, where: str) -> None:
     stages = train.get("curriculum") or []
     if not stages or not all(isinstance(st, dict) for st in stages):
         return
-    clash = [f"{setting} (every stage sets {key})" for key, setting in CURRICULUM_OVERRIDES.items()
-             if setting in train and all(key in st for st in stages)]
+    clash = [f"{setting} (every stage sets {key})" for key, settings in CURRICULUM_OVERRIDES.items()
+             for setting in settings if setting in train and all(key in st for st in stages)]
     if clash:
         raise UserError(f"{where}: train.curriculum overrides {', '.join(clash)}: remove them, or leave the key out "
                          f"of a stage to fall back on the setting")

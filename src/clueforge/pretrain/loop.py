@@ -57,8 +57,29 @@ def lr_lambda(cfg, step: int) -> float:
 
 # One yardstick for every run and recipe: token masking 15 % (80/10/10) with a fixed seed on the
 # same held-out rows, whatever the run's own masking, curriculum or seed (``eval_fixed_*``).
+# The rows and batches are fixed too: the first ``FIXED_EVAL_ROWS`` held-out rows in batches of
+# ``FIXED_EVAL_BATCH``, whatever the run's ``batch_size`` and ``eval_batches`` (which size only the
+# run's own-masking ``eval_*``).
 FIXED_EVAL_MASKING = MaskingConfig(ratio=0.15, weights={"token": 1.0}, mask_prob=0.8, random_prob=0.1)
 FIXED_EVAL_SEED = 0
+FIXED_EVAL_ROWS = 640
+FIXED_EVAL_BATCH = 32
+
+
+def masking_config(t) -> MaskingConfig:
+    """The masking settings of a ``TrainConfig`` (a curriculum then moves ratio/span_p/weights)."""
+    return MaskingConfig(ratio=t.mask_ratio, weights=dict(t.masking_weights or {t.masking: 1.0}),
+                         mask_prob=t.mask_token_prob, random_prob=t.random_token_prob, span_p=t.span_p,
+                         connectives=DEFAULT_CONNECTIVES + tuple(t.extra_connectives or ()))
+
+
+def effective_mask_ratio(t, progress: float | None = None) -> float:
+    """The masking ratio in force: ``mask_ratio``, or the curriculum's at ``progress`` (its final
+    ratio when ``progress`` is None — the budget ``triple_mlm`` masks with)."""
+    if not t.curriculum:
+        return t.mask_ratio
+    cur = Curriculum([dict(s) for s in t.curriculum])
+    return cur.at(1.0 if progress is None else progress, masking_config(t))["ratio"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -209,8 +230,8 @@ def build_objectives(cfg: PretrainConfig, corpus: Corpus, tok, specials: dict) -
             raise UserError("train.knowledge_weights.triple_mlm needs train.knowledge_triples (a triple file)")
         knowledge = KnowledgeData(corpus, tok, specials, t.seq_len,
                                   triples=load_triples(t.knowledge_triples) if t.knowledge_triples else None,
-                                  replace_share=t.replace_share, mask_ratio=t.mask_ratio, shards=train_shards,
-                                  triple_text_share=t.triple_text_share)
+                                  replace_share=t.replace_share, mask_ratio=effective_mask_ratio(t),
+                                  shards=train_shards, triple_text_share=t.triple_text_share)
     aux = None
     if structure is not None or knowledge is not None:
         from clueforge.pretrain.objectives import AuxHeads, n_reorder_classes
@@ -231,18 +252,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def evaluate_mlm(model: BertForMLM, protocols: dict, eval_rows, t, accelerator) -> dict:
-    """Held-out MLM loss and accuracy per protocol ``prefix → (collator, seed)``: the run's own
-    final masking (``eval_*``, comparable over time within a run) and the fixed protocol
-    (``eval_fixed_*``, comparable across runs and recipes). Each rank scores its share of batches."""
+    """Held-out MLM loss and accuracy per protocol ``prefix → (collator, seed, rows, batch)``: the
+    run's own final masking (``eval_*``, comparable over time within a run: ``eval_batches``
+    batches of ``batch_size``) and the fixed protocol (``eval_fixed_*``, comparable across runs and
+    recipes: ``FIXED_EVAL_ROWS`` rows in batches of ``FIXED_EVAL_BATCH``). ``rows``/``batch`` None
+    means the run's own. Each rank scores its share of batches."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     model.eval()
-    n_batches = min(t.eval_batches, max(1, math.ceil(len(eval_rows) / t.batch_size)))
     res = {}
-    for prefix, (col, seed) in protocols.items():
+    for prefix, (col, seed, n_rows, bs) in protocols.items():
+        bs = bs or t.batch_size
+        n_rows = min(len(eval_rows), n_rows or t.eval_batches * t.batch_size)
+        n_batches = max(1, math.ceil(n_rows / bs))
         loss_sum = torch.zeros(3, device=device)  # loss·count, correct, count
         with torch.no_grad():
             for b in range(rank, n_batches, world):
-                sel = np.arange(b * t.batch_size, min(len(eval_rows), (b + 1) * t.batch_size))
+                sel = np.arange(b * bs, min(n_rows, (b + 1) * bs))
                 if sel.size == 0:
                     continue
                 rows = eval_rows.select(sel)
@@ -292,9 +317,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     index = build_row_index(corpus, t.seq_len, t.pack_docs)
     train_rows, eval_rows = split_heldout(index, corpus)
     sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
-    masking = MaskingConfig(ratio=t.mask_ratio, weights=dict(t.masking_weights or {t.masking: 1.0}),
-                            mask_prob=t.mask_token_prob, random_prob=t.random_token_prob, span_p=t.span_p,
-                            connectives=DEFAULT_CONNECTIVES + tuple(t.extra_connectives or ()))
+    masking = masking_config(t)
     curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
     collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
                        tokenizer=tok, curriculum=curriculum)
@@ -346,11 +369,14 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         return batch, batch_digest(rows.shard, rows.span)
 
     def evaluate() -> dict:
-        return evaluate_mlm(raw_model.mlm, {"eval": (collate, [t.seed, 2]), "eval_fixed": (fixed_collate, [FIXED_EVAL_SEED, 3])},
+        return evaluate_mlm(raw_model.mlm, {"eval": (collate, [t.seed, 2], None, None),
+                                            "eval_fixed": (fixed_collate, [FIXED_EVAL_SEED, 3], FIXED_EVAL_ROWS,
+                                                           FIXED_EVAL_BATCH)},
                             eval_rows, t, accelerator)
 
     next_log = [time.perf_counter() + 30.0]
-    flops_tok = flops_per_token(cfg.model, t.seq_len, mlm_fraction=t.mask_ratio)  # useful work: the head runs on masked tokens only
+    def flops_tok(at_step: int) -> float:  # useful work: the head runs on the masked tokens only (curriculum: at this step)
+        return flops_per_token(cfg.model, t.seq_len, mlm_fraction=effective_mask_ratio(t, at_step / max(1, t.max_steps)))
     peak = (t.peak_tflops * 1e12) if t.peak_tflops else measure_peak_flops(
         device, torch.bfloat16 if accelerator.mixed_precision == "bf16" and device.type == "cuda" else torch.float32)
 
@@ -427,7 +453,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         "tokens": tokens_seen,  # data tokens read (a doubled batch counts once)
                         "step_tokens": stats[5].item() / window["steps"],  # encoder tokens per optimizer step
                         "tokens_per_s": tps,
-                        "mfu": tps * flops_tok / (peak * world),
+                        "mfu": tps * flops_tok(step) / (peak * world),
                         "data_wait_share": window["wait"] / elapsed,
                         "padding_share": 1.0 - window["tokens"] / max(1, window["slots"]),  # this rank's batches
                         "epoch": sampler.epoch_of(step),
