@@ -676,3 +676,20 @@ def test_13_resume_rewrites_of_config_and_metrics_leave_the_old_file_when_the_wr
     monkeypatch.undo()
     assert isinstance(r.exception, Boom), r.output
     assert (run / target).read_bytes() == old
+
+
+def test_13_export_again_into_an_earlier_export_swaps_it_and_keeps_the_lock(tmp_path, sample_vocab):
+    pytest.importorskip("onnxruntime")
+    from deploy_models import tiny_finetuned
+    from clueforge.runs import RunLocked, run_lock
+
+    ft = tiny_finetuned(tmp_path / "ft", "afqmc", FIXTURES / "afqmc", sample_vocab)
+    out = tmp_path / "onnx"
+    for _ in range(2):  # the second replaces the first export (allowed: config.json names the ONNX model)
+        r = cli("export", ft, "--out", out)
+        assert r.exit_code == 0, r.output
+    assert (out / "model.onnx").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ft", "onnx"]
+    with run_lock(out, "export"):  # the lock file in the swapped-in directory is the one locked
+        with pytest.raises(RunLocked):
+            with run_lock(out, "export"):
+                pass
