@@ -512,12 +512,18 @@ def test_13_resume_with_another_model_shape_is_refused_before_loading(tmp_path, 
 
 
 def test_13_resume_on_another_corpus_is_refused_unless_allowed_and_recorded(tmp_path, sample_corpus):
-    run, other = tmp_path / "run", tmp_path / "other"
-    shutil.copytree(sample_corpus, other)
-    m = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**m, "note": "another build"}))
+    from clueforge.corpus.build import BuildConfig, build_corpus
+
+    run, other, moved = tmp_path / "run", tmp_path / "other", tmp_path / "moved"
+    build_corpus([SAMPLE], other, BuildConfig(vocab=str(sample_corpus / "vocab.txt"), doc_sep="blank",
+                                              docs_per_shard=20))  # the same text cut otherwise
+    shutil.copytree(sample_corpus, moved)
+    m = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**m, "shards_resumed": 3}))  # a rerun of corpus build
     base = ["pretrain", "--config", "tiny", "--out", run, "--save-every", "1", *FAST]
     assert cli(*base, "--data", sample_corpus, "--max-steps", "1").exit_code == 0
+    r = cli(*base, "--data", moved, "--max-steps", "1")  # the same corpus elsewhere: accepted
+    assert r.exit_code == 0, r.output
     saved = (run / "config.json").read_text()
     assert json.loads(saved)["data"]["manifest_sha256"]
     one_line_error(cli(*base, "--data", other, "--max-steps", "2"), "another corpus", "--allow-config-change")

@@ -499,11 +499,21 @@ def _apply_optimizer_settings(optimizer, scheduler, t) -> None:
 
 
 def data_identity(data: Path) -> dict:
-    """The corpus a run trains on: its path and the sha256 of its ``manifest.json``."""
-    from clueforge.utils import sha256_file
+    """The corpus a run trains on: its path and ``manifest_sha256``, a sha256 over what its
+    ``manifest.json`` records of the content (each shard's files' sha256 and the vocabulary's), so
+    that a moved copy, or a rerun of ``corpus build`` that repairs a shard, is the same corpus."""
+    import hashlib
 
     m = Path(data) / "manifest.json"
-    return {"path": str(data), "manifest_sha256": sha256_file(m) if m.is_file() else None}
+    try:
+        man = json.loads(m.read_text(encoding="utf-8"))
+        content = {"vocab": man.get("vocab_sha256"),
+                   "shards": [[s["name"], {k: f["sha256"] for k, f in sorted(s["files"].items())}]
+                              for s in man["shards"]]}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        digest = None
+    return {"path": str(data), "manifest_sha256": digest}
 
 
 def _check_resume(state: dict, cfg: PretrainConfig, data: Path, allow: bool) -> None:
