@@ -80,11 +80,11 @@ def test_1_second_process_on_a_run_dir_is_refused_with_the_holders_pid(tmp_path,
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # the dead holder's lock file (its pid still inside) does not block the next run
-    assert (run / ".lock").read_text().strip() == str(holder.pid)
+    assert (run / ".lock").read_text().split() == [str(holder.pid), "run"]
     from clueforge.runs import run_lock
 
     with run_lock(run):
-        assert (run / ".lock").read_text().strip() == str(os.getpid())
+        assert (run / ".lock").read_text().split()[0] == str(os.getpid())
 
 
 # 2. Resume with changed settings -----------------------------------------------------------------
@@ -428,6 +428,7 @@ def test_11_ctrl_c_says_how_to_resume(tmp_path, sample_corpus, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "pretrain", interrupted)
+    (tmp_path / "r" / "checkpoints" / "step-000002").mkdir(parents=True)  # a checkpoint was saved before the ^C
     r = cli("pretrain", "--config", "tiny", "--data", sample_corpus, "--out", tmp_path / "r")
     assert r.exit_code == 130 and "run the same command to resume" in " ".join(r.output.split())
 
@@ -457,3 +458,244 @@ def test_12_sharded_index_files_must_stay_inside_the_model_dir(tmp_path, tiny_mo
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": name}}))
     with pytest.raises(UserError, match="outside the model directory"):
         read_hf_weights(d)
+
+
+# 13. Audit of issue 9: every stage that replaces a directory locks it and refuses another's ------
+
+def _finetune_run(tmp_path, tiny_model):
+    """A directory shaped like a fine-tune run (best/ a model, results.json beside it)."""
+    ft = tmp_path / "ftx"
+    shutil.copytree(tiny_model, ft / "best")
+    (ft / "results.json").write_text('{"task": "afqmc"}')
+    return ft, sorted(p.relative_to(ft).as_posix() for p in ft.rglob("*"))
+
+
+def test_13_export_refuses_to_replace_the_run_holding_the_model_or_a_non_export(tmp_path, tiny_model):
+    ft, before = _finetune_run(tmp_path, tiny_model)
+    one_line_error(cli("export", ft / "best", "--out", ft), "would replace the model directory")
+    one_line_error(cli("export", ft / "best", "--out", ft / "best"), "would replace the model directory")
+    other = tmp_path / "corpus"
+    other.mkdir()
+    (other / "manifest.json").write_text("{}")
+    one_line_error(cli("export", ft / "best", "--out", other), "is not empty and is not an earlier export")
+    assert sorted(p.relative_to(ft).as_posix() for p in ft.rglob("*")) == before
+    assert (other / "manifest.json").read_text() == "{}"
+
+
+def test_13_export_takes_the_lock_on_out(tmp_path, tiny_model):
+    from clueforge.runs import run_lock
+
+    ft, _ = _finetune_run(tmp_path, tiny_model)
+    out = tmp_path / "onnx"
+    with run_lock(out, "export"):
+        one_line_error(cli("export", ft / "best", "--out", out), "in use by export", f"pid {os.getpid()}")
+
+
+def test_13_quickstart_refuses_a_run_in_use_and_deletes_nothing(tmp_path):
+    from clueforge.runs import run_lock
+
+    qs = tmp_path / "qs"
+    for d in ("run", "corpus"):
+        (qs / d).mkdir(parents=True)
+        (qs / d / "keep.txt").write_text("x")
+    with run_lock(qs / "run", "pretrain"):
+        one_line_error(cli("quickstart", "--out", qs, "--steps", "1"), "in use by pretrain", f"pid {os.getpid()}")
+    assert (qs / "run" / "keep.txt").exists() and (qs / "corpus" / "keep.txt").exists()
+
+
+def test_13_resume_with_another_model_shape_is_refused_before_loading(tmp_path, sample_corpus):
+    run = tmp_path / "run"
+    base = ["pretrain", "--config", "tiny", "--data", sample_corpus, "--out", run, "--save-every", "1", *FAST]
+    assert cli(*base, "--max-steps", "1").exit_code == 0
+    one_line_error(cli(*base, "--max-steps", "2", "--set", "model.num_layers=2"), "model.num_layers: 1 → 2",
+                   "--allow-config-change")
+
+
+def test_13_resume_on_another_corpus_is_refused_unless_allowed_and_recorded(tmp_path, sample_corpus):
+    from clueforge.corpus.build import BuildConfig, build_corpus
+
+    run, other, moved = tmp_path / "run", tmp_path / "other", tmp_path / "moved"
+    build_corpus([SAMPLE], other, BuildConfig(vocab=str(sample_corpus / "vocab.txt"), doc_sep="blank",
+                                              docs_per_shard=20))  # the same text cut otherwise
+    shutil.copytree(sample_corpus, moved)
+    m = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**m, "shards_resumed": 3}))  # a rerun of corpus build
+    base = ["pretrain", "--config", "tiny", "--out", run, "--save-every", "1", *FAST]
+    assert cli(*base, "--data", sample_corpus, "--max-steps", "1").exit_code == 0
+    r = cli(*base, "--data", moved, "--max-steps", "1")  # the same corpus elsewhere: accepted
+    assert r.exit_code == 0, r.output
+    saved = (run / "config.json").read_text()
+    assert json.loads(saved)["data"]["manifest_sha256"]
+    one_line_error(cli(*base, "--data", other, "--max-steps", "2"), "another corpus", "--allow-config-change")
+    assert (run / "config.json").read_text() == saved
+    r = cli(*base, "--data", other, "--max-steps", "2", "--allow-config-change")
+    assert r.exit_code == 0, r.output
+    rec = json.loads((run / "config.json").read_text())
+    assert rec["data"]["path"] == str(other) and "data" in rec["history"][-1]["changes"]
+
+
+def test_13_zeroshot_cuts_a_task_longer_than_the_model_and_checks_batch_size(tmp_path, tiny_model):
+    from clueforge.prompts.zeroshot import zeroshot
+    from clueforge.tasks.registry import TASKS
+    from clueforge.utils import UserError
+
+    assert TASKS["csl"].max_length > 64
+    res = zeroshot("csl", tiny_model, str(FIXTURES / "csl" / "dev.json"), None)
+    assert res["examples"] > 0
+    with pytest.raises(UserError, match="max_length 100 exceeds the model's 64 positions"):
+        zeroshot("csl", tiny_model, str(FIXTURES / "csl" / "dev.json"), None, max_length=100)
+    one_line_error(cli("zeroshot", "csl", "--model", tiny_model, "--input", FIXTURES / "csl" / "dev.json", "--out",
+                       tmp_path / "p.json", "--batch-size", "0"), "--batch-size 0", "≥ 1")
+
+
+@pytest.mark.parametrize("override,allowed", [("train.lr=.inf", "> 0"), ("train.lr=-.inf", "> 0"),
+                                              ("train.seed=-1", "≥ 0"), ("train.curriculum=[1, 2]", "a list of stages"),
+                                              ("train.curriculum=[{at: 0, ratio: 0.1, bogus: 1}]", "keys among"),
+                                              ("model.pad_token_id=99999", "< vocab_size")])
+def test_13_more_settings_validated_at_load(override, allowed):
+    from clueforge.pretrain.config import load_config
+    from clueforge.utils import UserError
+
+    with pytest.raises(UserError, match="is not allowed") as exc:
+        load_config("tiny", [override])
+    assert allowed in str(exc.value)
+
+
+def test_13_pad_token_beyond_the_corpus_vocabulary_is_a_user_error(tmp_path, sample_corpus):
+    one_line_error(cli("pretrain", "--config", "tiny", "--data", sample_corpus, "--out", tmp_path / "r",
+                       "--max-steps", "1", *FAST, "--set", "model.pad_token_id=5000"), "pad_token_id=5000",
+                   "vocabulary size")
+
+
+def test_13_finetune_set_seed_and_method_are_not_overwritten_by_the_option_defaults(tmp_path, monkeypatch):
+    import clueforge.finetune.loop as loop
+
+    seen = []
+
+    def fake(task, data, model, out, cfg, **k):
+        seen.append(cfg)
+        return {"task": task, "metric": {}, "checkpoint": "x", "selected_epoch": 1}
+
+    monkeypatch.setattr(loop, "finetune", fake)
+    base = ["finetune", "afqmc", "--data", FIXTURES / "afqmc", "--model", tmp_path, "--out", tmp_path / "ft"]
+    assert cli(*base, "--set", "seed=7", "--set", "method=pet").exit_code == 0
+    assert (seen[-1].seed, seen[-1].method) == (7, "pet")
+    assert cli(*base).exit_code == 0 and (seen[-1].seed, seen[-1].method) == (42, "finetune")
+    assert cli(*base, "--seed", "3", "--method", "pet").exit_code == 0
+    assert (seen[-1].seed, seen[-1].method) == (3, "pet")
+    one_line_error(cli(*base, "--seed", "3", "--set", "seed=7"), "--seed 3", "seed=7", "disagree")
+    one_line_error(cli(*base, "--set", "seed=-1"), "seed=-1", "≥ 0")
+
+
+def test_13_fewclue_report_is_written_atomically(tmp_path, monkeypatch):
+    import clueforge.prompts.fewclue as fewclue
+
+    written = []
+    real = Path.write_text
+
+    def spy(self, *a, **k):
+        written.append(self.name)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", spy)
+    (tmp_path / "data").mkdir()
+    fewclue.run_fewclue("finetune", tmp_path / "m", tmp_path / "data", tmp_path / "out")  # every task skipped
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"]
+    assert "report.json" not in written and "report.md" not in written
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["config", "show", "bogus"], ["config 'bogus'", "not a shipped config"]),
+    (["serve", "X", "--threads", "-1"], ["--threads -1", "≥ 0"]),
+    (["serve", "X", "--port", "99999"], ["--port 99999", "[1, 65535]"]),
+    (["benchmark", "clue1.1", "--model", "/nonexist", "--data", FIXTURES, "--out", "OUT"], ["--model /nonexist"]),
+    (["benchmark", "clue1.1", "--model", FIXTURES, "--data", "/nonexist", "--out", "OUT"], ["--data /nonexist"]),
+    (["benchmark", "clue1.1", "--model", FIXTURES, "--data", FIXTURES, "--out", "OUT", "--seeds", "0"],
+     ["--seeds 0", "≥ 1"]),
+])
+def test_13_more_user_errors_are_one_line(tmp_path, args, needles):
+    one_line_error(cli(*[tmp_path / "out" if a == "OUT" else a for a in args]), *needles)
+
+
+def test_13_yaml_section_of_the_wrong_type_and_corrupt_manifest(tmp_path, sample_corpus):
+    f = tmp_path / "five.yaml"
+    f.write_text("model: 5\ntrain: {}\n")
+    one_line_error(cli("pretrain", "--config", f, "--data", sample_corpus, "--out", tmp_path / "r"),
+                   "five.yaml", "'model' must be a mapping")
+    bad = tmp_path / "c"
+    shutil.copytree(sample_corpus, bad)
+    (bad / "manifest.json").write_text('{"shards": [')
+    one_line_error(cli("corpus", "stats", bad), "manifest.json is corrupt", "rebuild")
+    one_line_error(cli("pretrain", "--config", "tiny", "--data", bad, "--out", tmp_path / "r2", *FAST),
+                   "manifest.json is corrupt")
+
+
+def test_13_lock_names_the_holders_stage_and_ctrl_c_before_a_checkpoint_claims_none(tmp_path, sample_corpus,
+                                                                                    monkeypatch):
+    from clueforge.runs import RunLocked, run_lock
+
+    with run_lock(tmp_path / "r", "corpus build"):
+        with pytest.raises(RunLocked, match=r"in use by corpus build \(pid \d+\); this pretrain"):
+            with run_lock(tmp_path / "r", "pretrain"):
+                pass
+    import clueforge.pretrain.loop as loop
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "pretrain", interrupted)
+    r = cli("pretrain", "--config", "tiny", "--data", sample_corpus, "--out", tmp_path / "r")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 130 and "is kept" not in text and "before the first checkpoint" in text
+
+
+@pytest.mark.parametrize("target", ["config.json", "metrics.jsonl"])
+def test_13_resume_rewrites_of_config_and_metrics_leave_the_old_file_when_the_write_fails(tmp_path, sample_corpus,
+                                                                                          monkeypatch, target):
+    """A failure injected into every write of ``target`` on resume: the old file stays whole."""
+    run = tmp_path / "run"
+    base = ["pretrain", "--config", "tiny", "--data", sample_corpus, "--out", run, "--save-every", "1", *FAST]
+    assert cli(*base, "--max-steps", "2").exit_code == 0
+    old = (run / target).read_bytes()
+    real_open, real_replace, real_write = open, os.replace, Path.write_text
+
+    def fail_open(file, mode="r", *a, **k):  # any in-place or temporary write of the target fails mid-way
+        if Path(file).name.startswith(target) and any(c in mode for c in "wx"):
+            fh = real_open(file, mode, *a, **k)
+            fh.write(b"{" if "b" in mode else "{")
+            fh.close()
+            raise Boom(f"disk full writing {file}")
+        return real_open(file, mode, *a, **k)
+
+    def fail_write_text(self, *a, **k):
+        if self.name.startswith(target):
+            real_open(self, "w").write("{")
+            raise Boom(f"disk full writing {self}")
+        return real_write(self, *a, **k)
+
+    import builtins
+
+    monkeypatch.setattr(builtins, "open", fail_open)
+    monkeypatch.setattr(Path, "write_text", fail_write_text)
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: fail_open(self, mode, *a, **k))
+    r = cli(*base, "--max-steps", "3", "--set", "train.lr=2e-3", "--allow-config-change")
+    monkeypatch.undo()
+    assert isinstance(r.exception, Boom), r.output
+    assert (run / target).read_bytes() == old
+
+
+def test_13_export_again_into_an_earlier_export_swaps_it_and_keeps_the_lock(tmp_path, sample_vocab):
+    pytest.importorskip("onnxruntime")
+    from deploy_models import tiny_finetuned
+    from clueforge.runs import RunLocked, run_lock
+
+    ft = tiny_finetuned(tmp_path / "ft", "afqmc", FIXTURES / "afqmc", sample_vocab)
+    out = tmp_path / "onnx"
+    for _ in range(2):  # the second replaces the first export (allowed: config.json names the ONNX model)
+        r = cli("export", ft, "--out", out)
+        assert r.exit_code == 0, r.output
+    assert (out / "model.onnx").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["ft", "onnx"]
+    with run_lock(out, "export"):  # the lock file in the swapped-in directory is the one locked
+        with pytest.raises(RunLocked):
+            with run_lock(out, "export"):
+                pass

@@ -8,6 +8,7 @@ from clueforge.pretrain.data import Collator, Sampler, build_row_index, pack_row
 from clueforge.pretrain.masking import MaskingConfig
 from clueforge.pretrain.loop import lr_lambda
 from clueforge.text.tokenizer import load_tokenizer, special_ids
+from clueforge.utils import UserError
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -232,7 +233,7 @@ def test_config_overrides_and_errors(tmp_path):
     bad.write_text("model: {hidden: 3}\n")
     with pytest.raises(ValueError, match="bad.yaml"):
         load_config(bad)
-    with pytest.raises(FileNotFoundError, match="tiny"):
+    with pytest.raises(UserError, match="tiny"):  # a user error (one line), not a FileNotFoundError traceback
         load_config("no-such-config")
 
 

@@ -263,8 +263,14 @@ def pretrain(
             summary = run(cfg, data, out, show_progress=progress and sys.stderr.isatty(),
                           log_progress=progress and not sys.stderr.isatty(), allow_config_change=allow_config_change)
     except KeyboardInterrupt:
-        console.print(f"interrupted: the newest checkpoint under {out / 'checkpoints'} is kept; "
-                      "run the same command to resume")
+        from clueforge.pretrain.checkpoint import list_checkpoints
+
+        if list_checkpoints(out / "checkpoints"):
+            console.print(f"interrupted: the newest checkpoint under {out / 'checkpoints'} is kept; "
+                          "run the same command to resume")
+        else:
+            console.print("interrupted before the first checkpoint was saved: nothing to resume from; "
+                          "run the same command to start again")
         raise typer.Exit(130) from None
     except (FileNotFoundError, ValueError) as exc:
         _fail(_message(exc))
@@ -289,27 +295,41 @@ def quickstart(
 ) -> None:
     """The whole spine on the embedded sample corpus: vocab → shards → pretrain → HF checkpoint."""
     import shutil
+    from contextlib import ExitStack
 
+    from clueforge.runs import LOCK_NAME, run_lock
+
+    _logging()
+    out.mkdir(parents=True, exist_ok=True)
+    corpus_dir, run_dir = out / "corpus", out / "run"
+
+    def clear(d: Path) -> None:  # everything but the held lock file
+        for p in d.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    # a `pretrain --out OUT/run` or `corpus build --out OUT/corpus` may be running: refused, nothing deleted
+    with ExitStack() as locks:
+        locks.enter_context(run_lock(corpus_dir, "quickstart"))
+        locks.enter_context(run_lock(run_dir, "quickstart"))
+        _quickstart(out, steps, corpus_dir, run_dir, clear)
+
+
+def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear) -> None:
     from clueforge.corpus.build import BuildConfig, build_corpus, iter_texts
     from clueforge.pretrain.config import load_config
     from clueforge.pretrain.loop import pretrain as run
     from clueforge.text.vocab import build_vocab
 
-    _logging()
-    out.mkdir(parents=True, exist_ok=True)
     cfg = BuildConfig(vocab="", doc_sep="blank", docs_per_shard=16)  # 4 shards; the last (13 docs) is held out
     vocab = out / "vocab.txt"
     n = build_vocab(iter_texts([SAMPLE], cfg), vocab, vocab_size=2000, min_frequency=1)
     console.print(f"[1/4] vocab: {n} entries → {vocab}")
     cfg.vocab = str(vocab)
-    corpus_dir = out / "corpus"
-    if corpus_dir.exists():
-        shutil.rmtree(corpus_dir)
+    clear(corpus_dir)
     m = build_corpus([SAMPLE], corpus_dir, cfg, workers=1)
     console.print(f"[2/4] corpus: {m['docs_kept']} docs, {m['tokens']:,} tokens, {len(m['shards'])} shards → {corpus_dir}")
-    run_dir = out / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    clear(run_dir)
     pcfg = load_config("tiny", [f"train.max_steps={steps}", "train.eval_every=100", "train.save_every=100",
                                 "train.warmup_steps=30"])
     summary = run(pcfg, corpus_dir, run_dir, show_progress=sys.stderr.isatty())
@@ -325,7 +345,7 @@ def quickstart(
         "  clueforge config show tiny   (every setting, for --set)", highlight=False, soft_wrap=True)
 
 
-def _finetune_config(items: list[str] | None, seed: int | None = None):
+def _finetune_config(items: list[str] | None, seed: int | None = None, method: str | None = None):
     import yaml
 
     from clueforge.finetune.loop import FinetuneConfig
@@ -340,8 +360,12 @@ def _finetune_config(items: list[str] | None, seed: int | None = None):
             raw[k.strip()] = yaml.safe_load(v)
         except yaml.YAMLError:
             _fail(f"--set {item!r}: the value is not valid YAML")
-    if seed is not None:
-        raw["seed"] = seed
+    for key, given in (("seed", seed), ("method", method)):  # an option only where given: `--set` is not overwritten
+        if given is None:
+            continue
+        if key in raw and raw[key] != given:
+            _fail(f"--{key} {given} and --set {key}={raw[key]} disagree; give one of them")
+        raw[key] = given
     try:
         return build_dataclass(FinetuneConfig, raw, "--set", overridden=set(raw))
     except ValueError as exc:
@@ -368,10 +392,10 @@ def finetune(
     data: Annotated[Path, typer.Option(help="The task's folder in its official format.")],
     model: Annotated[Path, typer.Option(help="A clueforge or local Hugging Face BERT-family directory.")],
     out: Annotated[Path, typer.Option(help="Output directory (best/, results.json, metrics.jsonl).")],
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42; the same as --set seed=S).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    method: Annotated[str, typer.Option(help="finetune (a new head) or pet (the MLM head through a template; --set template=NAME).")] = "finetune",
+    method: Annotated[Optional[str], typer.Option(help="finetune (a new head, the default) or pet (the MLM head through a template; --set template=NAME).")] = None,
 ) -> None:
     """Fine-tune on a task; dev scores each epoch; keep the best checkpoint (`--set select=last`: the last)."""
     from clueforge.finetune.loop import finetune as run
@@ -380,7 +404,7 @@ def finetune(
     from clueforge.runs import run_lock
 
     _logging()
-    cfg = _finetune_config(list(set_ or []) + [f"method={method}"], seed)
+    cfg = _finetune_config(set_, seed, method)
     try:
         with run_lock(out, "finetune"):
             res = run(task, data, model, out, cfg, show_progress=progress and sys.stderr.isatty())
@@ -462,6 +486,9 @@ def serve_cmd(
     from clueforge.deploy.serve import Backend, serve
 
     _logging()
+    for name, value, lo, hi in (("--port", port, 1, 65535), ("--threads", threads, 0, None)):  # serve() checks the rest
+        if value < lo or hi is not None and value > hi:
+            _fail(f"{name} {value} is not allowed: must be " + (f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"))
     try:
         backend = Backend.load(model, runtime, threads)
         serve(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, backend=backend)
@@ -535,11 +562,19 @@ def benchmark(
     calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
 ) -> None:
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
+    import statistics
+
+    from clueforge.tasks.io import TaskDataError
     from clueforge.tasks.suite import run_suite
 
     from clueforge.runs import run_lock
 
     _logging()
+    if seeds < 1:
+        _fail(f"--seeds {seeds} is not allowed: must be ≥ 1")
+    for name, path in (("--model", model), ("--data", data)):
+        if not path.exists():
+            _fail(f"{name} {path} does not exist")
     cfg = _finetune_config(set_)
     if method is None and cfg.method != "finetune":  # `--set method=pet` means the same as `--method pet`
         method = cfg.method
@@ -559,7 +594,7 @@ def benchmark(
     try:
         with run_lock(out, "benchmark"):
             run_suite(suite, model, data, out, seeds, cfg, show_progress=sys.stderr.isatty())
-    except KeyError as exc:
+    except (KeyError, FileNotFoundError, TaskDataError, ValueError, statistics.StatisticsError) as exc:
         _fail(_message(exc))
     print((out / "report.md").read_text(encoding="utf-8"))
 

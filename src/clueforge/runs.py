@@ -3,8 +3,8 @@
 ``pretrain``, ``finetune`` and ``corpus build`` (and any later stage that writes a run directory)
 wrap their work in ``run_lock(out)``. The lock is ``fcntl.flock`` on ``OUT/.lock``: the kernel
 releases it when the holder exits, however it exits (kill -9 included), so a lock left by a dead
-process is never in the way; the holder writes its pid into the file so that a refused second
-process can say who holds the directory.
+process is never in the way; the holder writes its pid and stage into the file so that a refused
+second process can say who holds the directory.
 """
 
 from __future__ import annotations
@@ -52,16 +52,17 @@ def run_lock(directory: str | Path, what: str = "run"):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise RunLocked(f"{directory} is in use by another {what} (pid {holder}); wait for it to finish or "
-                            f"stop it, or use another --out") from None
-        previous = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            pid, _, stage = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
+            raise RunLocked(f"{directory} is in use by {stage or 'another process'} (pid {pid or 'unknown'}); "
+                            f"this {what} cannot use it: wait for it to finish or stop it, or use another "
+                            f"--out") from None
+        previous = os.pread(fd, 256, 0).decode(errors="replace").strip().split(" ")[0]
         if previous.isdigit() and int(previous) != os.getpid() and not _pid_alive(int(previous)):
             import logging
 
             logging.getLogger("clueforge").info("%s: stale lock of dead process %s taken over", path, previous)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)  # pid, then the stage, for a refused process
         try:
             yield path
         finally:

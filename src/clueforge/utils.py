@@ -30,6 +30,8 @@ class Rule:
             return isinstance(v, str) and v in self.choices
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:  # bool, non-number, NaN
             return False
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):  # .inf trains NaN
+            return False
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
         if self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi):

@@ -30,8 +30,14 @@ class Corpus:
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             raise FileNotFoundError(f"{manifest} not found: build the corpus with `clueforge corpus build` first")
-        self.manifest = json.loads(manifest.read_text())
-        self.names = [s["name"] for s in self.manifest["shards"]]
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self.names = [s["name"] for s in self.manifest["shards"]]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            from clueforge.utils import UserError
+
+            raise UserError(f"{manifest} is corrupt ({type(exc).__name__}: {exc}); rebuild the corpus with "
+                            f"`clueforge corpus build ... --out {self.path}`") from None
 
     def __len__(self) -> int:
         return len(self.names)

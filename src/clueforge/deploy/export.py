@@ -171,11 +171,51 @@ def compare(ref: list, got: list, head: str) -> dict:
 def export_onnx(model_dir: str | Path, out: str | Path, *, int8: bool = False, data: str | Path | None = None,
                 max_check: int = 1000, fmt: str = "onnx") -> dict:
     """Export ``model_dir`` (a fine-tuned checkpoint) into ``out``; returns the check report."""
-    from clueforge.finetune.loop import load_finetuned, load_split, subset
-
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     model_dir, out = Path(model_dir), Path(out)
+    check_export_out(model_dir, out)
+    from clueforge.runs import LOCK_NAME, run_lock
+
+    created = not out.exists()
+    try:
+        with run_lock(out, "export"):
+            check_export_out(model_dir, out)  # again under the lock: another export may have written it
+            return _export(model_dir, out, int8, data, max_check, fmt)
+    except BaseException:
+        if created and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK_NAME]:  # a failed first export
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def check_export_out(model_dir: Path, out: Path) -> None:
+    """``--out`` is replaced whole: refuse one that is, holds or lies inside the model directory, and
+    a non-empty one that is not an earlier export (a fine-tune run, a corpus, a home directory)."""
+    from clueforge.runs import LOCK_NAME
+    from clueforge.utils import UserError
+
+    m, o = model_dir.resolve(), out.resolve()
+    if o == m or o in m.parents or m in o.parents:
+        raise UserError(f"--out {out} would replace the model directory {model_dir} (or the folder holding it); "
+                        f"export into a new directory")
+    if o.is_file():
+        raise UserError(f"--out {out} is a file; export into a directory")
+    if o.is_dir() and any(p.name != LOCK_NAME for p in o.iterdir()):
+        meta = o / "config.json"
+        try:
+            earlier = ONNX_KEY in json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            earlier = False
+        if not earlier:
+            raise UserError(f"--out {out} is not empty and is not an earlier export (no config.json with "
+                            f"{ONNX_KEY!r}); export replaces it whole, so name a new or export directory")
+
+
+def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: str) -> dict:
+    from clueforge.finetune.loop import load_finetuned, load_split, subset
+    from clueforge.runs import LOCK_NAME
+    from clueforge.utils import replace_dir
+
     raw = read_task_meta(model_dir)
     if ONNX_KEY in raw:
         raise ValueError(f"{model_dir} is already an ONNX export; export its fine-tuned checkpoint instead")
@@ -225,9 +265,9 @@ def export_onnx(model_dir: str | Path, out: str | Path, *, int8: bool = False, d
             if f.is_file() and f.name not in ("config.json", "model.safetensors") and not f.name.endswith(".bin"):
                 shutil.copyfile(f, tmp / f.name)
         (tmp / "export_check.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if (out / LOCK_NAME).exists():  # the held lock's inode moves in with the new directory
+            os.link(out / LOCK_NAME, tmp / LOCK_NAME)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -256,7 +256,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     if shipped.is_file():
         return shipped
     names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"config {name_or_path!r}: not a file and not a shipped config ({', '.join(names)})")
+    raise UserError(f"config {name_or_path!r}: not a file and not a shipped config ({', '.join(names)})")
 
 
 def parse_override(item: str) -> tuple[list[str], object]:
@@ -277,6 +277,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     unknown = sorted(set(raw) - {"model", "train"})
     if unknown:
         raise UserError(f"{path}: unknown sections {unknown}; expected 'model' and 'train'")
+    for sec in ("model", "train"):
+        if raw.get(sec) is not None and not isinstance(raw[sec], dict):
+            raise UserError(f"{path}: section {sec!r} must be a mapping of settings, not {raw[sec]!r}")
     raw = {"model": dict(raw.get("model") or {}), "train": dict(raw.get("train") or {})}
     overridden: dict[str, set] = {"model": set(), "train": set()}
     for item in overrides:
@@ -331,14 +334,14 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "knowledge_batch_size": _ge(1), "replace_share": _PROB, "triple_text_share": _PROB,
         "log_every": _ge(1), "eval_every": _NONNEG,
         "eval_batches": _ge(1), "save_every": _ge(1), "keep_checkpoints": _NONNEG, "prefetch": _ge(1),
-        "peak_tflops": _POS,
+        "peak_tflops": _POS, "seed": _NONNEG,
     },
     "FinetuneConfig": {
         "epochs": _ge(1), "lr": _POS, "batch_size": _ge(1), "max_length": _ge(8), "warmup_ratio": _PROB_HALF_OPEN,
         "weight_decay": _NONNEG, "clip_grad": _NONNEG, "max_steps": _ge(1), "max_train": _ge(1),
         "max_eval": _ge(1), "eval_batch_size": _ge(1), "rdrop": _NONNEG, "fgm": _NONNEG, "ema": _PROB_HALF_OPEN,
         "llrd": Rule(0, 1, lo_open=True), "log_every": _ge(1), "select": Rule(choices=("best", "last")),
-        "method": Rule(choices=("finetune", "pet")),
+        "method": Rule(choices=("finetune", "pet")), "seed": _NONNEG,
     },
 }
 
@@ -347,6 +350,14 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
     """Rules that involve several fields or the items of a collection."""
     out = []
     name = type(obj).__name__
+    if name == "ModelConfig" and isinstance(obj.pad_token_id, int) and obj.pad_token_id >= obj.vocab_size:
+        out.append(("pad_token_id", obj.pad_token_id, f"< vocab_size ({obj.vocab_size})"))
+    if name == "TrainConfig" and obj.curriculum is not None:
+        keys = {"at", *CURRICULUM_OVERRIDES}
+        if not isinstance(obj.curriculum, list) or not all(isinstance(st, dict) and set(st) <= keys
+                                                           for st in obj.curriculum):
+            out.append(("curriculum", obj.curriculum, "a list of stages, each a mapping with keys among "
+                        + ", ".join(sorted(keys))))
     if name == "TrainConfig":
         if obj.mask_token_prob + obj.random_token_prob > 1:
             out.append(("random_token_prob", obj.random_token_prob,

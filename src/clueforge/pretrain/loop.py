@@ -314,6 +314,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     if cfg.model.vocab_size != vocab_size:
         log.info("model.vocab_size set to the corpus vocabulary size %d", vocab_size)
         cfg.model.vocab_size = vocab_size
+    if cfg.model.pad_token_id >= vocab_size:
+        from clueforge.utils import UserError
+
+        raise UserError(f"model.pad_token_id={cfg.model.pad_token_id} is not allowed: must be < the corpus "
+                        f"vocabulary size ({vocab_size}, {vocab})")
     index = build_row_index(corpus, t.seq_len, t.pack_docs)
     train_rows, eval_rows = split_heldout(index, corpus)
     sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
@@ -342,6 +347,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         path, state = found
         if state["world_size"] != world:
             log.warning("resuming a %d-process run with %d processes: data order changes", state["world_size"], world)
+        _check_resume(state, cfg, data, allow_config_change)  # before loading: another model shape cannot load
         ckpt.load_checkpoint(path, state, model, optimizer, rank)
         scheduler.load_state_dict(state["scheduler"])
         _apply_optimizer_settings(optimizer, scheduler, t)  # a change allowed on resume takes effect
@@ -486,7 +492,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     unlogged_tokens = 0
                     state = {"tokens": tokens_seen, "scheduler": scheduler.state_dict(),
                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                             "config": cfg.to_dict()}
+                             "config": cfg.to_dict(), "data": data_identity(data)}
                     ckpt.write_rank_rng(ckpt.tmp_dir(ck_root, step), rank)
                     accelerator.wait_for_everyone()
                     if main:
@@ -519,6 +525,40 @@ def _apply_optimizer_settings(optimizer, scheduler, t) -> None:
             g["weight_decay"] = t.weight_decay
 
 
+def data_identity(data: Path) -> dict:
+    """The corpus a run trains on: its path and ``manifest_sha256``, a sha256 over what its
+    ``manifest.json`` records of the content (each shard's files' sha256 and the vocabulary's), so
+    that a moved copy, or a rerun of ``corpus build`` that repairs a shard, is the same corpus."""
+    import hashlib
+
+    m = Path(data) / "manifest.json"
+    try:
+        man = json.loads(m.read_text(encoding="utf-8"))
+        content = {"vocab": man.get("vocab_sha256"),
+                   "shards": [[s["name"], {k: f["sha256"] for k, f in sorted(s["files"].items())}]
+                              for s in man["shards"]]}
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        digest = None
+    return {"path": str(data), "manifest_sha256": digest}
+
+
+def _check_resume(state: dict, cfg: PretrainConfig, data: Path, allow: bool) -> None:
+    """Refuse (``UserError`` listing the differences) a resume whose settings or corpus differ from
+    the checkpoint's, before the checkpoint is loaded; ``--allow-config-change`` lets them through."""
+    from clueforge.runs import check_resume_config
+    from clueforge.utils import UserError
+
+    if "config" in state:
+        check_resume_config(state["config"], cfg.to_dict(), allow=allow)
+    saved = (state.get("data") or {}).get("manifest_sha256")
+    now = data_identity(data)["manifest_sha256"]
+    if saved and now and saved != now and not allow:
+        raise UserError(f"this run was trained on another corpus ({state['data']['path']}, manifest sha256 "
+                        f"{saved[:12]}…) than --data {data} ({now[:12]}…); resuming would mix them. Use the run's "
+                        f"corpus, another --out, or pass --allow-config-change to apply and record the change")
+
+
 def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_step: int, allow: bool,
                       write: bool = True) -> None:
     """``out/config.json``: the config that trains from now on, plus the history of changes made on
@@ -540,8 +580,14 @@ def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_s
             for k, v in record["changes"].items() if write else ():
                 log.warning("resume at step %d: %s changed %r → %r", start_step, k, v["from"], v["to"])
             history.append(record)
+        saved = (found[1].get("data") or {}).get("manifest_sha256")
+        ident = data_identity(data)
+        if saved and ident["manifest_sha256"] and saved != ident["manifest_sha256"]:  # allowed: _check_resume
+            history.append({"step": start_step, "changes": {"data": {"from": found[1]["data"], "to": ident}},
+                            "allowed_by": "--allow-config-change"})
     if write:
-        atomic_write(path, json.dumps({"config": cfg.to_dict(), "data": str(data), "history": history}, indent=2))
+        atomic_write(path, json.dumps({"config": cfg.to_dict(), "data": data_identity(data), "history": history},
+                                      indent=2))
 
 
 def summary_line(summary: dict) -> str:

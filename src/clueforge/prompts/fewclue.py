@@ -59,8 +59,10 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
               "config": {k: v for k, v in vars(cfg).items()}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    from clueforge.utils import atomic_write
+
+    atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    atomic_write(out / "report.md", report_markdown(report))
     return report
 
 

@@ -12,6 +12,7 @@ the input is labelled, scores it with the task's metric.
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from clueforge.prompts.spec import SLOTS, check_for_task, pick, templates_for
 from clueforge.tasks.io import TaskDataError
 from clueforge.tasks.registry import get_task
 from clueforge.text.tokenizer import load_tokenizer
+from clueforge.utils import UserError
+
+log = logging.getLogger("clueforge.zeroshot")
 
 
 def load_mlm(model_dir: str | Path) -> BertForMLM:
@@ -75,8 +79,18 @@ def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: s
     chosen = templates if template == "all" else [pick(templates, template)]
     for t in chosen:
         check_for_task(t, task, labels)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size {batch_size} is not allowed: must be ≥ 1")
     tok = load_tokenizer(model_dir)
-    model = optimize_for_inference(model if model is not None else load_mlm(model_dir), precision)
+    model = model if model is not None else load_mlm(model_dir)
+    positions = model.cfg.max_position
+    if max_length is not None and max_length > positions:
+        raise UserError(f"max_length {max_length} exceeds the model's {positions} positions; use {positions} or less")
+    if max_length is None and task.max_length > positions:  # the task's default: cut to what the model holds
+        log.warning("%s's max_length %d exceeds the model's %d positions: inputs are cut to %d tokens",
+                    task.name, task.max_length, positions, positions)
+        max_length = positions
+    model = optimize_for_inference(model, precision)
     examples, labelled = load_examples(task, fam, paths, state)
     t0 = time.perf_counter()
     slots = [slots_of(task, e) for e in examples]
