@@ -11,7 +11,6 @@ Tasks without data, and CHID under PET (no fixed verbalizer), are listed as skip
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from clueforge.finetune.loop import FinetuneConfig, finetune
 from clueforge.prompts.zeroshot import load_mlm, zeroshot
 from clueforge.tasks.registry import SUITES, get_task
 from clueforge.tasks.submit import task_dir
+from clueforge.tasks.suite import write_report
 
 METHODS = ("finetune", "pet", "zeroshot")
 
@@ -58,11 +58,7 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
               "calibration": calibration if method == "zeroshot" else None, "tasks": rows, "skipped": skipped,
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
               "config": {k: v for k, v in vars(cfg).items()}}
-    out.mkdir(parents=True, exist_ok=True)
-    from clueforge.utils import atomic_write
-
-    atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    atomic_write(out / "report.md", report_markdown(report))
+    write_report(out, report, report_markdown(report))
     return report
 
 

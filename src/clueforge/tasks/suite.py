@@ -99,10 +99,15 @@ def run_suite(suite: str, model: str | Path, data_root: str | Path, out: str | P
               "skipped": skipped,
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
               "config": {k: v for k, v in vars(cfg).items()}}
+    write_report(out, report, report_markdown(report))
+    return report
+
+
+def write_report(out: Path, report: dict, markdown: str) -> None:
+    """``out/report.json`` and ``out/report.md``, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    atomic_write(out / "report.md", report_markdown(report))
-    return report
+    atomic_write(out / "report.md", markdown)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
