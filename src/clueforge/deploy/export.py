@@ -56,8 +56,7 @@ class ExportGraph(nn.Module):
         m, enc = self.model, self.model.encoder
         mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
         x = enc.embeddings(input_ids, token_type_ids)  # (B, T, D)
-        for layer in enc.layers:
-            x = layer(x, mask)
+        x, _ = enc.run_layers(x, mask)  # each block's plain forward, or the attention-residual path
         if enc.final_ln is not None:
             x = enc.final_ln(x)
         if m.head == "sequence":
@@ -219,6 +218,12 @@ def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: s
     raw = read_task_meta(model_dir)
     if ONNX_KEY in raw:
         raise ValueError(f"{model_dir} is already an ONNX export; export its fine-tuned checkpoint instead")
+    from clueforge.model.hf import config_from_hf
+    from clueforge.utils import UserError
+
+    if config_from_hf(raw).linguistic_inputs:
+        raise UserError(f"{model_dir}: ONNX export of a model with linguistic inputs (pos_embeddings / syntax_heads) "
+                        f"is not supported: the graph takes no ling input; predict with `clueforge predict` instead")
     task, fam, state, model, tok = load_finetuned(model_dir, raw["clueforge_task"]["task"])
     if task.family not in EXPORTABLE:
         raise ValueError(supported_message(task))

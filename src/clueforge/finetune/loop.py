@@ -134,9 +134,30 @@ def run_model(model, fam, features: list[dict], batch_size: int, pad_id: int, de
     with torch.inference_mode():
         for batch in _batches(features, batch_size, None):
             b = {k: v.to(device) for k, v in fam.collate(batch, pad_id).items()}
-            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **_ling(b))
             out.append(logits.float().cpu().numpy())
     return out
+
+
+def _ling(batch: dict) -> dict:
+    """The linguistic channel as a keyword argument, when the family encoded one."""
+    return {"ling": batch["ling"]} if "ling" in batch else {}
+
+
+def linguistic_state(fam, task: Task, state: dict, model_dir: Path) -> None:
+    """A model that reads linguistic inputs (``ModelConfig.linguistic_inputs``) gets them from the
+    rjieba segmentation the corpus build uses: put a ``Segmenter`` in ``state`` for the family's
+    ``encode``; refuse a family that does not encode them yet."""
+    model_cfg, _ = read_hf_config(model_dir)
+    if not model_cfg.linguistic_inputs:
+        return
+    if not getattr(fam, "LINGUISTIC", False):
+        raise UserError(f"{model_dir} reads linguistic inputs ({', '.join(model_cfg.arch_options)}), which the "
+                        f"{task.family} family{' (PET)' if fam is not family(task) else ''} does not encode yet; "
+                        f"only the classify family (and plain fine-tuning) does")
+    from clueforge.text.segment import Segmenter
+
+    state["segmenter"] = Segmenter()
 
 
 def subset(examples: list[dict], n: int | None) -> list[dict]:
@@ -175,6 +196,7 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     state = prepare_state(fam, task, data, cfg)
+    linguistic_state(fam, task, state, model_dir)
     train_ex = subset(load_split(task, fam, data, cfg.train_file or task.files["train"], state, True), cfg.max_train)
     dev_ex = subset(load_split(task, fam, data, cfg.dev_file or task.files["dev"], state, True), cfg.max_eval)
     if not train_ex:
@@ -208,11 +230,11 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     next_log = t0 + 30.0
 
     def forward_loss(b):
-        logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **_ling(b))
         loss = fam.loss(logits, b)
         parts = {"task_loss": loss.item()}
         if cfg.rdrop:
-            logits2 = model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            logits2 = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **_ling(b))
             kl = symmetric_kl(logits, logits2, fam.kl_mask(b) if hasattr(fam, "kl_mask") else None)
             loss = 0.5 * (loss + fam.loss(logits2, b)) + cfg.rdrop * kl
             parts["rdrop_kl"] = kl.item()
@@ -350,6 +372,7 @@ def load_finetuned(model_dir: str | Path, task_name: str):
         from clueforge.prompts.pet import PetFamily
 
         fam, state = PetFamily.from_meta(fam, meta, model_dir)
+    linguistic_state(fam, task, state, model_dir)
     tok = load_tokenizer(model_dir)
     return task, fam, state, load_model(fam, model_dir, state, tok), tok
 

@@ -11,6 +11,13 @@ Design choices:
 - The MLM head is tied to the word embeddings and, given labels, computes logits only at masked
   positions (about 15% of tokens: the vocabulary projection is the largest matmul of a small model).
 - Optional gradient checkpointing per block. No Accelerate or DeepSpeed imports here.
+- Architecture options of the Shenzhou / Mengzi seed systems (issue 14), all off by default, and
+  off they leave the forward above untouched (the same SDPA call, bit for bit):
+  ``attn_residual_decay`` (layer l's pre-softmax scores + decay × layer l-1's: explicit scores),
+  ``pos_embeddings`` (POS-tag and word-boundary embeddings added to the input embeddings) and
+  ``syntax_heads`` (the last heads of each layer attend only inside a word / POS-delimited chunk /
+  sentence, or with a learned bias by relative word distance: an SDPA mask or additive bias).
+  Linguistic inputs arrive as one packed (B, T) ``ling`` channel (``pack_ling``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from clueforge.text.segment import POS_TAGS
+
+# The ``ling`` input channel, one int per token: bits 0-7 the POS id of the token's word
+# (``text.segment.POS_TAGS``), then flags. 0 = a special token or padding (no linguistic input).
+LING_POS_MASK = 0xFF
+LING_WORD_START = 1 << 8  # first token of an rjieba word
+LING_SENT_START = 1 << 9  # first token of a sentence
+LING_TEXT = 1 << 10  # a token of segmented text (not [CLS]/[SEP]/[PAD])
+POS_TAG_ROWS = 64  # rows of the POS embedding: room for appended tags (``POS_TAGS`` is append-only)
+SYNTAX_CONSTRAINTS = ("word", "chunk", "sentence", "distance")
+SYNTAX_DISTANCE_BUCKETS = 16  # relative word distance 0..14, then "15 or more"
+# POS tags that delimit a phrase chunk (they form chunks of their own): punctuation / non-words,
+# conjunctions, prepositions, particles, modal particles, interjections.
+CHUNK_DELIMITERS = ("x", "c", "p", "u", "ud", "ug", "uj", "ul", "uv", "uz", "y", "e")
+
+
+def pack_ling(pos, word_start, sent_start, text):
+    """One ``ling`` value per token from POS ids and boolean flags (numpy arrays or tensors)."""
+    return (pos * text + LING_WORD_START * (word_start * text) + LING_SENT_START * (sent_start * text)
+            + LING_TEXT * text)
 
 
 @dataclass
@@ -51,10 +79,46 @@ class ModelConfig:
     """Std of the normal initialisation of weights."""
     pad_token_id: int = 0
     """Id of [PAD]; its embedding row starts at zero."""
+    attn_residual_decay: float = 0.0
+    """Cross-layer attention residual (Shenzhou): layer l's pre-softmax scores are its own plus
+    this factor × layer l-1's (residual included); 0 = off (the SDPA fast path), 1 = RealFormer.
+    Scores are then computed explicitly: see the throughput benchmark for the cost."""
+    pos_embeddings: bool = False
+    """Add a POS-tag embedding and a word-boundary (word start / inside) embedding to each text
+    token's input embedding (Mengzi); tags come from the shard side channels in pretraining and
+    from the same rjieba segmentation at fine-tuning and prediction. Both tables start at zero."""
+    syntax_heads: int = 0
+    """Heads per layer (the last ones) that attend under ``syntax_constraint``; 0 = off."""
+    syntax_constraint: str = "word"
+    """What a syntax head may see: ``word`` (tokens of the same rjieba word), ``chunk`` (the same
+    POS-delimited phrase chunk), ``sentence`` (the same sentence) or ``distance`` (everything,
+    with a learned bias per head by relative word distance, 0..15+)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.syntax_heads <= self.num_heads:
+            raise ValueError(f"syntax_heads {self.syntax_heads} must be in [0, num_heads={self.num_heads}]")
+        if self.syntax_constraint not in SYNTAX_CONSTRAINTS:
+            raise ValueError(f"syntax_constraint {self.syntax_constraint!r}: expected one of {SYNTAX_CONSTRAINTS}")
+
+    @property
+    def arch_options(self) -> dict:
+        """The issue-14 options that are on (empty: a plain BERT)."""
+        out = {}
+        if self.attn_residual_decay:
+            out["attn_residual_decay"] = self.attn_residual_decay
+        if self.pos_embeddings:
+            out["pos_embeddings"] = True
+        if self.syntax_heads:
+            out["syntax_heads"] = self.syntax_heads
+            out["syntax_constraint"] = self.syntax_constraint
+        return out
+
+    @property
+    def linguistic_inputs(self) -> bool:
+        """Whether the model reads the ``ling`` channel (POS / word / sentence structure)."""
+        return bool(self.pos_embeddings or self.syntax_heads)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -69,6 +133,9 @@ class ModelConfig:
         block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
         emb = (self.vocab_size + self.max_position + self.type_vocab_size) * d + 2 * d
         head = d * d + d + 2 * d + self.vocab_size
+        emb += (POS_TAG_ROWS + 3) * d if self.pos_embeddings else 0
+        if self.syntax_heads and self.syntax_constraint == "distance":
+            block += self.syntax_heads * SYNTAX_DISTANCE_BUCKETS
         return L * block + head + (emb if with_embeddings else 0)
 
 
@@ -80,15 +147,31 @@ class Embeddings(nn.Module):
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.pos_embeddings:  # row 0 (untagged / special) stays zero: no input where nothing is known
+            self.pos_tag = nn.Embedding(POS_TAG_ROWS, cfg.hidden_size, padding_idx=0)
+            self.boundary = nn.Embedding(3, cfg.hidden_size, padding_idx=0)  # 1 word start, 2 inside a word
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                ling: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.word(input_ids) + self.position.weight[:T]  # (B, T, D)
         if token_type_ids is None:
             x = x + self.token_type.weight[0]
         else:
             x = x + self.token_type(token_type_ids)
+        if ling is not None and hasattr(self, "pos_tag"):
+            text = (ling & LING_TEXT) != 0  # (B, T)
+            start = (ling & LING_WORD_START) != 0
+            x = x + self.pos_tag(ling & LING_POS_MASK) + self.boundary(text * (2 - start.long()))  # (B, T, D)
         return self.drop(self.ln(x))
+
+
+@dataclass
+class Structure:
+    """What the syntax heads of every layer share in one forward (built once by the encoder)."""
+
+    mask: torch.Tensor | None  # (B, H, T, T) bool, True = attend: padding/document mask, syntax heads constrained
+    distance: torch.Tensor | None  # (B, T, T) long: relative word distance bucket (``distance`` constraint)
 
 
 class SelfAttention(nn.Module):
@@ -98,12 +181,48 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.p_drop = cfg.attention_dropout
+        self.decay = cfg.attn_residual_decay
+        self.n_syntax = cfg.syntax_heads
+        if cfg.syntax_heads and cfg.syntax_constraint == "distance":
+            self.distance_bias = nn.Parameter(torch.zeros(cfg.syntax_heads, SYNTAX_DISTANCE_BUCKETS))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_drop if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+    def _bias(self, mask: torch.Tensor | None, st: Structure | None, dtype) -> torch.Tensor | None:
+        """The additive (B, H, T, T) score bias: -inf where a head may not look, plus the learned
+        distance bias of the syntax heads; ``None`` when nothing is masked or biased."""
+        m = st.mask if st is not None and st.mask is not None else mask
+        bias = None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+        if st is not None and st.distance is not None:
+            d = self.distance_bias.to(dtype)[:, st.distance].transpose(0, 1)  # (B, Hs, T, T)
+            B, _, T, _ = d.shape
+            d = torch.cat([d.new_zeros(B, self.n_heads - self.n_syntax, T, T), d], 1)  # (B, H, T, T)
+            bias = d if bias is None else bias + d
+        return bias
+
+    def forward_options(self, x: torch.Tensor, mask: torch.Tensor | None, st: Structure | None,
+                        prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention with the architecture options: syntax masks/biases through SDPA, or, with the
+        residual, explicit scores ``S_l = QKᵀ/√d + decay · S_{l-1}`` (before any mask or bias).
+        Returns the output and ``S_l`` (``None`` without the residual)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, Dh)
+        bias = self._bias(mask, st, q.dtype)
+        p = self.p_drop if self.training else 0.0
+        if not self.decay:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, Dh)
+            return self.out(y.transpose(1, 2).reshape(B, T, D)), None
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, T)
+        if prev is not None:
+            scores = scores + self.decay * prev
+        att = scores if bias is None else scores + bias
+        att = F.dropout(torch.softmax(att.float(), -1).to(q.dtype), p)  # (B, H, T, T)
+        y = att @ v  # (B, H, T, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, T, D)), scores
 
 
 class Block(nn.Module):
@@ -124,6 +243,17 @@ class Block(nn.Module):
         x = self.ln1(x + self.drop(self.attn(x, mask)))
         return self.ln2(x + self.drop(self.mlp_out(F.gelu(self.mlp_in(x)))))
 
+    def forward_options(self, x: torch.Tensor, mask: torch.Tensor | None, st: Structure | None,
+                        prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward`` through ``SelfAttention.forward_options``; also returns this layer's scores."""
+        if self.pre_ln:
+            a, scores = self.attn.forward_options(self.ln1(x), mask, st, prev)
+            x = x + self.drop(a)
+            return x + self.drop(self.mlp_out(F.gelu(self.mlp_in(self.ln2(x))))), scores
+        a, scores = self.attn.forward_options(x, mask, st, prev)
+        x = self.ln1(x + self.drop(a))
+        return self.ln2(x + self.drop(self.mlp_out(F.gelu(self.mlp_in(x))))), scores
+
 
 def attention_bias(attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
     """SDPA boolean mask (True = attend) from a (B, T) padding mask and/or (B, T) document ids.
@@ -137,6 +267,40 @@ def attention_bias(attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | 
     return attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
 
 
+def syntax_units(ling: torch.Tensor, constraint: str) -> torch.Tensor:
+    """(B, T) unit ids: tokens that share an id form one word / chunk / sentence. A special token
+    or padding is a unit of its own, and a unit never runs across one."""
+    text = (ling & LING_TEXT) != 0  # (B, T)
+    special = ~text
+    after_special = torch.cat([torch.ones_like(special[:, :1]), special[:, :-1]], 1)
+    word = (ling & LING_WORD_START) != 0
+    sent = (ling & LING_SENT_START) != 0
+    if constraint == "sentence":
+        start = sent
+    elif constraint == "chunk":
+        delim_ids = torch.tensor([POS_TAGS.index(t) for t in CHUNK_DELIMITERS], device=ling.device)
+        delim = torch.isin(ling & LING_POS_MASK, delim_ids) & text  # (B, T)
+        prev_delim = torch.cat([torch.zeros_like(delim[:, :1]), delim[:, :-1]], 1)
+        start = word & (delim | prev_delim | sent)
+    else:  # word, distance
+        start = word
+    return torch.cumsum(start | special | after_special, 1)  # (B, T)
+
+
+def ancestors_mask(parent: torch.Tensor) -> torch.Tensor:
+    """SG-Net's dependency constraint from a parse side channel: (B, T) head index per token (-1:
+    root or no parse) → (B, T, T) True where token j is token i itself or one of its ancestors.
+    Not wired to a config value (no parser ships offline); a ``parse`` constraint would build its
+    ``Structure.mask`` from this, as ``Encoder.structure`` does for the others."""
+    B, T = parent.shape
+    hop = torch.zeros(B, T, T + 1, dtype=torch.bool, device=parent.device)
+    hop.scatter_(2, torch.where(parent < 0, T, parent)[..., None], True)  # i → its head (T: none)
+    reach = (torch.eye(T, dtype=torch.bool, device=parent.device) | hop[..., :T]).float()  # (B, T, T)
+    for _ in range(max(1, T.bit_length())):  # pointer doubling: paths of length up to 2^k
+        reach = ((reach + reach @ reach) > 0).float()
+    return reach.bool()
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -146,6 +310,44 @@ class Encoder(nn.Module):
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
         self.gradient_checkpointing = False
 
+    def structure(self, mask: torch.Tensor | None, ling: torch.Tensor | None, T: int) -> Structure | None:
+        """The syntax heads' shared mask and distance buckets (``None`` without syntax heads)."""
+        cfg = self.cfg
+        if not cfg.syntax_heads:
+            return None
+        if ling is None:
+            raise ValueError(f"syntax_heads={cfg.syntax_heads} needs the linguistic input channel (ling)")
+        B = ling.shape[0]
+        units = syntax_units(ling, cfg.syntax_constraint)  # (B, T)
+        base = torch.ones(B, 1, T, T, dtype=torch.bool, device=ling.device) if mask is None else mask.expand(B, 1, T, T)
+        if cfg.syntax_constraint == "distance":
+            dist = (units[:, :, None] - units[:, None, :]).abs().clamp(max=SYNTAX_DISTANCE_BUCKETS - 1)  # (B, T, T)
+            return Structure(None if mask is None else base, dist)
+        allowed = base & (units[:, None, :, None] == units[:, None, None, :])  # (B, 1, T, T)
+        allowed = allowed | (base & ~allowed.any(-1, keepdim=True))  # a row left empty (padding) sees what it may
+        H, Hs = cfg.num_heads, cfg.syntax_heads
+        return Structure(torch.cat([base.expand(B, H - Hs, T, T), allowed.expand(B, Hs, T, T)], 1), None)
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor | None, ling: torch.Tensor | None = None,
+                   keep: tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks over embeddings ``x`` (B, T, D); returns the last output and those of ``keep``.
+        With no architecture option on, each block is the plain SDPA forward."""
+        kept = []
+        options = self.cfg.attn_residual_decay or self.cfg.syntax_heads
+        st = self.structure(mask, ling, x.shape[1]) if options else None
+        prev = None  # the previous layer's attention scores (residual)
+        for i, layer in enumerate(self.layers, 1):
+            if not options:
+                x = checkpoint(layer, x, mask, use_reentrant=False) if self.gradient_checkpointing and self.training \
+                    else layer(x, mask)
+            elif self.gradient_checkpointing and self.training:
+                x, prev = checkpoint(layer.forward_options, x, mask, st, prev, use_reentrant=False)
+            else:
+                x, prev = layer.forward_options(x, mask, st, prev)
+            if i in keep:
+                kept.append(x)
+        return x, kept
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -153,21 +355,18 @@ class Encoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         keep: tuple[int, ...] = (),
+        ling: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """``input_ids`` (B, T) → hidden states (B, T, D). ``doc_ids`` (B, T) keeps attention
         inside each packed document (padding gets its own id). With ``keep`` (1-based layer
         numbers) also returns those layers' outputs, normalised as the final output is (pre-LN:
-        through ``final_ln``), so a head reads them as it reads the last layer."""
+        through ``final_ln``), so a head reads them as it reads the last layer. ``ling`` (B, T):
+        the packed linguistic channel (``pack_ling``) a model with ``linguistic_inputs`` reads."""
+        if ling is None and self.cfg.pos_embeddings:
+            raise ValueError("pos_embeddings=True needs the linguistic input channel (ling)")
         mask = attention_bias(attention_mask, doc_ids)
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
-        kept = []
-        for i, layer in enumerate(self.layers, 1):
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, mask, use_reentrant=False)
-            else:
-                x = layer(x, mask)
-            if i in keep:
-                kept.append(x)
+        x = self.embeddings(input_ids, token_type_ids, ling)  # (B, T, D)
+        x, kept = self.run_layers(x, mask, ling, keep)
         if self.final_ln is not None:  # pre-LN: the residual stream is normalised before any head
             x = self.final_ln(x)
             kept = [self.final_ln(h) for h in kept]
@@ -202,6 +401,13 @@ def init_weights(model: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def init_options(model: nn.Module) -> None:
+    """The architecture options start as no-ops: zero POS / boundary embeddings and distance bias."""
+    for name, p in model.named_parameters():
+        if name.endswith(("embeddings.pos_tag.weight", "embeddings.boundary.weight", "attn.distance_bias")):
+            nn.init.zeros_(p)
+
+
 @dataclass
 class MLMOutput:
     loss: torch.Tensor | None
@@ -220,6 +426,7 @@ class BertForMLM(nn.Module):
         self.encoder = Encoder(cfg)
         self.head = MLMHead(cfg, self.encoder.embeddings.word)
         init_weights(self, cfg.initializer_range)
+        init_options(self)
 
     def forward(
         self,
@@ -229,10 +436,11 @@ class BertForMLM(nn.Module):
         labels: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         sparse: bool = True,
+        ling: torch.Tensor | None = None,
     ) -> MLMOutput:
         """With ``labels`` (B, T; -100 = not predicted) returns the MLM loss; ``sparse`` computes
         logits only at labelled positions (the dense path exists for equivalence tests)."""
-        hidden = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids)  # (B, T, D)
+        hidden = self.encoder(input_ids, attention_mask, token_type_ids, doc_ids, ling=ling)  # (B, T, D)
         if labels is None:
             return MLMOutput(None, self.head(hidden), None, hidden)
         if sparse:

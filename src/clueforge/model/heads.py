@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clueforge.model.bert import Encoder, ModelConfig, init_weights
+from clueforge.model.bert import Encoder, ModelConfig, init_options, init_weights
 
 HEADS = ("sequence", "choice", "token", "span")
 
@@ -38,14 +38,17 @@ class TaskModel(nn.Module):
         out = {"sequence": num_labels, "choice": 1, "token": num_labels, "span": 2}[head]
         self.classifier = nn.Linear(d, out)
         init_weights(self, cfg.initializer_range)
+        init_options(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_type_ids: torch.Tensor | None = None, ling: torch.Tensor | None = None) -> torch.Tensor:
+        """``ling``: the packed linguistic channel, for a model with ``cfg.linguistic_inputs``."""
         shape = input_ids.shape
         if self.head == "choice":  # (B, K, T) → (B·K, T)
             flat = lambda x: None if x is None else x.reshape(-1, shape[-1])  # noqa: E731
-            input_ids, attention_mask, token_type_ids = flat(input_ids), flat(attention_mask), flat(token_type_ids)
-        h = self.encoder(input_ids, attention_mask, token_type_ids)  # (B, T, D)
+            input_ids, attention_mask, token_type_ids, ling = (flat(input_ids), flat(attention_mask),
+                                                               flat(token_type_ids), flat(ling))
+        h = self.encoder(input_ids, attention_mask, token_type_ids, ling=ling)  # (B, T, D)
         if self.head in ("sequence", "choice"):
             pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, D)
             logits = self.classifier(self.drop(pooled))  # (B, C) or (B·K, 1)
@@ -59,7 +62,7 @@ class SequenceClassifier(TaskModel):
     def __init__(self, cfg: ModelConfig, num_labels: int):
         super().__init__(cfg, "sequence", num_labels)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):  # type: ignore[override]
-        logits = super().forward(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, ling=None):  # type: ignore[override]
+        logits = super().forward(input_ids, attention_mask, token_type_ids, ling)
         loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
         return loss, logits

@@ -5,6 +5,14 @@ Reads any local ``BertModel`` / ``BertForMaskedLM`` / ``BertForPreTraining`` dir
 ``model.safetensors`` (also sharded) or, failing that, ``pytorch_model.bin`` read with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling). Writes ``config.json`` +
 ``model.safetensors`` that ``transformers.AutoModelForMaskedLM.from_pretrained`` loads.
+
+A model with an architecture option on (``ModelConfig.arch_options``: attention residual, POS
+embeddings, syntax heads) is no BERT ``transformers`` can run: it is saved with ``model_type``
+``ARCH_MODEL_TYPE``, the options (and the POS tag set) under ``clueforge`` in ``config.json``, and
+``hidden_act`` set to a message, so that ``transformers`` refuses it — the Auto classes on the
+unknown model type, ``BertFor*.from_pretrained`` on the activation — with a message that says to
+load it with ``clueforge.model.hf.load_hf`` (or ``clueforge finetune`` / ``predict``), instead of
+silently loading a plain BERT and dropping the option's weights.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clueforge.model.bert import BertForMLM, ModelConfig
+from clueforge.text.segment import POS_TAGS
 from clueforge.utils import UserError, replace_dir
 
 # ours (per layer: {i}) → HF, relative to the "bert." prefix unless it starts with "cls.".
@@ -48,6 +57,15 @@ _MLM_HEAD_MAP = {
     "head.ln.bias": "cls.predictions.transform.LayerNorm.bias",
     "head.bias": "cls.predictions.bias",
 }
+_OPTION_FIXED_MAP = {  # architecture options (issue 14): present only when the option is on
+    "encoder.embeddings.pos_tag.weight": "bert.embeddings.pos_tag_embeddings.weight",
+    "encoder.embeddings.boundary.weight": "bert.embeddings.word_boundary_embeddings.weight",
+}
+_OPTION_LAYER_MAP = {"attn.distance_bias": "attention.self.distance_bias"}
+ARCH_MODEL_TYPE = "clueforge-bert (not a transformers BERT: load it with clueforge.model.hf.load_hf)"
+ARCH_REFUSAL = ("this clueforge checkpoint uses architecture options that transformers' BERT does not compute "
+                "(see 'clueforge' in config.json); loading it as BERT would drop weights. Load it with "
+                "clueforge.model.hf.load_hf(path) / load_hf_task(path, head, n), or `clueforge finetune|predict`")
 _POOLER = {"pooler.weight": "bert.pooler.dense.weight", "pooler.bias": "bert.pooler.dense.bias"}
 _CLASSIFIER = {"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
 _TASK_HEAD_MAPS = {
@@ -87,6 +105,14 @@ def hf_config(cfg: ModelConfig) -> dict:
         "tie_word_embeddings": True,
         "clueforge": {"pre_ln": cfg.pre_ln},
     }
+    if cfg.arch_options:  # refused by transformers with ARCH_REFUSAL (see the module doc)
+        out["model_type"] = ARCH_MODEL_TYPE
+        out["architectures"] = ["ClueforgeBertForMaskedLM"]
+        out["hidden_act"] = ARCH_REFUSAL
+        out["clueforge"].update(cfg.arch_options, hidden_act="gelu")
+        if cfg.pos_embeddings:
+            out["clueforge"]["pos_tags"] = list(POS_TAGS)
+        return out
     if cfg.pre_ln:  # not a BERT transformers can run: make it refuse rather than compute garbage
         out["model_type"] = "clueforge-bert-preln"
         out["architectures"] = ["ClueforgeBertPreLN"]
@@ -95,9 +121,14 @@ def hf_config(cfg: ModelConfig) -> dict:
 
 def config_from_hf(d: dict, path: Path | None = None) -> ModelConfig:
     where = f"{path}: " if path else ""
-    act = d.get("hidden_act", "gelu")
+    ours = d.get("clueforge", {})
+    act = ours["hidden_act"] if "hidden_act" in ours else d.get("hidden_act", "gelu")
     if act not in ("gelu",):
         raise ValueError(f"{where}hidden_act {act!r} is not supported (exact GELU only)")
+    tags = ours.get("pos_tags")
+    if tags is not None and list(POS_TAGS[:len(tags)]) != list(tags):
+        raise UserError(f"{where}the model's POS tag set differs from this clueforge's (text.segment.POS_TAGS): "
+                        f"its POS embeddings would read the wrong rows")
     if d.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{where}only absolute position embeddings are supported")
     return ModelConfig(
@@ -113,7 +144,11 @@ def config_from_hf(d: dict, path: Path | None = None) -> ModelConfig:
         layer_norm_eps=d.get("layer_norm_eps", 1e-12),
         initializer_range=d.get("initializer_range", 0.02),
         pad_token_id=d.get("pad_token_id", 0) or 0,
-        pre_ln=bool(d.get("clueforge", {}).get("pre_ln", False)),
+        pre_ln=bool(ours.get("pre_ln", False)),
+        attn_residual_decay=float(ours.get("attn_residual_decay", 0.0)),
+        pos_embeddings=bool(ours.get("pos_embeddings", False)),
+        syntax_heads=int(ours.get("syntax_heads", 0)),
+        syntax_constraint=ours.get("syntax_constraint", "word"),
     )
 
 
@@ -129,7 +164,10 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
                 out[hf + f"attention.self.{name}.{part}"] = t
         for k, v in _LAYER_MAP.items():
             out[hf + v] = sd[ours + k]
-    for k, v in {**_FIXED_MAP, **_head_map(model)}.items():
+        for k, v in _OPTION_LAYER_MAP.items():
+            if ours + k in sd:
+                out[hf + v] = sd[ours + k]
+    for k, v in {**_FIXED_MAP, **_OPTION_FIXED_MAP, **_head_map(model)}.items():
         if k in sd:
             out[v] = sd[k]
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
@@ -164,6 +202,16 @@ def from_hf_state_dict(model, hf: dict[str, torch.Tensor], *, strict_head: bool 
             if src + v not in hf:
                 raise KeyError(f"checkpoint lacks {src + v}")
             target[ours + k] = hf[src + v]
+    own = model.state_dict()
+    options = {**_OPTION_FIXED_MAP, **{f"encoder.layers.{i}.{k}": f"bert.encoder.layer.{i}.{v}"
+                                       for i in range(model.cfg.num_layers) for k, v in _OPTION_LAYER_MAP.items()}}
+    for k, v in options.items():
+        if k in own and v not in hf:
+            raise KeyError(f"checkpoint lacks {v} (the model's config turns on an option that needs it)")
+        if k in own:
+            target[k] = hf[v]
+        elif v in hf:
+            raise KeyError(f"checkpoint has {v} but its config turns the option off: refusing to drop it")
     absent = []
     for k, v in _FIXED_MAP.items():
         if v in hf:
@@ -179,7 +227,6 @@ def from_hf_state_dict(model, hf: dict[str, torch.Tensor], *, strict_head: bool 
         raise KeyError("checkpoint lacks bert.encoder.final_layer_norm (a pre-LN model needs it)")
     if strict_head and absent:
         raise KeyError(f"checkpoint lacks {absent}")
-    own = model.state_dict()
     for k, v in target.items():
         if own[k].shape != v.shape:
             raise ValueError(f"{k}: checkpoint shape {tuple(v.shape)} ≠ model {tuple(own[k].shape)}")
@@ -289,7 +336,7 @@ def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_co
     save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
     cfg = hf_config(model.cfg)
     head = getattr(model, "head", None)
-    if isinstance(head, str) and not model.cfg.pre_ln:
+    if isinstance(head, str) and not model.cfg.pre_ln and not model.cfg.arch_options:
         cfg["architectures"] = [HF_ARCHITECTURES[head]]
     if head in ("sequence", "token"):
         cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}

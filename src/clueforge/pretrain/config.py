@@ -345,6 +345,10 @@ VALIDATION: dict[str, dict[str, Rule]] = {
     },
 }
 
+# architecture options (issue 14; ``ModelConfig.__post_init__`` also bounds syntax_heads by num_heads)
+VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": _NONNEG,
+                                  "syntax_constraint": Rule(choices=("word", "chunk", "sentence", "distance"))})
+
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
     """Rules that involve several fields or the items of a collection."""

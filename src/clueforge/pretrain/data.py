@@ -12,6 +12,9 @@
 - **Masking at collate time** with a generator seeded by ``(seed, step, micro, rank)``, so a
   resumed run masks exactly as an uninterrupted one. The strategies of ``masking``, budget
   exact in tokens per row, 80/10/10 replacement decided per masked unit.
+- **Linguistic channel** (``linguistic=True``, for a model with ``ModelConfig.linguistic_inputs``):
+  the shard's POS ids and word / sentence starts packed per token (``model.bert.pack_ling``) as
+  ``ling`` (B, T); [CLS], [SEP] and padding carry 0. A masked token keeps its word's tag.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from clueforge.corpus.build import DOC_START, ENT_START, SENT_START, WORD_START
 from clueforge.corpus.shards import Corpus
+from clueforge.model.bert import pack_ling
 from clueforge.pretrain.masking import Curriculum, Masker, MaskingConfig, Row, _groups, pick_strategy
 
 
@@ -156,7 +160,8 @@ class Collator:
     """Rows → padded numpy batch with MLM inputs and labels (``masking.Masker`` chooses what)."""
 
     def __init__(self, corpus: Corpus, specials: dict[str, int], vocab_size: int, masking: MaskingConfig,
-                 doc_attention: bool = False, tokenizer=None, curriculum: Curriculum | None = None):
+                 doc_attention: bool = False, tokenizer=None, curriculum: Curriculum | None = None,
+                 linguistic: bool = False):
         self.shards = corpus.shards
         self.cls, self.sep, self.pad, self.mask = specials["cls"], specials["sep"], specials["pad"], specials["mask"]
         special_set = set(specials.values())
@@ -174,6 +179,7 @@ class Collator:
         self.masker = Masker(masking, connective_ids)
         self.inventory = build_word_inventory(self.shards) if "corrective" in strategies else None
         self.doc_attention = doc_attention
+        self.linguistic = linguistic
 
     def _row(self, shard: int, start: int, end: int) -> tuple[Row, np.ndarray]:
         """One row's per-position views (specials get word -1) and its document ids."""
@@ -232,6 +238,7 @@ class Collator:
         labels = np.full((B, T), -100, dtype=np.int64)
         attn = np.zeros((B, T), dtype=np.int64)
         docs = np.full((B, T), -1, dtype=np.int64)
+        ling = np.zeros((B, T), dtype=np.int64)
         st = self.settings(progress)  # a fresh value for this batch
         for i, (row, doc) in enumerate(built):
             n = row.ids.size
@@ -242,9 +249,13 @@ class Collator:
             labels[i, pos] = row.ids[pos]
             attn[i, :n] = 1
             docs[i, :n] = doc
+            if self.linguistic:
+                ling[i, :n] = row_ling(row)
         batch = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
         if self.doc_attention:
             batch["doc_ids"] = docs
+        if self.linguistic:
+            batch["ling"] = ling
         return batch
 
     def apply(self, row: Row, units: np.ndarray, strategy: str, rng: np.random.Generator) -> np.ndarray:
@@ -286,6 +297,14 @@ class Collator:
             else:
                 fallback.extend(range(s, s + n))
         return np.asarray(fallback, dtype=np.int64)
+
+
+def row_ling(row: Row) -> np.ndarray:
+    """The packed linguistic channel of one row (specials: word -1 → 0)."""
+    text = row.word >= 0
+    word_start = text & (row.word != np.concatenate([[-1], row.word[:-1]]))
+    return pack_ling(row.pos.astype(np.int64), word_start.astype(np.int64), row.sent_start.astype(np.int64),
+                     text.astype(np.int64))
 
 
 def build_word_inventory(shards, max_words: int = 400_000, per_key: int = 4000) -> dict[tuple[int, int], np.ndarray]:

@@ -325,11 +325,13 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     masking = masking_config(t)
     curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
     collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
-                       tokenizer=tok, curriculum=curriculum)
+                       tokenizer=tok, curriculum=curriculum, linguistic=cfg.model.linguistic_inputs)
     fixed_collate = Collator(corpus, specials, vocab_size, FIXED_EVAL_MASKING,
-                             doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok)
+                             doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok,
+                             linguistic=cfg.model.linguistic_inputs)
 
     mlm, sd_layers = build_model(cfg, vocab_size)
+    collate.linguistic = fixed_collate.linguistic = cfg.model.linguistic_inputs  # init_from's model decides
     structure, knowledge, aux = build_objectives(cfg, corpus, tok, specials)
     model = PretrainingModel(mlm, aux)  # what the optimizer and data parallelism see
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here

@@ -47,16 +47,22 @@ class PretrainingModel(nn.Module):
         doc_ids: torch.Tensor | None = None,
         distill_layers: tuple[int, ...] = (),
         aux: dict[str, dict[str, torch.Tensor]] | None = None,
+        ling: torch.Tensor | None = None,
     ) -> PretrainOutput:
         """The MLM loss at labelled positions (-100 = not predicted) of the main batch; with
         ``distill_layers`` (1-based) also the MLM head's predictions from those layers; ``aux``
         maps an objective to its own batch, classified by ``self.aux`` (or, for ``MLM_AUX``,
-        predicted by the MLM head)."""
+        predicted by the MLM head); ``ling`` (B, T) the packed linguistic channel of the main batch
+        (a model with ``linguistic_inputs``; the objectives' own batches carry none, so such a model
+        refuses them)."""
         enc, head = self.mlm.encoder, self.mlm.head
+        if aux and enc.cfg.linguistic_inputs:
+            raise ValueError(f"structure/knowledge objectives {sorted(aux)} have no linguistic channel; a model "
+                             f"with pos_embeddings or syntax_heads cannot train on them")
         if distill_layers:
-            hidden, kept = enc(input_ids, attention_mask, token_type_ids, doc_ids, keep=distill_layers)
+            hidden, kept = enc(input_ids, attention_mask, token_type_ids, doc_ids, keep=distill_layers, ling=ling)
         else:
-            hidden, kept = enc(input_ids, attention_mask, token_type_ids, doc_ids), []  # (B, T, D)
+            hidden, kept = enc(input_ids, attention_mask, token_type_ids, doc_ids, ling=ling), []  # (B, T, D)
         sel = labels != -100  # (B, T)
         targets = labels[sel]  # (M,)
         logits = head(hidden[sel])  # (M, V)

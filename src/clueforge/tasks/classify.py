@@ -13,12 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, field, pad_features, read_jsonl
+from clueforge.tasks.io import TaskDataError, encoding_ling, field, pad_features, pad_ling, read_jsonl
 from clueforge.tasks.metrics import accuracy
 from clueforge.tasks.registry import Task, resolve_file
 from clueforge.text.normalize import normalize
 
 HEAD = "sequence"
+LINGUISTIC = True  # ``encode`` adds the ``ling`` channel when ``state["segmenter"]`` is set
 
 
 def _label(obj: dict, task: Task, path, lineno, labels: list[str] | None, required: bool):
@@ -124,17 +125,23 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
     index = {lab: i for i, lab in enumerate(state["labels"])}
     out = []
     encs = tok.encode_batch([(e["a"], e["b"]) if e["b"] is not None else e["a"] for e in examples])
+    seg = state.get("segmenter")  # a model with linguistic inputs (``finetune.loop.linguistic_state``)
     for i, (e, enc) in enumerate(zip(examples, encs)):
         out.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "example": i,
                     "label": index[e["label"]] if e.get("label") not in (None, "-") else -100})
+        if seg is not None:
+            out[-1]["ling"] = encoding_ling(seg, enc, (e["a"],) if e["b"] is None else (e["a"], e["b"]))
     tok.no_truncation()
     return out
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     ids, types, mask = pad_features(features, pad_id)
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
-            "labels": torch.tensor([f["label"] for f in features])}
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
+             "labels": torch.tensor([f["label"] for f in features])}
+    if "ling" in features[0]:
+        batch["ling"] = pad_ling(features)
+    return batch
 
 
 def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -65,3 +65,36 @@ def pad_features(features: list[dict], pad_id: int, keys=("input_ids", "token_ty
         if keys[1] in f:
             types[i, :n] = f[keys[1]]
     return torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(mask)
+
+
+def encoding_ling(seg, enc, texts: tuple[str, ...]) -> list[int]:
+    """The packed linguistic channel (``model.bert.pack_ling``) of one ``tokenizers`` encoding of
+    ``texts`` (one text, or a pair): each sequence's tokens get the word / sentence starts and POS
+    ids that ``text.features.token_features`` finds in its text, as the corpus build does;
+    [CLS] / [SEP] / padding get 0. ``seg``: a ``text.segment.Segmenter``."""
+    import numpy as np
+
+    from clueforge.model.bert import pack_ling
+    from clueforge.text.features import token_features
+
+    seq = np.asarray([-1 if s is None else s for s in enc.sequence_ids], dtype=np.int64)
+    starts = np.asarray([o[0] for o in enc.offsets], dtype=np.int64)
+    out = np.zeros(seq.size, dtype=np.int64)
+    for s, text in enumerate(texts):
+        idx = np.flatnonzero(seq == s)
+        if idx.size:
+            ws, ss, pos = token_features(seg, text, starts[idx])
+            out[idx] = pack_ling(pos.astype(np.int64), ws.astype(np.int64), ss.astype(np.int64), 1)
+    return out.tolist()
+
+
+def pad_ling(features: list[dict]):
+    """``ling`` of every feature as a (B, T) int64 tensor, right-padded with 0."""
+    import numpy as np
+    import torch
+
+    T = max(len(f["input_ids"]) for f in features)
+    out = np.zeros((len(features), T), dtype=np.int64)
+    for i, f in enumerate(features):
+        out[i, :len(f["ling"])] = f["ling"]
+    return torch.from_numpy(out)
