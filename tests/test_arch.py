@@ -397,6 +397,7 @@ E2E = {"residual": ["model.attn_residual_decay=0.5"], "pos": ["model.pos_embeddi
        "syntax": ["model.syntax_heads=2", "model.syntax_constraint=chunk", "model.pos_embeddings=true"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(E2E))
 def test_option_pretrains_saves_reloads_finetunes(name, tmp_path, sample_corpus):
     from clueforge.finetune.loop import FinetuneConfig, finetune, load_finetuned, predict
@@ -405,7 +406,7 @@ def test_option_pretrains_saves_reloads_finetunes(name, tmp_path, sample_corpus)
 
     sets = ["train.max_steps=4", "train.save_every=4", "train.log_every=1", "train.eval_every=0",
             "train.eval_batches=1", "train.warmup_steps=1", "train.batch_size=4", "train.seq_len=32",
-            "model.hidden_size=32", "model.intermediate_size=64"]
+            "model.hidden_size=32", "model.intermediate_size=64", "train.peak_tflops=1"]
     cfg = load_config("tiny", sets + E2E[name])
     summary = pretrain(cfg, sample_corpus, tmp_path / "run", show_progress=False)
     final = tmp_path / "run" / "final"
