@@ -16,6 +16,12 @@ Peak memory: on CUDA ``max_memory_allocated`` per side; on CPU the peak RSS of a
 that runs a few steps of one side only. MFU: useful training FLOPs (6·params·tokens, the
 vocabulary projection counted for the predicted tokens only, plus attention) over the measured
 peak of a large matmul on the device, for both sides with the same formula.
+
+``--arch NAME …`` adds clueforge sides with an architecture option of issue 14 on (``ARCH_VARIANTS``:
+attention residual, POS embeddings, syntax heads), timed in the same rounds; the result's
+``arch_options`` gives each one's tokens/s and peak memory against the plain clueforge side:
+
+    python benchmarks/pretrain_throughput.py --config mini --arch attn_residual pos_embeddings syntax_chunk syntax_distance
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ from clueforge.pretrain.masking import MaskingConfig  # noqa: E402
 from clueforge.pretrain.loop import measure_peak_flops, param_groups  # noqa: E402
 from clueforge.text.tokenizer import load_tokenizer, special_ids  # noqa: E402
 
+ARCH_VARIANTS = {  # side "clueforge+NAME": the model with these ModelConfig fields (issue 14)
+    "attn_residual": {"attn_residual_decay": 0.5},
+    "pos_embeddings": {"pos_embeddings": True},
+    "syntax_chunk": {"syntax_heads": 2, "syntax_constraint": "chunk"},
+    "syntax_distance": {"syntax_heads": 2, "syntax_constraint": "distance"},
+}
+
 
 class Side:
     """One contender: ``step(i)`` runs one full training step on row batch ``i``; returns real tokens."""
@@ -50,11 +63,16 @@ class Side:
         self.specials = special_ids(tok)
         self.vocab_size = tok.get_vocab_size()
         cfg.model.vocab_size = self.vocab_size
-        self.collate = Collator(corpus, self.specials, self.vocab_size, MaskingConfig(ratio=cfg.train.mask_ratio, weights={"wwm": 1.0}))
+        if kind.startswith("clueforge+"):
+            from dataclasses import replace
+
+            cfg.model = replace(cfg.model, **ARCH_VARIANTS[kind.split("+", 1)[1]])
+        self.collate = Collator(corpus, self.specials, self.vocab_size, MaskingConfig(ratio=cfg.train.mask_ratio, weights={"wwm": 1.0}),
+                                linguistic=cfg.model.linguistic_inputs)
         self.rows = rows
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
         torch.manual_seed(0)
-        if kind == "clueforge":
+        if kind.startswith("clueforge"):
             self.model = BertForMLM(cfg.model).to(device)
         else:
             import transformers
@@ -68,7 +86,7 @@ class Side:
                 self._hf_tokenizer(corpus.path), whole_word_mask=True, mlm_probability=cfg.train.mask_ratio)
             self.examples = [self._hf_examples(i) for i in range(len(rows))]
         self.model.train()
-        self.forward = torch.compile(self.model) if kind == "clueforge" and args.compile else self.model
+        self.forward = torch.compile(self.model) if kind.startswith("clueforge") and args.compile else self.model
         # fused AdamW on both sides: it is transformers' Trainer default (adamw_torch_fused)
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, fused=True)
 
@@ -102,7 +120,7 @@ class Side:
         return out
 
     def step(self, i: int) -> int:
-        if self.kind == "clueforge":
+        if self.kind.startswith("clueforge"):
             batch = self.collate(self.rows[i], np.random.default_rng(i))
             batch = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
         else:
@@ -155,6 +173,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--data", default=None, help="a built corpus directory (default: 20k docs of the real corpus)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the clueforge model (warm-up compiles)")
+    ap.add_argument("--arch", nargs="*", default=[], choices=list(ARCH_VARIANTS),
+                    help="also time clueforge with these architecture options on (issue 14)")
     ap.add_argument("--out", default="bench-out/pretrain_throughput.json")
     args = ap.parse_args()
 
@@ -165,7 +185,7 @@ def main() -> None:
     n_batches = args.warmup + args.steps * args.rounds
     rows = _row_batches(corpus, args.seq_len, args.batch_size, n_batches)
     sides = {k: Side(k, args, load_config(args.config, [f"train.seq_len={args.seq_len}"]), corpus, rows, device)
-             for k in ("clueforge", "transformers")}
+             for k in ("clueforge", "transformers", *(f"clueforge+{a}" for a in args.arch))}
     cfg.model.vocab_size = sides["clueforge"].vocab_size
     for side in sides.values():
         for i in range(args.warmup):
@@ -189,7 +209,7 @@ def main() -> None:
     del sides
     if device.type == "cpu":
         ctx = mp.get_context("spawn")
-        for k in ("clueforge", "transformers"):
+        for k in ("clueforge", "transformers", *(f"clueforge+{a}" for a in args.arch)):
             q = ctx.Queue()
             p = ctx.Process(target=_mem_child, args=(k, args, str(corpus_dir), q))
             p.start()
@@ -221,6 +241,13 @@ def main() -> None:
         "transformers_mfu": round(tps["transformers"] * fpt / peak, 4),
         "machine": machine(),
     }
+    if args.arch:
+        result["arch_options"] = {
+            a: {"fields": ARCH_VARIANTS[a], "tokens_per_s": round(tps[f"clueforge+{a}"], 1),
+                "tokens_per_s_vs_off": round(tps[f"clueforge+{a}"] / tps["clueforge"], 3),
+                "peak_mem_mb": round(peak_mem[f"clueforge+{a}"], 1),
+                "peak_mem_vs_off_mb": round(peak_mem[f"clueforge+{a}"] - peak_mem["clueforge"], 1)}
+            for a in args.arch}
     write_json(args.out, result)
 
 

@@ -7,7 +7,8 @@ quick fine-tuning suite with several seeds.
 Recipes: (a) token masking 15 % (what transformers' run_mlm does), (b) whole-word masking, (c) the
 full knowledge recipe of ``configs/knowledge.yaml``, (d) the full recipe minus one component at a
 time (curriculum, mixed masking strategies, structure objectives, knowledge objectives,
-self-distillation). Every recipe trains for ``--steps`` optimizer steps of the same MLM batch
+self-distillation), (e) whole-word masking with one architecture option of issue 14 on (attention
+residual, POS embeddings, syntax heads; ``ARCH_RECIPES``, model settings). Every recipe trains for ``--steps`` optimizer steps of the same MLM batch
 (same MLM tokens); the auxiliary objectives of (c)/(d) add their own small batches on top, which
 the table reports as extra tokens.
 
@@ -48,6 +49,14 @@ ABLATIONS = {
     "full - self-distillation": ["self_distill_instance", "self_distill_layers"],
 }
 
+ARCH_RECIPES = {  # wwm 15 % + one ModelConfig option (keys "model.*" are model settings)
+    "wwm + attn residual 0.5": {"masking": "wwm", "model.attn_residual_decay": 0.5},
+    "wwm + POS embeddings": {"masking": "wwm", "model.pos_embeddings": True},
+    "wwm + syntax heads chunk 2/4": {"masking": "wwm", "model.syntax_heads": 2, "model.syntax_constraint": "chunk"},
+    "wwm + syntax heads distance 2/4": {"masking": "wwm", "model.syntax_heads": 2,
+                                        "model.syntax_constraint": "distance"},
+}
+
 
 def recipes(full_train: dict) -> dict[str, dict]:
     full = {k: full_train[k] for k in FULL_KEYS if k in full_train}
@@ -55,6 +64,7 @@ def recipes(full_train: dict) -> dict[str, dict]:
     for name, drop in ABLATIONS.items():
         out[name] = {k: v for k, v in full.items() if k not in drop}
     out["full - curriculum"].setdefault("masking_weights", MIXED_MASKING)
+    out.update(ARCH_RECIPES)
     return out
 
 
@@ -91,6 +101,7 @@ def main() -> None:
     ap.add_argument("--max-eval", type=int, default=200)
     ap.add_argument("--only", nargs="*", help="run only these recipes")
     ap.add_argument("--work", default=None, help="working directory (pretraining runs resume there)")
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), help="fine-tuning tasks (default: all five)")
     ap.add_argument("--out", default="bench-out/recipes.json")
     args = ap.parse_args()
     if not (CORPUS.is_file() and BERT_VOCAB.is_file()):
@@ -127,7 +138,7 @@ def main() -> None:
         for k, v in extra.items():
             if k in small:
                 v = small[k]
-            overrides.append(f"train.{k}={json.dumps(v, ensure_ascii=False)}")
+            overrides.append(f"{k if k.startswith('model.') else 'train.' + k}={json.dumps(v, ensure_ascii=False)}")
         evals, summary, metrics = [], None, []
         for pseed in range(args.pretrain_seeds):
             cfg = load_config(args.config, overrides + [f"train.seed={pseed}"])
@@ -145,7 +156,7 @@ def main() -> None:
                "eval_own_loss": spread([e["eval_loss"] for e in evals]),
                "eval_own_mlm_acc": spread([e["eval_mlm_acc"] for e in evals]),
                "tokens_incl_aux": metrics[-1]["tokens"], "mlm_token_budget": mlm_tokens, "tasks": {}}
-        for task_name in TASKS:
+        for task_name in args.tasks:
             task = get_task(task_name)
             folder = task_dir(SHARED / "tasks", task)
             scores = []
@@ -179,7 +190,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| recipe | held-out MLM loss, fixed protocol | own masking | " + " | ".join(TASKS) + " | average |",
              "|---|---:|---:|" + "---:|" * (len(TASKS) + 1)]
     for r in rows:
-        cells = [f"{r['tasks'][t]['mean']:.1f} ± {r['tasks'][t]['std']:.1f}" for t in TASKS]
+        cells = [f"{r['tasks'][t]['mean']:.1f} ± {r['tasks'][t]['std']:.1f}" if t in r["tasks"] else "–" for t in TASKS]
         fixed, own = r["eval_fixed_loss"], r["eval_own_loss"]
         lines.append(f"| {r['recipe']} | {fixed['mean']:.3f} ± {fixed['std']:.3f} | {own['mean']:.3f} | "
                      + " | ".join(cells) + f" | {r['average']:.1f} |")
