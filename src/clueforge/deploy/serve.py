@@ -132,7 +132,8 @@ class Backend:
         """One padded batch → one answer per example (runs in the worker thread)."""
         batch = self.fam.collate(features, self.tok.token_to_id("[PAD]"))
         with torch.inference_mode():
-            logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            ling = {"ling": batch["ling"]} if "ling" in batch else {}  # a model with linguistic inputs (torch)
+            logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **ling)
         logits = logits.float().cpu().numpy()
         preds = self.fam.decode(self.task, [logits], features, examples, self.state)
         if self.task.family == "ner":
