@@ -441,3 +441,22 @@ def test_linguistic_model_refused_by_families_that_do_not_feed_it(tmp_path, samp
         finetune("chid", FIXTURES / "chid", tmp_path / "m", tmp_path / "ft", FinetuneConfig(max_steps=1),
                  show_progress=False)
     shutil.rmtree(tmp_path / "m")
+
+
+@pytest.mark.slow
+def test_residual_model_exports_to_onnx_and_linguistic_one_is_refused(tmp_path, sample_vocab):
+    pytest.importorskip("onnxruntime")
+    from clueforge.deploy.export import export_onnx
+    from clueforge.finetune.loop import FinetuneConfig, finetune
+    from clueforge.utils import UserError
+
+    base = {**TINY, "vocab_size": 2000, "max_position": 128}
+    for name, opts in (("res", dict(attn_residual_decay=0.5)), ("pos", dict(pos_embeddings=True))):
+        torch.manual_seed(0)
+        save_hf(BertForMLM(ModelConfig(**base, **opts)), tmp_path / name, vocab=sample_vocab)
+        finetune("afqmc", FIXTURES / "afqmc", tmp_path / name, tmp_path / f"ft-{name}",
+                 FinetuneConfig(epochs=1, max_steps=1, batch_size=4), show_progress=False)
+    rep = export_onnx(tmp_path / "ft-res" / "best", tmp_path / "onnx-res")
+    assert rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+    with pytest.raises(UserError, match="linguistic inputs"):
+        export_onnx(tmp_path / "ft-pos" / "best", tmp_path / "onnx-pos")
