@@ -453,9 +453,19 @@ def test_residual_model_exports_to_onnx_and_linguistic_one_is_refused(tmp_path, 
     base = {**TINY, "vocab_size": 2000, "max_position": 128}
     for name, opts in (("res", dict(attn_residual_decay=0.5)), ("pos", dict(pos_embeddings=True))):
         torch.manual_seed(0)
-        save_hf(BertForMLM(ModelConfig(**base, **opts)), tmp_path / name, vocab=sample_vocab)
+        m = BertForMLM(ModelConfig(**base, **opts))
+        with torch.no_grad():
+            for layer in m.encoder.layers:
+                layer.attn.qkv.weight.mul_(40)  # scores of order 1: the residual changes the logits
+        save_hf(m, tmp_path / name, vocab=sample_vocab)
         finetune("afqmc", FIXTURES / "afqmc", tmp_path / name, tmp_path / f"ft-{name}",
                  FinetuneConfig(epochs=1, max_steps=1, batch_size=4), show_progress=False)
+    tm = load_hf_task(tmp_path / "ft-res" / "best", "sequence", 2).eval()
+    plain = TaskModel(replace(tm.cfg, attn_residual_decay=0.0), "sequence", 2).eval()
+    plain.load_state_dict(tm.state_dict())
+    ids = torch.randint(5, 2000, (3, 20))
+    with torch.no_grad():
+        assert (tm(ids) - plain(ids)).abs().max() > 1e-3  # 10× the export check tolerance below
     rep = export_onnx(tmp_path / "ft-res" / "best", tmp_path / "onnx-res")
     assert rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] <= 1e-4
     with pytest.raises(UserError, match="linguistic inputs"):
