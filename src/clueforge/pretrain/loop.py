@@ -286,12 +286,15 @@ def evaluate_mlm(model: BertForMLM, protocols: dict, eval_rows, t, accelerator) 
 
 
 def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True,
-             log_progress: bool = False, allow_config_change: bool = False) -> dict:
+             log_progress: bool = False, allow_config_change: bool = False, build=None) -> dict:
     """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary.
 
     ``log_progress``: a progress log line every 30 s (for logs, CI, nohup: no bar there).
     ``allow_config_change``: on resume, apply (and record) settings that differ from the run's;
-    without it only ``runs.PRETRAIN_MUTABLE`` settings may change."""
+    without it only ``runs.PRETRAIN_MUTABLE`` settings may change.
+    ``build``: ``(cfg, vocab_size) → (model, objective)`` replacing the MLM model and its loss
+    (task-agnostic distillation, ``distill.agnostic``: a model with ``.mlm`` and ``.aux`` as
+    ``PretrainingModel`` has, an objective with ``mlm_objective``'s contract)."""
     from accelerate import Accelerator
 
     from clueforge.pretrain.config import validate_pretrain
@@ -329,9 +332,14 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     fixed_collate = Collator(corpus, specials, vocab_size, FIXED_EVAL_MASKING,
                              doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok)
 
-    mlm, sd_layers = build_model(cfg, vocab_size)
-    structure, knowledge, aux = build_objectives(cfg, corpus, tok, specials)
-    model = PretrainingModel(mlm, aux)  # what the optimizer and data parallelism see
+    if build is None:
+        mlm, sd_layers = build_model(cfg, vocab_size)
+        structure, knowledge, aux = build_objectives(cfg, corpus, tok, specials)
+        model = PretrainingModel(mlm, aux)  # what the optimizer and data parallelism see
+        objective = mlm_objective
+    else:  # issue 12: a student and its frozen teacher (clueforge.distill.agnostic)
+        model, objective = build(cfg, vocab_size)
+        sd_layers, structure, knowledge = (), None, None
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -419,7 +427,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     sync = micro == t.grad_accum - 1
                     with accelerator.no_sync(model) if not sync else nullcontext():
                         with accelerator.autocast():
-                            loss, o, parts = mlm_objective(step_model, tb, t, sd_layers)
+                            loss, o, parts = objective(step_model, tb, t, sd_layers)
                         accelerator.backward(loss / t.grad_accum)
                     for k, v in parts.items():
                         window["parts"][k] = window["parts"].get(k, 0.0) + v.float() / t.grad_accum
