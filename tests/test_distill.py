@@ -171,3 +171,129 @@ def test_the_aux_layer_is_dropped_exactly():
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, base(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-agnostic distillation through the pretraining loop (tiny teacher, sample corpus)
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from clueforge.utils import UserError  # noqa: E402
+
+LOOP = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=2", "train.warmup_steps=1", "train.prefetch=1",
+        "train.peak_tflops=1.0", "train.seq_len=64", "train.batch_size=8", "train.lr=1.0e-3"]
+STUDENT = ("model: {hidden_size: 16, num_layers: 2, num_heads: 2, intermediate_size: 32, max_position: 64}\n"
+           "train: {max_steps: 6, save_every: 3}\n")
+
+
+@pytest.fixture(scope="module")
+def kd_setup(tmp_path_factory, sample_corpus):
+    """A random 4-layer teacher on the sample vocabulary and a 2-layer student YAML."""
+    from clueforge.model.hf import save_hf
+
+    root = tmp_path_factory.mktemp("kd")
+    vocab = sample_corpus / "vocab.txt"
+    n = len(vocab.read_text(encoding="utf-8").splitlines())
+    torch.manual_seed(0)
+    teacher = BertForMLM(ModelConfig(vocab_size=n, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+                                     max_position=64))
+    save_hf(teacher, root / "teacher", vocab=vocab)
+    (root / "student.yaml").write_text(STUDENT)
+    return root / "teacher", root / "student.yaml"
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _distill(kd_setup, corpus, out, *overrides, allow=False):
+    from clueforge.distill.agnostic import distill, load_distill_config
+
+    teacher, student = kd_setup
+    cfg = load_distill_config(teacher, student, LOOP + list(overrides))
+    return distill(cfg, corpus, out, show_progress=False, allow_config_change=allow)
+
+
+@pytest.mark.slow
+def test_every_loss_is_logged_and_the_total_is_their_weighted_sum(kd_setup, sample_corpus, tmp_path):
+    _distill(kd_setup, sample_corpus, tmp_path / "r", "train.max_steps=2", "distill.relation_weight=0.5",
+             "distill.hidden_weight=2.0", "distill.soft_weight=0.25", "distill.temperature=2.0",
+             "distill.mlm_weight=0.75", "distill.relation_layer=0.75", "distill.relation_heads=4",
+             "distill.embeddings=project")
+    for r in _metrics(tmp_path / "r"):
+        total = 0.75 * r["mlm_loss"] + 0.25 * r["soft_kl"] + 0.5 * r["relation_kl"] + 2.0 * r["hidden_mse"]
+        assert r["loss"] == pytest.approx(total, rel=1e-5)
+        assert r["hidden_mse"] > 0.1 and r["relation_kl"] > 1e-4 and r["soft_kl"] > 1e-4
+    state = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert state["distill"]["relation_layer"] == 0.75 and state["teacher"].endswith("teacher")
+    ck = tmp_path / "r" / "checkpoints" / "step-2"
+    assert (ck / "aux.safetensors").is_file()  # the hidden projection (16 → 32) is checkpointed, not exported
+
+
+@pytest.mark.slow
+def test_with_every_teacher_term_off_distillation_is_pretraining_the_student_alone(kd_setup, sample_corpus, tmp_path):
+    """The off switch: relation, hidden and soft weights 0 and a random student is plain MLM
+    pretraining of that shape: the same weights, bit for bit (the teacher's forward touches nothing)."""
+    from clueforge.pretrain.config import load_config
+    from clueforge.pretrain.loop import pretrain
+
+    off = ["distill.relation_weight=0", "distill.soft_weight=0", "distill.hidden_weight=0", "distill.init=random"]
+    kd = _distill(kd_setup, sample_corpus, tmp_path / "kd", "train.max_steps=3", *off)
+    cfg = load_config(kd_setup[1], LOOP + ["train.max_steps=3"])
+    plain = pretrain(cfg, sample_corpus, tmp_path / "plain", show_progress=False)
+    assert kd["state_sha"] == plain["state_sha"]
+    assert [r["loss"] for r in _metrics(tmp_path / "kd")] == [r["loss"] for r in _metrics(tmp_path / "plain")]
+    on = _distill(kd_setup, sample_corpus, tmp_path / "on", "train.max_steps=3", "distill.init=random")
+    assert on["state_sha"] != plain["state_sha"]  # the teacher terms do change the student
+
+
+@pytest.mark.slow
+def test_distillation_resumes_exactly_and_refuses_a_changed_setting(kd_setup, sample_corpus, tmp_path):
+    from clueforge.model.hf import load_hf, load_hf_task
+    from clueforge.pretrain.loop import state_digest
+
+    ref = _distill(kd_setup, sample_corpus, tmp_path / "ref", "distill.hidden_weight=1.0")
+    cut = tmp_path / "cut"
+    _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0")
+    # as if killed after the step-3 checkpoint: later state gone, a half-written checkpoint left
+    shutil.rmtree(cut / "checkpoints" / "step-6")
+    shutil.rmtree(cut / "final")
+    (cut / "checkpoints" / "step-6.tmp").mkdir()
+    with pytest.raises(UserError, match="distill"):
+        _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0", "distill.temperature=3.0")
+    res = _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0")
+    assert res["state_sha"] == ref["state_sha"]
+    assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(tmp_path / "ref")]
+    student = load_hf(cut / "final")  # the HF layout `finetune` takes: 2 layers, width 16
+    assert (student.cfg.num_layers, student.cfg.hidden_size) == (2, 16) and state_digest(student) == ref["state_sha"]
+    load_hf_task(cut / "final", "sequence", 3)
+    # an allowed change is applied and recorded
+    _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0", "distill.temperature=3.0",
+             "train.max_steps=7", allow=True)
+    history = json.loads((cut / "config.json").read_text())["history"]
+    assert any("distill" in h["changes"] for h in history)
+
+
+def test_distill_settings_are_validated(kd_setup, tmp_path):
+    from clueforge.distill.agnostic import load_distill_config
+    from clueforge.pretrain.config import load_config
+
+    teacher, student = kd_setup
+    for bad, msg in ((["distill.temperature=0"], "temperature"), (["distill.init=[9, 1]"], "init"),
+                     (["distill.embeddings=pad"], "embeddings"), (["distill.relation_layer=0"], "relation_layer"),
+                     (["distill.mlm_weight=0", "distill.soft_weight=0", "distill.relation_weight=0"], "mlm_weight"),
+                     (["distill.aux_layer=true"], "aux_layer"), (["train.self_distill_instance=0.5"], "self_distill")):
+        with pytest.raises(UserError, match=msg):
+            cfg = load_distill_config(teacher, student, bad)
+            from clueforge.distill.student import teacher_layers
+            teacher_layers(cfg.distill.init, 4, 2)  # the layer list is checked against the teacher when built
+    with pytest.raises(UserError, match="relation_heads"):
+        from clueforge.distill.agnostic import relation_heads
+        cfg = load_distill_config(teacher, student, ["distill.relation_heads=3"])
+        relation_heads(cfg.distill, cfg.model, ModelConfig(hidden_size=32, num_heads=4))
+    for bad in ("{a: {student: pico, temperature: -1}}", "{a: {studnet: pico}}", "[pico]", "{a: 3}"):
+        with pytest.raises(UserError, match="students"):
+            load_config("tiny", [f"train.students={bad}"])
+    with pytest.raises(UserError, match="self_distill_instance"):
+        load_config("tiny", ["train.students={a: {student: pico}}", "train.self_distill_instance=0.5"])
