@@ -297,3 +297,70 @@ def test_distill_settings_are_validated(kd_setup, tmp_path):
             load_config("tiny", [f"train.students={bad}"])
     with pytest.raises(UserError, match="self_distill_instance"):
         load_config("tiny", ["train.students={a: {student: pico}}", "train.self_distill_instance=0.5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Online distillation: students follow a pretraining teacher
+
+ONLINE_STUDENT = "model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32, max_position: 64}\n"
+
+
+def _online(sample_corpus, out, students, *overrides):
+    from clueforge.pretrain.config import load_config
+    from clueforge.pretrain.loop import pretrain
+
+    extra = [f"train.students={students}"] if students else []
+    cfg = load_config("tiny", LOOP + ["train.max_steps=4", "train.save_every=2", "train.eval_every=4"] + extra
+                      + list(overrides))
+    return pretrain(cfg, sample_corpus, out, show_progress=False)
+
+
+@pytest.mark.slow
+def test_online_students_leave_the_teachers_updates_unchanged(sample_corpus, tmp_path):
+    """Dropout on everywhere (tiny: 0.1): the teacher's weights after 4 steps are bit-identical with
+    and without two students, one with the auxiliary layer, one with the hidden projection."""
+    yml = tmp_path / "s.yaml"
+    yml.write_text(ONLINE_STUDENT)
+    students = (f"{{a: {{student: {yml}, relation_layer: 1, temperature: 2.0}}, "
+                f"b: {{student: {yml}, aux_layer: false, hidden_weight: 1.0, init: random}}}}")
+    alone = _online(sample_corpus, tmp_path / "alone", None)
+    with_students = _online(sample_corpus, tmp_path / "with", students)
+    assert with_students["state_sha"] == alone["state_sha"]
+    last = _metrics(tmp_path / "with")[-1]
+    assert last["loss"] == _metrics(tmp_path / "alone")[-1]["loss"]
+    for k in ("student_a_relation_kl", "student_a_soft_kl", "student_b_hidden_mse", "student_a_eval_fixed_loss",
+              "student_a_aux_eval_fixed_loss"):
+        assert k in last
+    assert "student_b_aux_eval_fixed_loss" not in last  # b has no auxiliary layer
+
+
+@pytest.mark.slow
+def test_online_student_export_drops_the_aux_layer_and_resumes_exactly(sample_corpus, tmp_path):
+    from clueforge.distill.student import drop_aux_layer
+    from clueforge.model.hf import from_hf_state_dict, load_hf
+    from safetensors.torch import load_file
+
+    yml = tmp_path / "s.yaml"
+    yml.write_text(ONLINE_STUDENT)
+    students = f"{{a: {{student: {yml}, hidden_weight: 1.0}}}}"
+    ref = _online(sample_corpus, tmp_path / "ref", students)
+    exported = load_hf(ref["students"]["a"])
+    assert exported.cfg.num_layers == 1  # the auxiliary layer was dropped
+    ck = tmp_path / "ref" / "checkpoints" / "step-4" / "students" / "a"
+    learning = BertForMLM(ModelConfig(**{**exported.cfg.__dict__, "num_layers": 2}))
+    from_hf_state_dict(learning, load_file(ck / "model.safetensors"), strict_head=True)  # it learnt with 2 blocks
+    ids = _ids(T=10)
+    with torch.no_grad():
+        assert torch.equal(drop_aux_layer(learning).eval()(ids).logits, exported.eval()(ids).logits)
+    cut = tmp_path / "cut"
+    _online(sample_corpus, cut, students)
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "students")
+    res = _online(sample_corpus, cut, students)
+    assert res["state_sha"] == ref["state_sha"]
+    from clueforge.pretrain.loop import state_digest
+    assert state_digest(load_hf(res["students"]["a"])) == state_digest(exported)
+    assert [r["student_a_loss"] for r in _metrics(cut)] == [r["student_a_loss"] for r in _metrics(tmp_path / "ref")]
+    with pytest.raises(UserError, match="students"):  # a changed student on resume is refused
+        _online(sample_corpus, cut, f"{{a: {{student: {yml}, hidden_weight: 2.0}}}}", "train.max_steps=6")
