@@ -364,3 +364,20 @@ def test_online_student_export_drops_the_aux_layer_and_resumes_exactly(sample_co
     assert [r["student_a_loss"] for r in _metrics(cut)] == [r["student_a_loss"] for r in _metrics(tmp_path / "ref")]
     with pytest.raises(UserError, match="students"):  # a changed student on resume is refused
         _online(sample_corpus, cut, f"{{a: {{student: {yml}, hidden_weight: 2.0}}}}", "train.max_steps=6")
+
+
+@pytest.mark.slow
+def test_distill_command_writes_a_student_and_reports_user_errors_in_one_line(kd_setup, sample_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    teacher, student = kd_setup
+    args = ["distill", "--teacher", str(teacher), "--data", str(sample_corpus), "--out", str(tmp_path / "kd"),
+            "--no-progress", "--max-steps", "2"] + sum((["--set", s] for s in LOOP), [])
+    r = CliRunner().invoke(app, args + ["--student", str(student)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "kd" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final"].endswith("final")
+    r = CliRunner().invoke(app, args + ["--student", "femto"])
+    assert r.exit_code == 2 and "femto" in r.output and "pico" in r.output and "Traceback" not in r.output

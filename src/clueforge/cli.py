@@ -312,8 +312,10 @@ def distill(
     _logging()
     overrides = list(set_ or [])
     if task is not None:
-        from clueforge.distill.task import distill_task
-
+        try:
+            from clueforge.distill.task import distill_task
+        except ModuleNotFoundError:
+            _fail("task distillation (--task) is not part of this build; without --task: task-agnostic distillation")
         try:
             with run_lock(out, "distill"):
                 res = distill_task(task, teacher, student or "pico", data, out, overrides, seed=seed,
