@@ -19,7 +19,7 @@ checkpoints, not exported); the teacher is frozen, in eval mode, and runs once p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -252,7 +252,8 @@ def load_distill_config(teacher: str | Path, student: str | Path | None = None,
                 raise UserError(f"--set {item!r}: expected train.KEY=VALUE or distill.KEY=VALUE")
             train[keys[1]] = value
         base = PretrainConfig(model=read_hf_config(path)[0],
-                              train=build_dataclass(TrainConfig, train, "train", section="train.", overridden=set(train)))
+                              train=build_dataclass(TrainConfig, train, "train", section="train.",
+                                                    overridden=set(train)))
     t = base.train
     unsupported = [k for k in ("structure_weights", "knowledge_weights", "self_distill_layers", "init_from", "students")
                    if getattr(t, k, None)] + (["self_distill_instance"] if t.self_distill_instance else [])
@@ -260,8 +261,6 @@ def load_distill_config(teacher: str | Path, student: str | Path | None = None,
         raise UserError(f"train.{', train.'.join(unsupported)}: not used by `clueforge distill` (the student learns "
                         f"from the teacher and the MLM loss); remove them")
     model = student_config(path, teacher_cfg) if kind == "model" else base.model
-    from dataclasses import replace
-
     model = replace(model, vocab_size=teacher_cfg.vocab_size, pad_token_id=teacher_cfg.pad_token_id)
     d.student = str(Path(path).resolve()) if kind == "model" or Path(d.student).is_file() else d.student
     return DistillRunConfig(model=model, train=t, teacher=str(Path(teacher).resolve()), distill=d)

@@ -89,7 +89,7 @@ class OnlineStudents:
                 opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
                 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(cfg, s))
                 torch.manual_seed(t.seed + 7919 * (i + 1) + 1)  # the student's dropout stream
-                rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.cuda[0])} if self.cuda else {})}
+                rng = self._rng_now()
                 self.members[name] = {"d": d, "model": model, "opt": opt, "sched": sched, "layer": layer, "rng": rng,
                                       "heads": relation_heads(d, mlm.cfg, teacher.cfg), "parts": {}, "steps": 0}
         if resume is not None:
@@ -103,8 +103,10 @@ class OnlineStudents:
             if self.cuda:
                 torch.cuda.set_rng_state(m["rng"]["cuda"], self.cuda[0])
             yield
-            m["rng"] = {"cpu": torch.get_rng_state(),
-                        **({"cuda": torch.cuda.get_rng_state(self.cuda[0])} if self.cuda else {})}
+            m["rng"] = self._rng_now()
+
+    def _rng_now(self) -> dict:
+        return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(self.cuda[0])} if self.cuda else {})}
 
     def follow(self, batch: dict, teacher_out, grad_accum: int, autocast) -> None:
         """After the teacher's forward/backward on ``batch``: each student's forward/backward on the
