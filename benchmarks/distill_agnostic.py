@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the corpus the runs trained on")
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--steps", default="", help="only these checkpoint steps, e.g. 100,200 (default: all)")
     ap.add_argument("--out", required=True)
     ap.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
     args = ap.parse_args()
@@ -58,9 +59,16 @@ def main() -> None:
         return [(o.logits, o.labels) for o in (m(**b) for b in batches)]
 
     runs = dict(r.split("=", 1) for r in args.runs)
+    keep = {int(x) for x in args.steps.split(",") if x}
+
+    def _points(run: Path) -> list[Path]:
+        ck = sorted((p for p in (run / "checkpoints").glob("step-*") if p.is_dir() and ".tmp" not in p.name
+                     and (not keep or int(p.name.split("-")[1]) in keep)), key=lambda p: int(p.name.split("-")[1]))
+        return ck + ([run / "final"] if (run / "final").is_dir() else [])
+
     teacher = {}
     if "teacher" in runs:
-        teacher = {p.name: logits_of(p) for p in _points(Path(runs["teacher"]))}
+        teacher = {"final": logits_of(Path(runs["teacher"]) / "final")}
     rows = []
     for name, run in runs.items():
         for point in _points(Path(run)):
@@ -76,12 +84,6 @@ def main() -> None:
             print(json.dumps(row))
     write_json(args.out, {"machine": machine(), "protocol": "eval_fixed (token 15 %, seed 0, 640 held-out rows, "
                           "batches of 32)", "data": str(data), "runs": runs, "rows": rows})
-
-
-def _points(run: Path) -> list[Path]:
-    ck = sorted((p for p in (run / "checkpoints").glob("step-*") if p.is_dir() and ".tmp" not in p.name),
-                key=lambda p: int(p.name.split("-")[1]))
-    return ck + ([run / "final"] if (run / "final").is_dir() else [])
 
 
 if __name__ == "__main__":
