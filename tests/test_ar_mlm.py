@@ -141,7 +141,9 @@ def test_groups_partition_the_units_and_every_position_is_predicted_once():
         assert all(len(s) == 1 for s in per_unit)  # a unit is never split
         sizes = np.bincount([s.pop() for s in per_unit], minlength=k)
         assert sizes.max() - sizes.min() <= 1  # balanced
+    b["doc_ids"] = np.repeat(np.arange(4), 10)[None].repeat(16, 0)  # (B, T) every other input is repeated
     ex = ar_mlm.expand(_torch(b), torch.from_numpy(groups), k)
+    assert (ex["doc_ids"].view(k, 16, 40) == torch.from_numpy(b["doc_ids"])).all()
     lab = ex["labels"].view(k, *b["labels"].shape)
     predicted = (lab != -100).sum(0)
     assert (predicted == torch.from_numpy((b["labels"] != -100).astype(np.int64))).all()  # exactly once
