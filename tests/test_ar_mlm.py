@@ -239,6 +239,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_a_grouped_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, monkeypatch, one_thread):
     """k = 2 with layer-wise self-distillation on: identical at every step after a kill and resume;
     each step runs the main batch twice through the encoder; ``mlm_loss`` is the mean of the
