@@ -2,6 +2,7 @@
 
     python benchmarks/pretrain_throughput.py --config mini --device cpu --out bench-out/throughput.json
     python benchmarks/pretrain_throughput.py --config base --device cuda --precision bf16 --batch-size 128
+    python benchmarks/pretrain_throughput.py --config mini --ar-mlm-groups 2   # + a column with autoregressive MLM
 
 One step = collate (masking) + forward + backward + gradient clipping + AdamW, for both sides, on
 the same packed rows of the same corpus, same shape, batch, sequence length and precision. The two
@@ -27,6 +28,7 @@ attention residual, POS embeddings, syntax heads), timed in the same rounds; the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import sys
 import time
@@ -72,7 +74,12 @@ class Side:
         self.rows = rows
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
         torch.manual_seed(0)
-        if kind.startswith("clueforge"):
+        if kind == "clueforge_ar_mlm":  # issue 14 point 4: k passes of the batch per step
+            from clueforge.pretrain.model import PretrainingModel
+
+            self.model = PretrainingModel(BertForMLM(cfg.model)).to(device)
+            self.train_cfg = dataclasses.replace(cfg.train, ar_mlm_groups=args.ar_mlm_groups)
+        elif kind.startswith("clueforge"):
             self.model = BertForMLM(cfg.model).to(device)
         else:
             import transformers
@@ -120,6 +127,8 @@ class Side:
         return out
 
     def step(self, i: int) -> int:
+        if self.kind == "clueforge_ar_mlm":
+            return self._ar_mlm_step(i)
         if self.kind.startswith("clueforge"):
             batch = self.collate(self.rows[i], np.random.default_rng(i))
             batch = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -128,6 +137,25 @@ class Side:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             loss = self.forward(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return int(batch["attention_mask"].sum())
+
+
+    def _ar_mlm_step(self, i: int) -> int:
+        """The clueforge step with ``train.ar_mlm_groups = k``: the same rows and masking, the group
+        draw, the k copies in one forward (``pretrain.ar_mlm``); returns the data tokens read."""
+        from clueforge.pretrain import ar_mlm
+        from clueforge.pretrain.model import mlm_objective
+
+        batch = self.collate(self.rows[i], np.random.default_rng(i))
+        batch["ar_groups"] = ar_mlm.assign_groups(ar_mlm.mask_units(batch["labels"]), self.args.ar_mlm_groups,
+                                                  ar_mlm.group_rng(0, i, 0, 0))
+        batch = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = mlm_objective(self.model, batch, self.train_cfg)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
@@ -175,6 +203,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the clueforge model (warm-up compiles)")
     ap.add_argument("--arch", nargs="*", default=[], choices=list(ARCH_VARIANTS),
                     help="also time clueforge with these architecture options on (issue 14)")
+    ap.add_argument("--ar-mlm-groups", type=int, default=1,
+                    help="k > 1 adds a clueforge column with train.ar_mlm_groups = k (issue 14 point 4)")
     ap.add_argument("--out", default="bench-out/pretrain_throughput.json")
     args = ap.parse_args()
 
@@ -186,6 +216,9 @@ def main() -> None:
     rows = _row_batches(corpus, args.seq_len, args.batch_size, n_batches)
     sides = {k: Side(k, args, load_config(args.config, [f"train.seq_len={args.seq_len}"]), corpus, rows, device)
              for k in ("clueforge", "transformers", *(f"clueforge+{a}" for a in args.arch))}
+    if args.ar_mlm_groups > 1:
+        sides["clueforge_ar_mlm"] = Side("clueforge_ar_mlm", args, load_config(args.config, [f"train.seq_len={args.seq_len}"]),
+                                         corpus, rows, device)
     cfg.model.vocab_size = sides["clueforge"].vocab_size
     for side in sides.values():
         for i in range(args.warmup):
@@ -209,7 +242,8 @@ def main() -> None:
     del sides
     if device.type == "cpu":
         ctx = mp.get_context("spawn")
-        for k in ("clueforge", "transformers", *(f"clueforge+{a}" for a in args.arch)):
+        for k in ("clueforge", "transformers", *(f"clueforge+{a}" for a in args.arch),
+                  *(["clueforge_ar_mlm"] if args.ar_mlm_groups > 1 else [])):
             q = ctx.Queue()
             p = ctx.Process(target=_mem_child, args=(k, args, str(corpus_dir), q))
             p.start()
@@ -248,6 +282,11 @@ def main() -> None:
                 "peak_mem_mb": round(peak_mem[f"clueforge+{a}"], 1),
                 "peak_mem_vs_off_mb": round(peak_mem[f"clueforge+{a}"] - peak_mem["clueforge"], 1)}
             for a in args.arch}
+    if "clueforge_ar_mlm" in tps:  # data tokens per second: a k-pass step reads one batch
+        result.update({"ar_mlm_groups": args.ar_mlm_groups,
+                       "clueforge_ar_mlm_tokens_per_s": round(tps["clueforge_ar_mlm"], 1),
+                       "ar_mlm_vs_clueforge": round(tps["clueforge_ar_mlm"] / tps["clueforge"], 3),
+                       "clueforge_ar_mlm_peak_mem_mb": round(peak_mem["clueforge_ar_mlm"], 1)})
     write_json(args.out, result)
 
 

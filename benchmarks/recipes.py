@@ -65,6 +65,7 @@ def recipes(full_train: dict) -> dict[str, dict]:
         out[name] = {k: v for k, v in full.items() if k not in drop}
     out["full - curriculum"].setdefault("masking_weights", MIXED_MASKING)
     out.update(ARCH_RECIPES)
+    out["wwm 15% + AR-MLM k=2"] = {"masking": "wwm", "ar_mlm_groups": 2}  # issue 14 point 4: against "wwm 15%"
     return out
 
 

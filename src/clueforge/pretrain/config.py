@@ -88,6 +88,10 @@ class TrainConfig:
     depth (``0.5``: the middle layer), resolved against the model actually trained."""
     self_distill_layer_weight: float = 1.0
     """Weight of the layer-wise term."""
+    ar_mlm_groups: int = 1
+    """Shenzhou autoregressive MLM: a row's masked units are split into this many groups in a random
+    order and group j is predicted with the original tokens of groups < j revealed (k passes of the
+    batch per step, see ``pretrain.ar_mlm``); 1 = ordinary MLM."""
     structure_weights: dict | None = None
     """Structure objectives on [CLS] and their loss weights, e.g. ``{reorder: 0.5, distance: 0.5}``
     (ERNIE 3.0 sentence reordering; 3-class sentence distance)."""
@@ -386,6 +390,12 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
             if bad:
                 out.append(("masking_weights", obj.masking_weights,
                             "keys among " + ", ".join(VALIDATION["TrainConfig"]["masking"].choices)))
+    if name == "TrainConfig" and (isinstance(obj.ar_mlm_groups, bool) or not isinstance(obj.ar_mlm_groups, int)
+                                  or obj.ar_mlm_groups < 1):
+        out.append(("ar_mlm_groups", obj.ar_mlm_groups, "an integer ≥ 1 (1 = ordinary MLM)"))
+    elif name == "TrainConfig" and obj.ar_mlm_groups > 1 and obj.self_distill_instance:
+        out.append(("self_distill_instance", obj.self_distill_instance,
+                    "0 with ar_mlm_groups > 1 (both multiply the batch; not supported together)"))
     return out
 
 

@@ -29,6 +29,7 @@ import torch
 
 from clueforge.corpus.shards import Corpus
 from clueforge.model.bert import BertForMLM, flops_per_token
+from clueforge.pretrain import ar_mlm
 from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import PretrainConfig, resolve_layers
 from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
@@ -384,6 +385,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         rng = np.random.default_rng([t.seed, 1, step, micro, rank])
         batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng,
                         progress=step / max(1, t.max_steps))
+        if t.ar_mlm_groups > 1:  # autoregressive MLM: each predicted unit's group, from its own seeded stream
+            batch["ar_groups"] = ar_mlm.assign_groups(ar_mlm.mask_units(batch["labels"]), t.ar_mlm_groups,
+                                                      ar_mlm.group_rng(t.seed, step, micro, rank))
         if structure is not None or knowledge is not None:
             batch["aux"] = {k: structure.batch(k, t.structure_batch_size, rng) for k in t.structure_weights or {}}
             batch["aux"].update({k: knowledge.batch(k, t.knowledge_batch_size, rng) for k in t.knowledge_weights or {}})
@@ -449,6 +453,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     window["tokens"] += real
                     # the work done: instance self-distillation runs the main batch through the encoder twice
                     window["encoder_tokens"] += real + (main_real if t.self_distill_instance else 0)
+                    window["encoder_tokens"] += (t.ar_mlm_groups - 1) * main_real  # AR-MLM: k passes of the main batch
                     window["slots"] += batch["attention_mask"].size + sum(
                         b["attention_mask"].size for b in batch.get("aux", {}).values())
                     unlogged_tokens += real

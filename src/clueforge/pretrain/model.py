@@ -16,6 +16,7 @@ from torch import nn
 
 from clueforge.model.bert import BertForMLM
 from clueforge.model.losses import symmetric_kl
+from clueforge.pretrain import ar_mlm
 
 MLM_AUX = ("triple_mlm",)  # auxiliary objectives predicted by the MLM head itself
 
@@ -80,12 +81,18 @@ def mlm_objective(model, batch: dict, t, layers: tuple[int, ...] | None = None) 
 
     ``model``: a ``PretrainingModel`` (possibly wrapped for data parallelism or compiled).
     ``layers``: the resolved 1-based layer taps (default: ``t.self_distill_layers`` as written).
+    ``batch["ar_groups"]`` (``pretrain.ar_mlm``, present when ``t.ar_mlm_groups > 1``): the group of
+    each predicted position; the groups run as k copies of the batch and ``mlm_loss`` is the mean
+    of the groups' losses (``ar_group<j>_loss``).
     Returns ``(loss, output, parts)``; ``parts`` maps ``loss`` (the total) and each term's name
     (``mlm_loss``, ``sd_*``, ``<objective>_loss``) to its detached value.
     """
     layers = tuple(t.self_distill_layers or ()) if layers is None else tuple(layers)
     batch = dict(batch)
     batch_aux = batch.pop("aux", None)
+    groups = batch.pop("ar_groups", None)  # (B, T) autoregressive MLM (train.ar_mlm_groups > 1), else absent
+    if groups is not None:  # the k inputs of the groups as one batch of k·B rows (pretrain.ar_mlm)
+        batch = ar_mlm.expand(batch, groups, t.ar_mlm_groups)
     if t.self_distill_instance:  # the batch twice in one forward: two dropout masks, one graph
         batch = {k: torch.cat([v, v]) for k, v in batch.items()}
     extra = {}
@@ -96,6 +103,10 @@ def mlm_objective(model, batch: dict, t, layers: tuple[int, ...] | None = None) 
     o = model(**batch, **extra)
     loss = o.loss  # with the doubled batch: the mean of both passes' MLM losses
     parts = {}
+    if groups is not None:  # the mean over groups of each group's loss
+        loss, per_group = ar_mlm.group_losses(o.logits, o.labels, groups, t.ar_mlm_groups)
+        parts.update({f"ar_group{j}_loss": v.detach() for j, v in enumerate(per_group)})
+    mlm_loss = loss
     if t.self_distill_instance:
         m = o.logits.shape[0] // 2  # masked positions come row by row: first copy, then second
         kl = symmetric_kl(o.logits[:m], o.logits[m:])
@@ -118,6 +129,6 @@ def mlm_objective(model, batch: dict, t, layers: tuple[int, ...] | None = None) 
         loss = loss + w * aux_loss
         parts[f"{name}_loss"] = aux_loss.detach()
         parts[f"{name}_acc"] = (logits.argmax(-1) == labels).float().mean().detach()
-    parts["mlm_loss"] = o.loss.detach()
+    parts["mlm_loss"] = mlm_loss.detach()
     parts["loss"] = loss.detach()
     return loss, o, parts
