@@ -31,14 +31,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from clueforge.distill.losses import hidden_mse, minilm_relation_kl, soft_kl
 from clueforge.finetune.loop import FinetuneConfig, checkpoint_dir, finetune, load_finetuned, save_checkpoint
 from clueforge.utils import UserError, atomic_write
 
@@ -63,6 +62,9 @@ class TaskDistillConfig:
     """Relation heads of the MiniLMv2 term (0 = the student's attention heads); must divide both widths."""
     init: str = "teacher"
     """A student config is initialised from the ``teacher`` (every k-th layer) or ``random``."""
+    embeddings: str = "slice"
+    """Student narrower than the teacher: its embeddings are the teacher's first dimensions
+    (``slice``) or their top principal directions (``project``)."""
     augment_copies: int = 0
     """Augmented copies of each training example (0 = no augmentation)."""
     augment_rate: float = 0.4
@@ -88,6 +90,8 @@ class TaskDistillConfig:
             raise ValueError(f"augment_top_k={self.augment_top_k} is not allowed: must be ≥ 1")
         if self.init not in ("teacher", "random"):
             raise ValueError(f"init={self.init!r} is not allowed: must be one of teacher, random")
+        if self.embeddings not in ("slice", "project"):
+            raise ValueError(f"embeddings={self.embeddings!r} is not allowed: must be one of slice, project")
         if self.soft_weight + self.hard_weight + self.hidden_weight + self.attention_weight == 0:
             raise ValueError("every loss weight is 0: nothing to train")
 
@@ -107,31 +111,6 @@ def prediction_rows(head: str, logits: torch.Tensor, batch: dict) -> torch.Tenso
     # span: the start and the end distributions over each window's real tokens
     lg = logits.masked_fill(~mask[..., None], -1e4)  # (B, T, 2)
     return torch.cat([lg[..., 0], lg[..., 1]])  # (2B, T)
-
-
-def soft_target_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · mean over rows of KL(softmax(teacher/T) ‖ softmax(student/T))."""
-    t = F.log_softmax(teacher.float() / temperature, -1)
-    s = F.log_softmax(student.float() / temperature, -1)
-    return temperature**2 * (t.exp() * (t - s)).sum(-1).mean()
-
-
-def relation_kl(student_qkv: torch.Tensor, teacher_qkv: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
-    """MiniLMv2: mean over Q-Q, K-K, V-V of KL(teacher ‖ student) between scaled dot-product
-    relations of ``heads`` relation heads; inputs are the fused QKV projections (B, T, 3D)."""
-    key_mask = ~mask.bool()[:, None, None, :]  # (B, 1, 1, T)
-    rows = mask.bool()[:, None, :].expand(-1, heads, -1)  # (B, R, T)
-    total = 0.0
-    for s, t in zip(student_qkv.float().chunk(3, -1), teacher_qkv.float().chunk(3, -1)):
-        rel = []
-        for x in (s, t):
-            B, T, D = x.shape
-            h = x.view(B, T, heads, D // heads).transpose(1, 2)  # (B, R, T, Dr)
-            r = (h @ h.transpose(-1, -2)) / math.sqrt(D // heads)  # (B, R, T, T)
-            rel.append(F.log_softmax(r.masked_fill(key_mask, -1e4), -1))
-        ls, lt = rel
-        total = total + (lt.exp() * (lt - ls)).sum(-1)[rows].mean()
-    return total / 3
 
 
 # --- the objective the fine-tuning loop calls ----------------------------------------------------
@@ -200,7 +179,7 @@ class TeacherObjective:
         parts = {}
         loss = cfg.hard_weight * task_loss
         if cfg.soft_weight:
-            kl = soft_target_kl(prediction_rows(self.head, logits, batch),
+            kl = soft_kl(prediction_rows(self.head, logits, batch),
                                 prediction_rows(self.head, t_logits, batch), cfg.temperature)
             loss = loss + cfg.soft_weight * kl
             parts["soft_kl"] = kl.item()
@@ -208,17 +187,13 @@ class TeacherObjective:
         if self.head == "choice":
             mask = mask.flatten(0, 1)  # (B·K, T): the encoder saw every choice as a row
         if cfg.hidden_weight:
-            valid = mask.bool()
-            mse = 0.0
-            for n, (i, j) in enumerate(self.layer_map.items()):
-                h = self.s_taps.out[("h", i)]
-                h = self.proj[n](h) if len(self.proj) else h
-                mse = mse + F.mse_loss(h[valid].float(), self.t_taps.out[("h", j)][valid].float())
-            mse = mse / len(self.layer_map)
+            mse = sum(hidden_mse(self.s_taps.out[("h", i)], self.t_taps.out[("h", j)],
+                                 self.proj[n] if len(self.proj) else None, mask)
+                      for n, (i, j) in enumerate(self.layer_map.items())) / len(self.layer_map)
             loss = loss + cfg.hidden_weight * mse
-            parts["hidden_mse"] = float(mse)
+            parts["hidden_mse"] = mse.item()
         if cfg.attention_weight:
-            rel = relation_kl(self.s_taps.out["qkv"], self.t_taps.out["qkv"], self.rel_heads, mask)
+            rel = minilm_relation_kl(self.s_taps.out["qkv"], self.t_taps.out["qkv"], self.rel_heads, mask)
             loss = loss + cfg.attention_weight * rel
             parts["relation_kl"] = rel.item()
         self.s_taps.out.clear()
@@ -228,11 +203,25 @@ class TeacherObjective:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def split_overrides(overrides: dict | None) -> tuple[FinetuneConfig, TaskDistillConfig]:
-    """``--set`` values (key → parsed YAML value) split between the loop's and distillation's settings."""
+def split_overrides(items: list[str] | None, seed: int | None = None) -> tuple[FinetuneConfig, TaskDistillConfig]:
+    """``--set key=value`` items (YAML values) split between the loop's and distillation's settings."""
+    import yaml
+
     from clueforge.pretrain.config import build_dataclass
 
-    overrides = dict(overrides or {})
+    overrides = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        try:
+            overrides[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item!r}: the value is not valid YAML") from None
+    if seed is not None:
+        if overrides.get("seed", seed) != seed:
+            raise UserError(f"--seed {seed} and --set seed={overrides['seed']} disagree; give one of them")
+        overrides["seed"] = seed
     mine = {f.name for f in fields(TaskDistillConfig)}
     d = {k: overrides.pop(k) for k in list(overrides) if k in mine}
     dcfg = build_dataclass(TaskDistillConfig, d, "--set", overridden=set(d))
@@ -251,7 +240,8 @@ def _vocab(path: Path) -> list[str]:
     return resolve_vocab(path).read_text(encoding="utf-8").splitlines()
 
 
-def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam, state: dict, init: str):
+def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam, state: dict, init: str,
+                       embeddings: str = "slice"):
     """The student ``TaskModel``: from a directory (encoder; head too if it is this task's), or a
     student config built from the teacher's encoder; the teacher's head where widths match."""
     from clueforge.finetune.loop import _num_labels
@@ -259,20 +249,20 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
     from clueforge.model.heads import TaskModel
     from clueforge.model.hf import load_hf_task
 
+    from clueforge.distill.student import build_student, resolve_student
+
     n_labels = _num_labels(fam, state)
-    spec = Path(student_spec)
-    if spec.is_dir():
+    spec, kind = resolve_student(student_spec)
+    if kind == "model":
         if _vocab(spec) != _vocab(teacher_dir):
             raise UserError(f"the student {spec} and the teacher {teacher_dir} have different vocabularies: "
                             "task distillation feeds both the same token ids")
         student = load_hf_task(spec, fam.HEAD, n_labels)
         init = f"directory {spec}"
     else:
-        from clueforge.distill.student import build_student
-
-        mlm = BertForMLM(teacher.cfg)
+        mlm = BertForMLM(teacher.cfg)  # the teacher's encoder under an MLM head build_student expects
         mlm.encoder.load_state_dict(teacher.encoder.state_dict())
-        encoder = build_student(str(student_spec), mlm, init).encoder
+        encoder = build_student(spec, mlm, init, embeddings).encoder
         student = TaskModel(encoder.cfg, fam.HEAD, n_labels)
         student.encoder.load_state_dict(encoder.state_dict())
     copied = []
@@ -285,15 +275,17 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
 
 
 def distill_task(task: str, teacher_dir: str | Path, student_spec: str | Path, data_dir: str | Path,
-                 out_dir: str | Path, overrides: dict | None = None, show_progress: bool = True) -> dict:
+                 out_dir: str | Path, overrides: list[str] | None = None, *, seed: int | None = None,
+                 show_progress: bool = True) -> dict:
     """Distil the fine-tuned ``teacher_dir`` into ``student_spec`` on ``task``; write a fine-tuned
     directory to ``out_dir`` (``best/`` or ``last/``, ``results.json`` with a ``distillation``
     entry, ``metrics.jsonl``, and ``student-init/``, the student before training).
-    ``overrides``: ``FinetuneConfig`` and ``TaskDistillConfig`` fields (``--set`` values)."""
+    ``overrides``: ``--set key=value`` items of ``FinetuneConfig`` and ``TaskDistillConfig`` fields.
+    Returns ``results.json``'s content."""
     from clueforge.distill.augment import Augmenter
     from clueforge.model.hf import load_hf
 
-    cfg, dcfg = split_overrides(overrides)
+    cfg, dcfg = split_overrides(overrides, seed)
     out_dir, teacher_dir = Path(out_dir), checkpoint_dir(teacher_dir)
     try:
         task_obj, fam, state, teacher, tok = load_finetuned(teacher_dir, task)
@@ -302,7 +294,8 @@ def distill_task(task: str, teacher_dir: str | Path, student_spec: str | Path, d
     if cfg.max_length is None:  # the length the teacher was trained at
         cfg.max_length = task_obj.max_length
     torch.manual_seed(cfg.seed)
-    student, init, copied = build_task_student(student_spec, teacher, teacher_dir, fam, state, dcfg.init)
+    student, init, copied = build_task_student(student_spec, teacher, teacher_dir, fam, state, dcfg.init,
+                                               dcfg.embeddings)
     init_dir = out_dir / "student-init"
     save_checkpoint(student, init_dir, teacher_dir, task_obj, state, fam=fam)
     augmenter = None
