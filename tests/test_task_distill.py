@@ -174,14 +174,16 @@ def test_classification_span_and_kgclue_augmentation_keep_what_labels_depend_on(
     for o, e in zip(out, exs):
         assert len(o["a"]) == len(e["a"]) and (o["a"], o["b"]) != (e["a"], e["b"])
         assert o["a"][6] == "，" and o["a"][-1] == "。"
-    ctx = "北京大学创建于1898年，初名京师大学堂，是中国近代第一所国立大学。"
-    span = [{"id": "q", "context": ctx, "question": "北京大学最初叫什么名字？", "answers": ["京师大学堂"],
-             "start": ctx.index("京师大学堂")}]
+    ctx = "小明昨天在北京吃了烤鸭，今天在上海吃了小笼包。"  # 北京 could replace 上海: both ns, two characters
+    span = [{"id": "q", "context": ctx, "question": "小明今天在哪里？", "answers": ["上海"], "start": ctx.index("上海")}]
     for o in Augmenter("span", "squad", rate=1.0, copies=4, seed=2).augment(span):
-        assert o["context"][o["start"]:o["start"] + 5] == "京师大学堂" and o["context"] != ctx
-    kg = [{"id": 0, "question": "刘德华的出生地是哪里？", "gold": ("刘德华（中国香港男演员）", "出生地", "香港"), "line": 1}]
-    for o in Augmenter("kgclue", "kgclue", rate=1.0, copies=4, seed=3).augment(kg):
-        assert o["question"].startswith("刘德华") and o["gold"] == kg[0]["gold"]
+        assert o["context"][o["start"]:o["start"] + 2] == "上海" and o["context"] != ctx
+    kg = [{"id": 0, "question": "刘德华的出生地是哪里？", "gold": ("刘德华（中国香港男演员）", "出生地", "香港"), "line": 1},
+          {"id": 1, "question": "张学友和郭富城的出生地在哪里？", "gold": ("张学友", "出生地", "天津"), "line": 2}]
+    out = Augmenter("kgclue", "kgclue", rate=1.0, copies=4, seed=3).augment(kg)
+    assert {o["id"] for o in out} == {1}  # only the second has a replaceable word (郭富城 → 刘德华)
+    for o in out:
+        assert o["gold"] == kg[o["id"]]["gold"] and o["question"][:3] == o["gold"][0][:3]
     assert Augmenter("classify", "wsc", rate=1.0, copies=2).augment(
         [{"id": 0, "a": "_小明_说[他]累了", "b": None, "label": "true"}]) == []  # spans live in the text
     assert Augmenter("classify", "pair", rate=0.0, copies=2).augment(exs) == []  # nothing replaced, nothing added
