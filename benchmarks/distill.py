@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -100,9 +101,9 @@ def train_teacher(args, task: str, data: Path, work: Path) -> Path:
         return Path(args.teacher)
     init = Path(args.teacher_init) if args.teacher_init else None
     if init is None:
-        L, D = (int(x) for x in args.teacher_shape.lower().split("x"))
+        L, D, H = (int(x) for x in args.teacher_shape.lower().split("x"))
         torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=21128, hidden_size=D, num_layers=L, num_heads=max(1, D // 64),
+        cfg = ModelConfig(vocab_size=21128, hidden_size=D, num_layers=L, num_heads=H,
                           intermediate_size=4 * D, max_position=max(128, args.max_length))
         init = save_hf(BertForMLM(cfg), work / "teacher-init", vocab=BERT_VOCAB)
     cfg = FinetuneConfig(epochs=1, max_steps=args.teacher_steps, max_train=args.teacher_steps * args.batch_size,
@@ -123,24 +124,27 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="The task's folder (default: ../shared/data/tasks/...).")
     ap.add_argument("--teacher", default=None, help="A fine-tuned teacher directory (skips training one).")
     ap.add_argument("--teacher-init", default=None, help="A pretrained directory to fine-tune as the teacher.")
-    ap.add_argument("--teacher-shape", default="4x256", help="LAYERSxHIDDEN of a random teacher encoder.")
-    ap.add_argument("--teacher-steps", type=int, default=300)
-    ap.add_argument("--teacher-lr", type=float, default=1e-3)
+    ap.add_argument("--teacher-shape", default="6x128x2",
+                    help="LAYERSxHIDDENxHEADS of a random teacher encoder (feed-forward 4 × hidden).")
+    ap.add_argument("--teacher-steps", type=int, default=250)
+    ap.add_argument("--teacher-lr", type=float, default=2e-3)
     ap.add_argument("--student", default="pico", help="Student config (mini/micro/nano/pico/YAML) or directory.")
     ap.add_argument("--student-init", default=None, help="A task-agnostically distilled student directory.")
-    ap.add_argument("--student-steps", type=int, default=300)
-    ap.add_argument("--student-lr", type=float, default=1e-3)
+    ap.add_argument("--student-steps", type=int, default=150)
+    ap.add_argument("--student-lr", type=float, default=2e-3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--max-eval", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="distill_set", action="append", default=[],
                     help="Task distillation settings (TaskDistillConfig), e.g. temperature=2.")
+    ap.add_argument("--jobs", type=int, default=1, help="Seeds run in parallel processes.")
     ap.add_argument("--latency-repeats", type=int, default=30)
     ap.add_argument("--work", default=None, help="Working directory (default: a temporary one).")
     ap.add_argument("--out", default="bench-out/distill.json")
     args = ap.parse_args()
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
     task = args.task
     data = Path(args.data) if args.data else SHARED / "tasks" / DATA_DIRS[task]
@@ -150,7 +154,7 @@ def main() -> None:
     teacher = train_teacher(args, task, data, work)
     teacher_res = json.loads((checkpoint_dir(teacher).parent / "results.json").read_text())
     metric = teacher_res["main_metric"]
-    t_teacher = time.perf_counter() - t0
+    t_teacher = time.perf_counter() - t0 if not args.teacher else teacher_res["seconds"]
     print(f"teacher {metric} {teacher_res['metric'][metric]:.2f} ({t_teacher:.0f} s)", flush=True)
 
     common = [f"max_steps={args.student_steps}", "epochs=1", f"max_train={args.student_steps * args.batch_size}",
@@ -158,16 +162,21 @@ def main() -> None:
               f"batch_size={args.batch_size}", "warmup_ratio=0.06"]
     distill_set = ["soft_weight=1", "hard_weight=1", "temperature=2", *args.distill_set]
     runs = {"distilled": [], "no_teacher": []}
-    for seed in args.seeds:
-        out_a = work / f"distilled/seed{seed}"
-        res = distill_task(task, teacher, args.student_init or args.student, data, out_a, common + distill_set,
-                           seed=seed, show_progress=False)
-        runs["distilled"].append(res["metric"][metric])
-        plain = finetune(task, data, out_a / "student-init", work / f"no_teacher/seed{seed}",
-                         _finetune_cfg(common, seed), show_progress=False)
-        runs["no_teacher"].append(plain["metric"][metric])
-        print(f"seed {seed}: distilled {runs['distilled'][-1]:.2f}, no teacher {runs['no_teacher'][-1]:.2f}", flush=True)
-    t_students = time.perf_counter() - t0 - t_teacher
+    t1 = time.perf_counter()
+    job = (task, str(teacher), args.student_init or args.student, str(data), str(work), common, distill_set)
+    if args.jobs > 1:  # one process per seed (each single-threaded): the same CPU time, less wall time
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_seed, [job] * len(args.seeds), args.seeds))
+    else:
+        done = [run_seed(job, seed) for seed in args.seeds]
+    for seed, (a, b, cpu) in zip(args.seeds, done):
+        runs["distilled"].append(a[metric])
+        runs["no_teacher"].append(b[metric])
+        print(f"seed {seed}: distilled {a[metric]:.2f}, no teacher {b[metric]:.2f} ({cpu:.0f} CPU s)", flush=True)
+    t_students = time.perf_counter() - t1
 
     _, _, _, t_model, _ = load_finetuned(teacher, task)
     _, _, _, s_model, _ = load_finetuned(work / "distilled/seed0", task)
@@ -188,11 +197,25 @@ def main() -> None:
         "distilled": distilled, "no_teacher": no_teacher,
         "student_share_of_teacher": round(distilled["mean"] / teacher_score, 3) if teacher_score else None,
         "latency_ms_batch1_len128_1thread": lat, "shape_latency_ms": shapes,
-        "seconds": {"teacher": round(t_teacher), "students": round(t_students),
-                    "total": round(time.perf_counter() - t0)},
+        "seconds": {"teacher_wall": round(t_teacher), "students_wall": round(t_students),
+                    "students_cpu": round(sum(c for _, _, c in done)), "this_run_wall": round(time.perf_counter() - t0)},
         "machine": machine(),
     }
     write_json(args.out, out)
+
+
+def run_seed(job: tuple, seed: int) -> tuple[dict, dict, float]:
+    """(a) task distillation and (b) plain fine-tuning from the same start, for one seed; the dev
+    metrics of both and the CPU seconds spent."""
+    task, teacher, student, data, work, common, distill_set = job
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {seed}: %(message)s")
+    torch.set_num_threads(1)
+    cpu = time.process_time()
+    out_a = Path(work) / f"distilled/seed{seed}"
+    a = distill_task(task, teacher, student, data, out_a, common + distill_set, seed=seed, show_progress=False)
+    b = finetune(task, data, out_a / "student-init", Path(work) / f"no_teacher/seed{seed}", _finetune_cfg(common, seed),
+                 show_progress=False)
+    return a["metric"], b["metric"], time.process_time() - cpu
 
 
 def _finetune_cfg(items: list[str], seed: int) -> FinetuneConfig:
