@@ -171,3 +171,213 @@ def test_the_aux_layer_is_dropped_exactly():
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, base(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-agnostic distillation through the pretraining loop (tiny teacher, sample corpus)
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+from clueforge.utils import UserError  # noqa: E402
+
+LOOP = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=2", "train.warmup_steps=1", "train.prefetch=1",
+        "train.peak_tflops=1.0", "train.seq_len=64", "train.batch_size=8", "train.lr=1.0e-3"]
+STUDENT = ("model: {hidden_size: 16, num_layers: 2, num_heads: 2, intermediate_size: 32, max_position: 64}\n"
+           "train: {max_steps: 6, save_every: 3}\n")
+
+
+@pytest.fixture(scope="module")
+def kd_setup(tmp_path_factory, sample_corpus):
+    """A random 4-layer teacher on the sample vocabulary and a 2-layer student YAML."""
+    from clueforge.model.hf import save_hf
+
+    root = tmp_path_factory.mktemp("kd")
+    vocab = sample_corpus / "vocab.txt"
+    n = len(vocab.read_text(encoding="utf-8").splitlines())
+    torch.manual_seed(0)
+    teacher = BertForMLM(ModelConfig(vocab_size=n, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=64,
+                                     max_position=64))
+    save_hf(teacher, root / "teacher", vocab=vocab)
+    (root / "student.yaml").write_text(STUDENT)
+    return root / "teacher", root / "student.yaml"
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _distill(kd_setup, corpus, out, *overrides, allow=False):
+    from clueforge.distill.agnostic import distill, load_distill_config
+
+    teacher, student = kd_setup
+    cfg = load_distill_config(teacher, student, LOOP + list(overrides))
+    return distill(cfg, corpus, out, show_progress=False, allow_config_change=allow)
+
+
+@pytest.mark.slow
+def test_every_loss_is_logged_and_the_total_is_their_weighted_sum(kd_setup, sample_corpus, tmp_path):
+    _distill(kd_setup, sample_corpus, tmp_path / "r", "train.max_steps=2", "distill.relation_weight=0.5",
+             "distill.hidden_weight=2.0", "distill.soft_weight=0.25", "distill.temperature=2.0",
+             "distill.mlm_weight=0.75", "distill.relation_layer=0.75", "distill.relation_heads=4",
+             "distill.embeddings=project")
+    for r in _metrics(tmp_path / "r"):
+        total = 0.75 * r["mlm_loss"] + 0.25 * r["soft_kl"] + 0.5 * r["relation_kl"] + 2.0 * r["hidden_mse"]
+        assert r["loss"] == pytest.approx(total, rel=1e-5)
+        assert r["hidden_mse"] > 0.1 and r["relation_kl"] > 1e-4 and r["soft_kl"] > 1e-4
+    state = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert state["distill"]["relation_layer"] == 0.75 and state["teacher"].endswith("teacher")
+    ck = tmp_path / "r" / "checkpoints" / "step-2"
+    assert (ck / "aux.safetensors").is_file()  # the hidden projection (16 → 32) is checkpointed, not exported
+
+
+@pytest.mark.slow
+def test_with_every_teacher_term_off_distillation_is_pretraining_the_student_alone(kd_setup, sample_corpus, tmp_path):
+    """The off switch: relation, hidden and soft weights 0 and a random student is plain MLM
+    pretraining of that shape: the same weights, bit for bit (the teacher's forward touches nothing)."""
+    from clueforge.pretrain.config import load_config
+    from clueforge.pretrain.loop import pretrain
+
+    off = ["distill.relation_weight=0", "distill.soft_weight=0", "distill.hidden_weight=0", "distill.init=random"]
+    kd = _distill(kd_setup, sample_corpus, tmp_path / "kd", "train.max_steps=3", *off)
+    cfg = load_config(kd_setup[1], LOOP + ["train.max_steps=3"])
+    plain = pretrain(cfg, sample_corpus, tmp_path / "plain", show_progress=False)
+    assert kd["state_sha"] == plain["state_sha"]
+    assert [r["loss"] for r in _metrics(tmp_path / "kd")] == [r["loss"] for r in _metrics(tmp_path / "plain")]
+    on = _distill(kd_setup, sample_corpus, tmp_path / "on", "train.max_steps=3", "distill.init=random")
+    assert on["state_sha"] != plain["state_sha"]  # the teacher terms do change the student
+
+
+@pytest.mark.slow
+def test_distillation_resumes_exactly_and_refuses_a_changed_setting(kd_setup, sample_corpus, tmp_path):
+    from clueforge.model.hf import load_hf, load_hf_task
+    from clueforge.pretrain.loop import state_digest
+
+    ref = _distill(kd_setup, sample_corpus, tmp_path / "ref", "distill.hidden_weight=1.0")
+    cut = tmp_path / "cut"
+    _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0")
+    # as if killed after the step-3 checkpoint: later state gone, a half-written checkpoint left
+    shutil.rmtree(cut / "checkpoints" / "step-6")
+    shutil.rmtree(cut / "final")
+    (cut / "checkpoints" / "step-6.tmp").mkdir()
+    with pytest.raises(UserError, match="distill"):
+        _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0", "distill.temperature=3.0")
+    res = _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0")
+    assert res["state_sha"] == ref["state_sha"]
+    assert [r["loss"] for r in _metrics(cut)] == [r["loss"] for r in _metrics(tmp_path / "ref")]
+    student = load_hf(cut / "final")  # the HF layout `finetune` takes: 2 layers, width 16
+    assert (student.cfg.num_layers, student.cfg.hidden_size) == (2, 16) and state_digest(student) == ref["state_sha"]
+    load_hf_task(cut / "final", "sequence", 3)
+    # an allowed change is applied and recorded
+    _distill(kd_setup, sample_corpus, cut, "distill.hidden_weight=1.0", "distill.temperature=3.0",
+             "train.max_steps=7", allow=True)
+    history = json.loads((cut / "config.json").read_text())["history"]
+    assert any("distill" in h["changes"] for h in history)
+
+
+def test_distill_settings_are_validated(kd_setup, tmp_path):
+    from clueforge.distill.agnostic import load_distill_config
+    from clueforge.pretrain.config import load_config
+
+    teacher, student = kd_setup
+    for bad, msg in ((["distill.temperature=0"], "temperature"), (["distill.init=[9, 1]"], "init"),
+                     (["distill.embeddings=pad"], "embeddings"), (["distill.relation_layer=0"], "relation_layer"),
+                     (["distill.mlm_weight=0", "distill.soft_weight=0", "distill.relation_weight=0"], "mlm_weight"),
+                     (["distill.aux_layer=true"], "aux_layer"), (["train.self_distill_instance=0.5"], "self_distill")):
+        with pytest.raises(UserError, match=msg):
+            cfg = load_distill_config(teacher, student, bad)
+            from clueforge.distill.student import teacher_layers
+            teacher_layers(cfg.distill.init, 4, 2)  # the layer list is checked against the teacher when built
+    with pytest.raises(UserError, match="relation_heads"):
+        from clueforge.distill.agnostic import relation_heads
+        cfg = load_distill_config(teacher, student, ["distill.relation_heads=3"])
+        relation_heads(cfg.distill, cfg.model, ModelConfig(hidden_size=32, num_heads=4))
+    for bad in ("{a: {student: pico, temperature: -1}}", "{a: {studnet: pico}}", "[pico]", "{a: 3}"):
+        with pytest.raises(UserError, match="students"):
+            load_config("tiny", [f"train.students={bad}"])
+    with pytest.raises(UserError, match="self_distill_instance"):
+        load_config("tiny", ["train.students={a: {student: pico}}", "train.self_distill_instance=0.5"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Online distillation: students follow a pretraining teacher
+
+ONLINE_STUDENT = "model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32, max_position: 64}\n"
+
+
+def _online(sample_corpus, out, students, *overrides):
+    from clueforge.pretrain.config import load_config
+    from clueforge.pretrain.loop import pretrain
+
+    extra = [f"train.students={students}"] if students else []
+    cfg = load_config("tiny", LOOP + ["train.max_steps=4", "train.save_every=2", "train.eval_every=4"] + extra
+                      + list(overrides))
+    return pretrain(cfg, sample_corpus, out, show_progress=False)
+
+
+@pytest.mark.slow
+def test_online_students_leave_the_teachers_updates_unchanged(sample_corpus, tmp_path):
+    """Dropout on everywhere (tiny: 0.1): the teacher's weights after 4 steps are bit-identical with
+    and without two students, one with the auxiliary layer, one with the hidden projection."""
+    yml = tmp_path / "s.yaml"
+    yml.write_text(ONLINE_STUDENT)
+    students = (f"{{a: {{student: {yml}, relation_layer: 1, temperature: 2.0}}, "
+                f"b: {{student: {yml}, aux_layer: false, hidden_weight: 1.0, init: random}}}}")
+    alone = _online(sample_corpus, tmp_path / "alone", None)
+    with_students = _online(sample_corpus, tmp_path / "with", students)
+    assert with_students["state_sha"] == alone["state_sha"]
+    last = _metrics(tmp_path / "with")[-1]
+    assert last["loss"] == _metrics(tmp_path / "alone")[-1]["loss"]
+    for k in ("student_a_relation_kl", "student_a_soft_kl", "student_b_hidden_mse", "student_a_eval_fixed_loss",
+              "student_a_aux_eval_fixed_loss"):
+        assert k in last
+    assert "student_b_aux_eval_fixed_loss" not in last  # b has no auxiliary layer
+
+
+@pytest.mark.slow
+def test_online_student_export_drops_the_aux_layer_and_resumes_exactly(sample_corpus, tmp_path):
+    from clueforge.distill.student import drop_aux_layer
+    from clueforge.model.hf import from_hf_state_dict, load_hf
+    from safetensors.torch import load_file
+
+    yml = tmp_path / "s.yaml"
+    yml.write_text(ONLINE_STUDENT)
+    students = f"{{a: {{student: {yml}, hidden_weight: 1.0}}}}"
+    ref = _online(sample_corpus, tmp_path / "ref", students)
+    exported = load_hf(ref["students"]["a"])
+    assert exported.cfg.num_layers == 1  # the auxiliary layer was dropped
+    ck = tmp_path / "ref" / "checkpoints" / "step-4" / "students" / "a"
+    learning = BertForMLM(ModelConfig(**{**exported.cfg.__dict__, "num_layers": 2}))
+    from_hf_state_dict(learning, load_file(ck / "model.safetensors"), strict_head=True)  # it learnt with 2 blocks
+    ids = _ids(T=10)
+    with torch.no_grad():
+        assert torch.equal(drop_aux_layer(learning).eval()(ids).logits, exported.eval()(ids).logits)
+    cut = tmp_path / "cut"
+    _online(sample_corpus, cut, students)
+    shutil.rmtree(cut / "checkpoints" / "step-4")
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "students")
+    res = _online(sample_corpus, cut, students)
+    assert res["state_sha"] == ref["state_sha"]
+    from clueforge.pretrain.loop import state_digest
+    assert state_digest(load_hf(res["students"]["a"])) == state_digest(exported)
+    assert [r["student_a_loss"] for r in _metrics(cut)] == [r["student_a_loss"] for r in _metrics(tmp_path / "ref")]
+    with pytest.raises(UserError, match="students"):  # a changed student on resume is refused
+        _online(sample_corpus, cut, f"{{a: {{student: {yml}, hidden_weight: 2.0}}}}", "train.max_steps=6")
+
+
+@pytest.mark.slow
+def test_distill_command_writes_a_student_and_reports_user_errors_in_one_line(kd_setup, sample_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    teacher, student = kd_setup
+    args = ["distill", "--teacher", str(teacher), "--data", str(sample_corpus), "--out", str(tmp_path / "kd"),
+            "--no-progress", "--max-steps", "2"] + sum((["--set", s] for s in LOOP), [])
+    r = CliRunner().invoke(app, args + ["--student", str(student)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "kd" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final"].endswith("final")
+    r = CliRunner().invoke(app, args + ["--student", "femto"])
+    assert r.exit_code == 2 and "femto" in r.output and "pico" in r.output and "Traceback" not in r.output

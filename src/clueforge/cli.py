@@ -6,6 +6,7 @@
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
     clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet] [--set key=value ...]
+    clueforge distill --teacher DIR --student pico --data CORPUS --out DIR [--task TASK] [--set distill.KEY=V]
     clueforge predict TASK --model DIR --input FILE --out FILE [--runtime onnx]
     clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
     clueforge export DIR --format onnx [--int8] [--data DIR] --out DIR
@@ -286,6 +287,63 @@ def _summary_text(summary: dict, out: Path) -> str:
         evals = f", held-out MLM loss {summary['eval_loss']:.3f}, accuracy {summary.get('eval_mlm_acc', float('nan')):.3f}"
     return (f"pretrained {summary['steps']:,} steps ({summary['tokens']:,} tokens){evals} → {summary['final']} "
             f"(summary: {out / 'summary.json'})")
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="The teacher: a clueforge or local Hugging Face BERT directory (with --task: a fine-tuned task directory).")],
+    data: Annotated[Path, typer.Option(help="Corpus directory from `corpus build` (with --task: the task's folder).")],
+    out: Annotated[Path, typer.Option(help="Run directory; re-running on it resumes. The student is written to OUT/final.")],
+    student: Annotated[Optional[str], typer.Option(help="A shipped student (mini, micro, nano, pico), a YAML file or a model directory (default: distill.student, pico).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Task distillation on this task's data (see `clueforge tasks`); without it: task-agnostic distillation on the corpus.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (task-agnostic: train.seed).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: distill.KEY=V, train.KEY=V, model.KEY=V (with --task: the task distillation's settings).")] = None,
+    allow_config_change: Annotated[bool, typer.Option(help="On resume, apply settings that differ from the run's (recorded in its config.json history).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (a periodic log line when stderr is not a terminal).")] = True,
+) -> None:
+    """Distil a teacher into a small student: task-agnostic on the pretraining corpus (MiniLMv2
+    relations, hidden MSE, soft and hard MLM), or with --task on a task's data.
+
+    The last line printed is a JSON summary (task-agnostic: also OUT/summary.json)."""
+    from clueforge.runs import run_lock
+    from clueforge.utils import atomic_write
+
+    _logging()
+    overrides = list(set_ or [])
+    if task is not None:
+        try:
+            from clueforge.distill.task import distill_task
+        except ModuleNotFoundError:
+            _fail("task distillation (--task) is not part of this build; without --task: task-agnostic distillation")
+        try:
+            with run_lock(out, "distill"):
+                res = distill_task(task, teacher, student or "pico", data, out, overrides, seed=seed,
+                                   show_progress=progress and sys.stderr.isatty())
+        except (KeyError, FileNotFoundError, ValueError) as exc:
+            _fail(_message(exc))
+        print(json.dumps(res, ensure_ascii=False))
+        return
+    from clueforge.distill.agnostic import distill as run, load_distill_config
+    from clueforge.pretrain.loop import summary_line
+
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    try:
+        cfg = load_distill_config(teacher, student, overrides)
+        with run_lock(out, "distill"):
+            summary = run(cfg, data, out, show_progress=progress and sys.stderr.isatty(),
+                          log_progress=progress and not sys.stderr.isatty(), allow_config_change=allow_config_change)
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command to resume from the newest checkpoint")
+        raise typer.Exit(130) from None
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(_message(exc))
+    if os.environ.get("RANK", "0") == "0":
+        atomic_write(out / "summary.json", summary_line(summary) + "\n")
+        print(summary_line(summary))
 
 
 @app.command()

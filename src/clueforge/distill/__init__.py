@@ -26,6 +26,7 @@ distill`` run and each entry of ``train.students`` in a pretraining config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 
 @dataclass
@@ -33,7 +34,7 @@ class DistillConfig:
     student: str = "pico"
     """A shipped student (mini, micro, nano, pico: ``configs/students``), a YAML file with a
     ``model`` section, or a model directory (which then gives the first weights)."""
-    init: str | list = "teacher"
+    init: Union[str, list] = "teacher"  # Union: the config reader coerces ``str | …``/``list | …`` to one type
     """``teacher`` (every k-th teacher layer, the top one included: DistilBERT), a list of 1-based
     teacher layers, or ``random``."""
     embeddings: str = "slice"

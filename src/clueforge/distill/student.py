@@ -92,7 +92,8 @@ def _projection(teacher_word: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_from_teacher(student: BertForMLM, teacher: BertForMLM, init="teacher", embeddings: str = "slice") -> list[int] | None:
+def init_from_teacher(student: BertForMLM, teacher: BertForMLM, init="teacher",
+                      embeddings: str = "slice") -> list[int] | None:
     """Copy what the shapes allow from ``teacher`` into ``student`` (in place); returns the teacher
     layers used (None: random layers)."""
     s, t = student.cfg, teacher.cfg
@@ -153,7 +154,8 @@ def build_student(spec: str | Path, teacher: BertForMLM, init="teacher", embeddi
 
         student = load_hf(path)
         if student.cfg.vocab_size != teacher.cfg.vocab_size:
-            raise UserError(f"student {path}: vocabulary {student.cfg.vocab_size} ≠ teacher's {teacher.cfg.vocab_size}")
+            raise UserError(f"student {path}: vocabulary {student.cfg.vocab_size} ≠ the teacher's "
+                            f"{teacher.cfg.vocab_size}")
         log.info("student %s: starts from its own weights (init is not used)", path)
         return student
     student = BertForMLM(student_config(path, teacher.cfg))

@@ -126,6 +126,11 @@ class TrainConfig:
     """A local HF BERT directory to continue pretraining from (its vocab must match the corpus)."""
     peak_tflops: float | None = None
     """Device peak for MFU; measured with a large matmul when not given."""
+    students: dict | None = None
+    """Online distillation (ERNIE 3.0 Titan): student name → its settings (``distill.DistillConfig``
+    fields: ``student`` shape, ``init``, loss weights, ``temperature``, ``aux_layer``), e.g.
+    ``{pico: {student: pico}}``. After each teacher step each student takes a step on the same
+    batch from the teacher's outputs; saved as ``OUT/students/NAME/final`` (see ``distill.online``)."""
 
 
 @dataclass
@@ -336,6 +341,10 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "eval_batches": _ge(1), "save_every": _ge(1), "keep_checkpoints": _NONNEG, "prefetch": _ge(1),
         "peak_tflops": _POS, "seed": _NONNEG,
     },
+    "DistillConfig": {
+        "embeddings": Rule(choices=("slice", "project")), "relation_weight": _NONNEG, "relation_heads": _NONNEG,
+        "hidden_weight": _NONNEG, "soft_weight": _NONNEG, "temperature": _POS, "mlm_weight": _NONNEG,
+    },
     "FinetuneConfig": {
         "epochs": _ge(1), "lr": _POS, "batch_size": _ge(1), "max_length": _ge(8), "warmup_ratio": _PROB_HALF_OPEN,
         "weight_decay": _NONNEG, "clip_grad": _NONNEG, "max_steps": _ge(1), "max_train": _ge(1),
@@ -376,6 +385,43 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
     return out
 
 
+def _distill_checks(obj) -> list[tuple[str, object, str]]:
+    """``DistillConfig`` (one student) and ``TrainConfig.students`` (issue 12)."""
+    out = []
+    if type(obj).__name__ == "DistillConfig":
+        init = obj.init
+        if not (init in ("teacher", "random") or isinstance(init, list) and init
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in init)):
+            out.append(("init", init, "teacher, random or a list of 1-based teacher layers"))
+        if not (obj.relation_weight or obj.hidden_weight or obj.soft_weight or obj.mlm_weight):
+            out.append(("mlm_weight", obj.mlm_weight, "> 0 when every other weight is 0 (nothing would be learnt)"))
+        if not isinstance(obj.student, str) or not obj.student:
+            out.append(("student", obj.student, "a student name, YAML file or model directory"))
+        x = obj.relation_layer
+        if not (0 < x < 1 or float(x).is_integer() and x != 0):
+            out.append(("relation_layer", x, "a layer (8), -k from the top (-1) or a fraction in (0, 1)"))
+    if type(obj).__name__ == "TrainConfig" and obj.students is not None:
+        from clueforge.distill import DistillConfig
+
+        if not isinstance(obj.students, dict) or not obj.students:
+            out.append(("students", obj.students, "a mapping of student names to their settings"))
+            return out
+        known = {f.name for f in fields(DistillConfig)}
+        for name, spec in obj.students.items():
+            if not isinstance(spec, dict) or set(spec) - known or not str(name).isidentifier():
+                out.append(("students", {name: spec}, f"NAME (letters, digits, _) → a mapping with keys among "
+                            f"{', '.join(sorted(known))}"))
+                continue
+            try:
+                build_dataclass(DistillConfig, dict(spec), f"train.students.{name}")
+            except UserError as exc:
+                out.append(("students", {name: spec}, f"valid student settings ({exc})"))
+        if obj.self_distill_instance:
+            out.append(("self_distill_instance", obj.self_distill_instance, "0 with train.students (the doubled "
+                        "batch is not what the students see)"))
+    return out
+
+
 def check(obj) -> list[tuple[str, object, str]]:
     """``(field, value, allowed)`` for every field of ``obj`` that breaks its rule."""
     rules = VALIDATION.get(type(obj).__name__, {})
@@ -389,7 +435,7 @@ def check(obj) -> list[tuple[str, object, str]]:
             bad.append((f.name, v, rule.describe()))
         elif rule is None and str(f.type).startswith("str") and not isinstance(v, str):
             bad.append((f.name, v, "a string"))
-    return bad + _cross_checks(obj)
+    return bad + _cross_checks(obj) + _distill_checks(obj)
 
 
 def validate(obj, where: str = "", *, section: str = "", overridden=frozenset()) -> None:

@@ -286,12 +286,15 @@ def evaluate_mlm(model: BertForMLM, protocols: dict, eval_rows, t, accelerator) 
 
 
 def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_progress: bool = True,
-             log_progress: bool = False, allow_config_change: bool = False) -> dict:
+             log_progress: bool = False, allow_config_change: bool = False, build=None) -> dict:
     """Pretrain (or resume) and write ``out/final`` in the HF layout. Returns a summary.
 
     ``log_progress``: a progress log line every 30 s (for logs, CI, nohup: no bar there).
     ``allow_config_change``: on resume, apply (and record) settings that differ from the run's;
-    without it only ``runs.PRETRAIN_MUTABLE`` settings may change."""
+    without it only ``runs.PRETRAIN_MUTABLE`` settings may change.
+    ``build``: ``(cfg, vocab_size) → (model, objective)`` replacing the MLM model and its loss
+    (task-agnostic distillation, ``distill.agnostic``: a model with ``.mlm`` and ``.aux`` as
+    ``PretrainingModel`` has, an objective with ``mlm_objective``'s contract)."""
     from accelerate import Accelerator
 
     from clueforge.pretrain.config import validate_pretrain
@@ -329,9 +332,14 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     fixed_collate = Collator(corpus, specials, vocab_size, FIXED_EVAL_MASKING,
                              doc_attention=t.doc_attention and t.pack_docs, tokenizer=tok)
 
-    mlm, sd_layers = build_model(cfg, vocab_size)
-    structure, knowledge, aux = build_objectives(cfg, corpus, tok, specials)
-    model = PretrainingModel(mlm, aux)  # what the optimizer and data parallelism see
+    if build is None:
+        mlm, sd_layers = build_model(cfg, vocab_size)
+        structure, knowledge, aux = build_objectives(cfg, corpus, tok, specials)
+        model = PretrainingModel(mlm, aux)  # what the optimizer and data parallelism see
+        objective = mlm_objective
+    else:  # issue 12: a student and its frozen teacher (clueforge.distill.agnostic)
+        model, objective = build(cfg, vocab_size)
+        sd_layers, structure, knowledge = (), None, None
     # fused AdamW: one kernel for all parameters, ~7x faster than the foreach path on a CPU here
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(cfg, s))
@@ -362,6 +370,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         accelerator.scaler.load_state_dict(state["scaler"])
     raw_model: PretrainingModel = accelerator.unwrap_model(model)
     step_model = torch.compile(model) if t.compile else model
+    students = None  # issue 12: online distillation (clueforge.distill.online), students follow the teacher
+    if t.students:
+        from clueforge.distill.online import OnlineStudents
+
+        students = OnlineStudents(cfg, raw_model.mlm, device, world, resume=found[0] if found is not None else None)
 
     def make_batch(step: int, micro: int):
         idx = sampler.rows(step, micro, rank)
@@ -374,8 +387,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
             batch["aux"].update({k: knowledge.batch(k, t.knowledge_batch_size, rng) for k in t.knowledge_weights or {}})
         return batch, batch_digest(rows.shard, rows.span)
 
-    def evaluate() -> dict:
-        return evaluate_mlm(raw_model.mlm, {"eval": (collate, [t.seed, 2], None, None),
+    def evaluate(mlm=None) -> dict:
+        return evaluate_mlm(raw_model.mlm if mlm is None else mlm, {"eval": (collate, [t.seed, 2], None, None),
                                             "eval_fixed": (fixed_collate, [FIXED_EVAL_SEED, 3], FIXED_EVAL_ROWS,
                                                            FIXED_EVAL_BATCH)},
                             eval_rows, t, accelerator)
@@ -419,8 +432,10 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     sync = micro == t.grad_accum - 1
                     with accelerator.no_sync(model) if not sync else nullcontext():
                         with accelerator.autocast():
-                            loss, o, parts = mlm_objective(step_model, tb, t, sd_layers)
+                            loss, o, parts = objective(step_model, tb, t, sd_layers)
                         accelerator.backward(loss / t.grad_accum)
+                    if students is not None:  # issue 12: the same batch, the teacher's outputs
+                        students.follow(tb, o, t.grad_accum, accelerator.autocast)
                     for k, v in parts.items():
                         window["parts"][k] = window["parts"].get(k, 0.0) + v.float() / t.grad_accum
                     n = o.labels.numel()
@@ -441,6 +456,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if students is not None:  # issue 12
+                    students.step()
                 step += 1
                 window["steps"] += 1
 
@@ -475,6 +492,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     if t.eval_every and step % t.eval_every == 0 or step == t.max_steps:
                         last_eval = evaluate()
                         rec.update(last_eval)
+                    if students is not None:  # issue 12: each student's losses (held-out scores with the teacher's)
+                        rec.update(students.log(evaluate if "eval_fixed_loss" in rec else None))
                     metrics.write(rec)
                     progress.update(task, completed=step, rate=f"{tps:,.0f} tok/s",
                                     info=f"loss {rec['loss']:.3f} acc {rec['mlm_acc']:.3f}")
@@ -494,6 +513,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                              "config": cfg.to_dict(), "data": data_identity(data)}
                     ckpt.write_rank_rng(ckpt.tmp_dir(ck_root, step), rank)
+                    if students is not None:  # issue 12: step-N/students/NAME/
+                        students.save(ckpt.tmp_dir(ck_root, step))
                     accelerator.wait_for_everyone()
                     if main:
                         ckpt.save_checkpoint(ck_root, step, raw_model, optimizer, state, world, t.keep_checkpoints)
@@ -510,6 +531,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         save_hf(raw_model.mlm, out / "final", vocab=vocab)
     accelerator.wait_for_everyone()
     summary = {"steps": step, "tokens": tokens_seen, "final": str(out / "final"), "state_sha": digest, **last_eval}
+    if students is not None:  # issue 12: OUT/students/NAME/final, without the auxiliary layer
+        summary["students"] = students.export(out / "students", vocab)
     accelerator.end_training()
     return summary
 
