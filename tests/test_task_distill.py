@@ -309,15 +309,34 @@ def test_every_family_distils_into_a_directory_predict_takes(tmp_path, sample_vo
     assert pred.is_file() and pred.stat().st_size > 0
 
 
-def test_the_distilled_directory_exports_to_onnx_equal_to_pytorch(tmp_path, sample_vocab):
-    from clueforge.deploy.export import export_onnx
+def test_clueforge_distill_task_then_export_and_submit_prediction(tmp_path, sample_vocab):
+    """The commands a user types: `distill --task` → `export` (ONNX equal to PyTorch) → `predict
+    --runtime onnx` gives the same labels as the PyTorch student; a bad setting is one line, exit 2."""
+    from typer.testing import CliRunner
 
+    from clueforge.cli import app
+
+    run = CliRunner().invoke
     teacher_dir = tiny_finetuned(tmp_path / "teacher", "afqmc", FIXTURES / "afqmc", sample_vocab)
-    distill_task("afqmc", teacher_dir, _mlm_dir(tmp_path, sample_vocab), FIXTURES / "afqmc", tmp_path / "out",
-                 ["max_steps=2", "batch_size=2"], show_progress=False)
-    rep = export_onnx(tmp_path / "out" / "best", tmp_path / "onnx", data=FIXTURES / "afqmc")
-    assert rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] < 1e-4
-    assert rep["onnxruntime"]["fp32"]["label_agreement"] == 1.0
+    base = ["distill", "--task", "afqmc", "--teacher", str(teacher_dir), "--student", str(_mlm_dir(tmp_path, sample_vocab)),
+            "--data", str(FIXTURES / "afqmc"), "--no-progress", "--seed", "3"]
+    r = run(app, base + ["--out", str(tmp_path / "out"), "--set", "max_steps=2", "--set", "batch_size=2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["distillation"]["teacher"] == str(teacher_dir)
+    r = run(app, ["export", str(tmp_path / "out" / "best"), "--out", str(tmp_path / "onnx"), "--data",
+                  str(FIXTURES / "afqmc")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "onnx" / "export_check.json").read_text())["onnxruntime"]["fp32"][
+        "max_abs_logit_diff"] < 1e-4
+    preds = []
+    for runtime, model in (("torch", tmp_path / "out"), ("onnx", tmp_path / "onnx")):
+        r = run(app, ["predict", "afqmc", "--model", str(model), "--runtime", runtime, "--input",
+                      str(FIXTURES / "afqmc" / "test.json"), "--out", str(tmp_path / runtime / "afqmc_predict.json")])
+        assert r.exit_code == 0, r.output
+        preds.append((tmp_path / runtime / "afqmc_predict.json").read_text())
+    assert preds[0] == preds[1] and len(preds[0].splitlines()) == 6
+    r = run(app, base + ["--out", str(tmp_path / "bad"), "--set", "temperature=0"])
+    assert r.exit_code == 2 and "temperature=0.0 is not allowed: must be > 0" in r.output
 
 
 # ---------------------------------------------------------------------------------------------
