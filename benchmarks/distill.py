@@ -108,7 +108,7 @@ def train_teacher(args, task: str, data: Path, work: Path) -> Path:
         init = save_hf(BertForMLM(cfg), work / "teacher-init", vocab=BERT_VOCAB)
     cfg = FinetuneConfig(epochs=1, max_steps=args.teacher_steps, max_train=args.teacher_steps * args.batch_size,
                          max_eval=args.max_eval, max_length=args.max_length, lr=args.teacher_lr,
-                         batch_size=args.batch_size, warmup_ratio=0.06, seed=0)
+                         batch_size=args.batch_size, warmup_ratio=0.06)
     finetune(task, data, init, work / "teacher", cfg, show_progress=False)
     return work / "teacher"
 
@@ -124,16 +124,16 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="The task's folder (default: ../shared/data/tasks/...).")
     ap.add_argument("--teacher", default=None, help="A fine-tuned teacher directory (skips training one).")
     ap.add_argument("--teacher-init", default=None, help="A pretrained directory to fine-tune as the teacher.")
-    ap.add_argument("--teacher-shape", default="6x128x2",
+    ap.add_argument("--teacher-shape", default="4x256x4",
                     help="LAYERSxHIDDENxHEADS of a random teacher encoder (feed-forward 4 × hidden).")
-    ap.add_argument("--teacher-steps", type=int, default=250)
-    ap.add_argument("--teacher-lr", type=float, default=2e-3)
+    ap.add_argument("--teacher-steps", type=int, default=150)
+    ap.add_argument("--teacher-lr", type=float, default=1e-3)
     ap.add_argument("--student", default="pico", help="Student config (mini/micro/nano/pico/YAML) or directory.")
     ap.add_argument("--student-init", default=None, help="A task-agnostically distilled student directory.")
-    ap.add_argument("--student-steps", type=int, default=150)
-    ap.add_argument("--student-lr", type=float, default=2e-3)
+    ap.add_argument("--student-steps", type=int, default=100)
+    ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=48)
+    ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--max-eval", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="distill_set", action="append", default=[],
