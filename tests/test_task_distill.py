@@ -7,8 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from clueforge.distill.augment import Augmenter
 from clueforge.distill.task import (TaskDistillConfig, TeacherObjective, build_task_student, distill_task,
                                     prediction_rows, split_overrides)
 from clueforge.distill.losses import soft_kl
-from clueforge.finetune.loop import FinetuneConfig, finetune, load_finetuned
+from clueforge.finetune.loop import finetune, load_finetuned
 from clueforge.model.bert import BertForMLM, ModelConfig
 from clueforge.model.heads import TaskModel
 from clueforge.model.hf import save_hf
@@ -122,8 +122,8 @@ def test_a_teacher_shaped_student_starts_at_the_teachers_dev_predictions(tmp_pat
         t, fam, state, model, tok = load_finetuned(d, task)
         dev = fam.load(t, FIXTURES / folder / t.files["dev"].split(",")[0], state, True)
         feats = fam.encode(t, dev, tok, 64, state)
-        outs.append(torch.from_numpy(__import__("numpy").concatenate(
-            run_model(model, fam, feats, 8, tok.token_to_id("[PAD]"), torch.device("cpu")))))
+        logits = run_model(model, fam, feats, 8, tok.token_to_id("[PAD]"), torch.device("cpu"))
+        outs.append(torch.from_numpy(np.concatenate(logits)))
     assert_close(outs[1], outs[0])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["distillation"]["head_from_teacher"] == (["classifier"] if task == "cluener" else
