@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -86,6 +87,21 @@ class FinetuneConfig:
     """PET and `benchmark fewclue --method zeroshot`: the template's name (default: the task's first)."""
     prompts: str | None = None
     """PET and `benchmark fewclue --method zeroshot`: a prompt YAML file instead of the shipped prompts."""
+
+
+class StepObjective(Protocol):
+    """More to learn than the task's labels (task distillation, ``clueforge.distill.task``): the
+    loop asks it once for extra training examples and trainable parameters, then at every step for
+    the loss, given the task loss of the step's logits."""
+
+    def train_examples(self, examples: list[dict]) -> list[dict]:
+        """Examples to train on beside ``examples`` (the task's training set)."""
+
+    def attach(self, model) -> list[torch.nn.Parameter]:
+        """Called once with the model about to be trained; returns parameters to train with it."""
+
+    def loss(self, batch: dict, logits: torch.Tensor, task_loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The step's loss and its logged parts."""
 
 
 def family(task: Task):
@@ -181,8 +197,11 @@ def load_split(task: Task, fam, data: Path, name: str, state: dict, with_labels:
 
 
 def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str | Path,
-             cfg: FinetuneConfig = FinetuneConfig(), show_progress: bool = True) -> dict:
-    """Fine-tune ``model_dir`` on ``task_name``; write ``out/best`` and ``out/results.json``."""
+             cfg: FinetuneConfig = FinetuneConfig(), show_progress: bool = True,
+             objective: StepObjective | None = None, state: dict | None = None) -> dict:
+    """Fine-tune ``model_dir`` on ``task_name``; write ``out/best`` and ``out/results.json``.
+    ``objective`` adds examples and loss terms (task distillation); ``state`` replaces the one the
+    family prepares from ``data`` (a teacher's label order and knowledge base)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     data, model_dir, out = Path(data), Path(model_dir), Path(out)
@@ -195,9 +214,11 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    state = prepare_state(fam, task, data, cfg)
+    state = prepare_state(fam, task, data, cfg) if state is None else state
     linguistic_state(fam, task, state, model_dir)
     train_ex = subset(load_split(task, fam, data, cfg.train_file or task.files["train"], state, True), cfg.max_train)
+    if objective is not None:
+        train_ex = train_ex + objective.train_examples(train_ex)
     dev_ex = subset(load_split(task, fam, data, cfg.dev_file or task.files["dev"], state, True), cfg.max_eval)
     if not train_ex:
         raise TaskDataError(f"{data}: no training examples for {task.name}")
@@ -214,7 +235,11 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     total = steps_per_epoch * task.epochs
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    opt = torch.optim.AdamW(llrd_param_groups(model, task.lr, cfg.llrd, cfg.weight_decay), lr=task.lr, fused=True)
+    groups = llrd_param_groups(model, task.lr, cfg.llrd, cfg.weight_decay)
+    extra_params = objective.attach(model) if objective is not None else []
+    if extra_params:  # e.g. the projections of a hidden-state distillation term
+        groups.append({"params": extra_params, "lr": task.lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=task.lr, fused=True)
     warmup = int(cfg.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
@@ -238,6 +263,9 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
             kl = symmetric_kl(logits, logits2, fam.kl_mask(b) if hasattr(fam, "kl_mask") else None)
             loss = 0.5 * (loss + fam.loss(logits2, b)) + cfg.rdrop * kl
             parts["rdrop_kl"] = kl.item()
+        if objective is not None:
+            loss, more = objective.loss(b, logits, loss)
+            parts.update(more)
         return loss, parts
 
     def evaluate() -> dict:

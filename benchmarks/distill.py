@@ -1,0 +1,228 @@
+"""Task distillation: teacher vs distilled student vs the same student without a teacher, and latency.
+
+    nice -n 10 python benchmarks/distill.py --out docs/results/distill_msra_ner.json
+    python benchmarks/distill.py --teacher runs/ft/msra-ner --student nano --student-init runs/agnostic-nano/final
+
+1. Teacher: a fine-tuned ``--teacher`` directory, or one fine-tuned here (``--teacher-init``: a
+   pretrained directory, else a random encoder of ``--teacher-shape`` LxD) on the task.
+2. For each seed: (a) ``distill_task`` into ``--student`` (a shipped student config initialised
+   from the teacher, or ``--student-init``, e.g. a task-agnostically distilled student), then
+   (b) plain fine-tuning of the very same starting weights (``student-init/`` of run (a)) with the
+   same steps and hyper-parameters, no teacher. Dev scores mean ± std over seeds.
+3. Latency at batch 1, length 128, one thread (median of alternating rounds): teacher and student
+   (PyTorch eager fp32, ONNX Runtime int8 of the student through the export path), and for the
+   issue's shape target ``nano`` ONNX int8 against ``transformers`` ``mini`` fp32 (random weights:
+   latency depends on the shape only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
+
+from clueforge.distill.task import distill_task  # noqa: E402
+from clueforge.finetune.loop import FinetuneConfig, checkpoint_dir, finetune, load_finetuned  # noqa: E402
+from clueforge.model.bert import BertForMLM, ModelConfig  # noqa: E402
+from clueforge.model.hf import save_hf  # noqa: E402
+
+DATA_DIRS = {"msra-ner": "msra_ner", "kgclue": "kgclue", "ocnli": "ocnli"}
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def latency(models: dict, seq_len: int, repeats: int) -> dict[str, float]:
+    """Median ms at batch 1, ``seq_len`` tokens (no padding), one thread, contenders alternating."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(672, 7992, (1, seq_len), generator=g)  # CJK characters of the Chinese BERT vocab
+    ids[0, 0], ids[0, -1] = 101, 102
+    mask, types = torch.ones_like(ids), torch.zeros_like(ids)
+    fns = {k: (lambda m=m: m(ids, mask, types)) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            timed(fn, 3)
+        for _ in range(3):
+            for k, fn in fns.items():
+                times[k] += timed(fn, max(1, repeats // 3))
+    return {k: round(1000 * statistics.median(v), 2) for k, v in times.items()}
+
+
+def onnx_int8(model, d: Path):
+    from clueforge.deploy.export import write_onnx
+    from clueforge.deploy.runtime import OnnxModel
+
+    files, _ = write_onnx(model.eval(), d, int8=True)
+    return OnnxModel(d / files["int8"], threads=1)
+
+
+def shape_rows(seq_len: int, repeats: int) -> dict:
+    """``nano`` ONNX int8 vs transformers ``mini`` fp32 (random weights, sequence head, 3 labels)."""
+    import transformers
+
+    from clueforge.distill.student import student_config
+    from clueforge.model.heads import TaskModel
+    from clueforge.pretrain.config import load_config
+
+    mini = load_config("mini").model
+    hc = transformers.BertConfig(vocab_size=21128, hidden_size=mini.hidden_size, num_hidden_layers=mini.num_layers,
+                                 num_attention_heads=mini.num_heads, intermediate_size=mini.intermediate_size,
+                                 max_position_embeddings=mini.max_position, num_labels=3)
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(hc).eval()
+    nano = TaskModel(student_config("nano", ModelConfig()), "sequence", 3).eval()
+    tmp = Path(tempfile.mkdtemp())
+    ms = latency({"transformers_mini_fp32": lambda i, m, t: hf(input_ids=i, attention_mask=m, token_type_ids=t),
+                  "nano_fp32": nano, "nano_ort_int8": onnx_int8(nano, tmp / "nano")}, seq_len, repeats)
+    ms["nano_int8_speedup_vs_transformers_mini_fp32"] = round(ms["transformers_mini_fp32"] / ms["nano_ort_int8"], 2)
+    return ms
+
+
+def train_teacher(args, task: str, data: Path, work: Path) -> Path:
+    if args.teacher:
+        return Path(args.teacher)
+    init = Path(args.teacher_init) if args.teacher_init else None
+    if init is None:
+        L, D, H = (int(x) for x in args.teacher_shape.lower().split("x"))
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=21128, hidden_size=D, num_layers=L, num_heads=H,
+                          intermediate_size=4 * D, max_position=max(128, args.max_length))
+        init = save_hf(BertForMLM(cfg), work / "teacher-init", vocab=BERT_VOCAB)
+    cfg = FinetuneConfig(epochs=1, max_steps=args.teacher_steps, max_train=args.teacher_steps * args.batch_size,
+                         max_eval=args.max_eval, max_length=args.max_length, lr=args.teacher_lr,
+                         batch_size=args.batch_size, warmup_ratio=0.06)
+    finetune(task, data, init, work / "teacher", cfg, show_progress=False)
+    return work / "teacher"
+
+
+def mean_std(xs: list[float]) -> dict:
+    return {"mean": round(statistics.mean(xs), 2), "std": round(statistics.stdev(xs), 2) if len(xs) > 1 else 0.0,
+            "runs": [round(x, 2) for x in xs]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="msra-ner", choices=sorted(DATA_DIRS))
+    ap.add_argument("--data", default=None, help="The task's folder (default: ../shared/data/tasks/...).")
+    ap.add_argument("--teacher", default=None, help="A fine-tuned teacher directory (skips training one).")
+    ap.add_argument("--teacher-init", default=None, help="A pretrained directory to fine-tune as the teacher.")
+    ap.add_argument("--teacher-shape", default="4x256x4",
+                    help="LAYERSxHIDDENxHEADS of a random teacher encoder (feed-forward 4 × hidden).")
+    ap.add_argument("--teacher-steps", type=int, default=150)
+    ap.add_argument("--teacher-lr", type=float, default=1e-3)
+    ap.add_argument("--student", default="pico", help="Student config (mini/micro/nano/pico/YAML) or directory.")
+    ap.add_argument("--student-init", default=None, help="A task-agnostically distilled student directory.")
+    ap.add_argument("--student-steps", type=int, default=100)
+    ap.add_argument("--student-lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--max-eval", type=int, default=500)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--set", dest="distill_set", action="append", default=[],
+                    help="Task distillation settings (TaskDistillConfig), e.g. temperature=2.")
+    ap.add_argument("--jobs", type=int, default=1, help="Seeds run in parallel processes.")
+    ap.add_argument("--latency-repeats", type=int, default=30)
+    ap.add_argument("--work", default=None, help="Working directory (default: a temporary one).")
+    ap.add_argument("--out", default="bench-out/distill.json")
+    args = ap.parse_args()
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    task = args.task
+    data = Path(args.data) if args.data else SHARED / "tasks" / DATA_DIRS[task]
+    work = Path(args.work or tempfile.mkdtemp(prefix="clueforge-distill-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    teacher = train_teacher(args, task, data, work)
+    teacher_res = json.loads((checkpoint_dir(teacher).parent / "results.json").read_text())
+    metric = teacher_res["main_metric"]
+    t_teacher = time.perf_counter() - t0 if not args.teacher else teacher_res["seconds"]
+    print(f"teacher {metric} {teacher_res['metric'][metric]:.2f} ({t_teacher:.0f} s)", flush=True)
+
+    common = [f"max_steps={args.student_steps}", "epochs=1", f"max_train={args.student_steps * args.batch_size}",
+              f"max_eval={args.max_eval}", f"max_length={args.max_length}", f"lr={args.student_lr}",
+              f"batch_size={args.batch_size}", "warmup_ratio=0.06"]
+    distill_set = ["soft_weight=1", "hard_weight=1", "temperature=2", *args.distill_set]
+    runs = {"distilled": [], "no_teacher": []}
+    t1 = time.perf_counter()
+    job = (task, str(teacher), args.student_init or args.student, str(data), str(work), common, distill_set)
+    if args.jobs > 1:  # one process per seed (each single-threaded): the same CPU time, less wall time
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(run_seed, [job] * len(args.seeds), args.seeds))
+    else:
+        done = [run_seed(job, seed) for seed in args.seeds]
+    for seed, (a, b, cpu) in zip(args.seeds, done):
+        runs["distilled"].append(a[metric])
+        runs["no_teacher"].append(b[metric])
+        print(f"seed {seed}: distilled {a[metric]:.2f}, no teacher {b[metric]:.2f} ({cpu:.0f} CPU s)", flush=True)
+    t_students = time.perf_counter() - t1
+
+    _, _, _, t_model, _ = load_finetuned(teacher, task)
+    _, _, _, s_model, _ = load_finetuned(work / "distilled/seed0", task)
+    lat = latency({"teacher_fp32": t_model.eval(), "student_fp32": s_model.eval(),
+                   "student_ort_int8": onnx_int8(s_model, work / "student-onnx")}, 128, args.latency_repeats)
+    lat["student_fp32_speedup"] = round(lat["teacher_fp32"] / lat["student_fp32"], 2)
+    lat["student_int8_speedup"] = round(lat["teacher_fp32"] / lat["student_ort_int8"], 2)
+    shapes = shape_rows(128, args.latency_repeats)
+
+    teacher_score = teacher_res["metric"][metric]
+    distilled, no_teacher = mean_std(runs["distilled"]), mean_std(runs["no_teacher"])
+    out = {
+        "benchmark": "task_distillation", "task": task, "metric": metric, "data": str(data),
+        "teacher": {"dir": str(teacher), "score": round(teacher_score, 2), "config": t_model.cfg.__dict__,
+                    "steps": teacher_res["steps"], "train_examples": teacher_res["train_examples"]},
+        "student": {"spec": args.student_init or args.student, "config": s_model.cfg.__dict__},
+        "seeds": args.seeds, "settings": {"common": common, "distill": distill_set},
+        "distilled": distilled, "no_teacher": no_teacher,
+        "student_share_of_teacher": round(distilled["mean"] / teacher_score, 3) if teacher_score else None,
+        "latency_ms_batch1_len128_1thread": lat, "shape_latency_ms": shapes,
+        "seconds": {"teacher_wall": round(t_teacher), "students_wall": round(t_students),
+                    "students_cpu": round(sum(c for _, _, c in done)), "this_run_wall": round(time.perf_counter() - t0)},
+        "machine": machine(),
+    }
+    write_json(args.out, out)
+
+
+def run_seed(job: tuple, seed: int) -> tuple[dict, dict, float]:
+    """(a) task distillation and (b) plain fine-tuning from the same start, for one seed; the dev
+    metrics of both and the CPU seconds spent."""
+    task, teacher, student, data, work, common, distill_set = job
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {seed}: %(message)s")
+    torch.set_num_threads(1)
+    cpu = time.process_time()
+    out_a = Path(work) / f"distilled/seed{seed}"
+    a = distill_task(task, teacher, student, data, out_a, common + distill_set, seed=seed, show_progress=False)
+    b = finetune(task, data, out_a / "student-init", Path(work) / f"no_teacher/seed{seed}", _finetune_cfg(common, seed),
+                 show_progress=False)
+    return a["metric"], b["metric"], time.process_time() - cpu
+
+
+def _finetune_cfg(items: list[str], seed: int) -> FinetuneConfig:
+    from clueforge.distill.task import split_overrides
+
+    return split_overrides(items, seed)[0]
+
+
+if __name__ == "__main__":
+    main()
