@@ -94,24 +94,27 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
-    """``key → (saved, new)`` for every setting that differs (compared as JSON values)."""
+def config_changes(saved: dict, new: dict, defaults: dict | None = None) -> dict[str, tuple]:
+    """``key → (saved, new)`` for every setting that differs (compared as JSON values). A setting
+    the saved config lacks (a run written before the field existed) counts as its value in
+    ``defaults``: new fields default to the old behaviour."""
     import json
 
-    a = _flatten(json.loads(json.dumps(saved)))
+    a = _flatten(json.loads(json.dumps(defaults or {})))
+    a.update(_flatten(json.loads(json.dumps(saved))))
     b = _flatten(json.loads(json.dumps(new)))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def check_resume_config(saved: dict, new: dict, *, allow: bool, mutable=PRETRAIN_MUTABLE,
-                        at_step: int = 0) -> dict | None:
+                        at_step: int = 0, defaults: dict | None = None) -> dict | None:
     """Compare a resumed run's saved config with the new one.
 
     Returns ``None`` when nothing changed, else a history record ``{step, changes, allowed_by}`` of
     the changes to apply. Raises ``UserError`` listing the differences when some are outside
     ``mutable`` and ``allow`` (``--allow-config-change``) is not given.
     """
-    changes = config_changes(saved, new)
+    changes = config_changes(saved, new, defaults)
     if not changes:
         return None
     fixed = {k: v for k, v in changes.items() if k not in mutable}

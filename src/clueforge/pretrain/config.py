@@ -238,6 +238,8 @@ def _coerce(v, type_name: str, where: str):
             return None
         raise UserError(f"{where}: null is not allowed")
     try:
+        if isinstance(v, bool) and not type_name.startswith("bool"):  # YAML true/false is not a number
+            raise ValueError
         if type_name.startswith("tuple"):
             return tuple(float(x) for x in v)
         if type_name.startswith("float"):
