@@ -146,7 +146,7 @@ def test_scores_equal_a_dense_forward(tmp_path):
 
 def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
     """PET's PromptModel ((B, R, T) rows → (B, C) label scores, one row per word length) gives the
-    scores of the zero-shot scorer on the same weights, template and examples."""
+    log-softmax of the zero-shot scorer's scores on the same weights, template and examples."""
     from clueforge.prompts.pet import PetFamily, PromptModel
     from clueforge.tasks import classify
 
@@ -158,19 +158,20 @@ def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
     task = get_task("fewclue-bustm")  # labels "0", "1": words of one and three characters
     t = Template("t", "{sentence1}，[MASK]，{sentence2}", {"0": "不", "1": "很满意"}, "mean")
     examples = [{"a": "今天好", "b": "东西很不好", "label": "1"}, {"a": "一二三四五六七八", "b": "", "label": "0"}]
-    state = {"labels": ["0", "1"], "template": t}
-    pet = PetFamily(classify, template=t)
+    state = {"labels": ["0", "1"], "templates": [t]}
+    pet = PetFamily(classify, templates=[t])
     feats = pet.encode(task, examples, tok, 64, state)
     assert all(len(f["rows"]) == 2 for f in feats)  # one row per word length
-    model = PromptModel(cfg, [tok.encode(w, add_special_tokens=False).ids for w in ("不", "很满意")],
-                        tok.token_to_id("[MASK]"))
+    model = PromptModel(cfg, [[tok.encode(w, add_special_tokens=False).ids for w in ("不", "很满意")]],
+                        tok.token_to_id("[MASK]"), ["mean"])
     model.load_state_dict(mlm.state_dict(), strict=False)
     b = pet.collate(feats, 0)
     with torch.no_grad():
         got = model.eval()(b["input_ids"], b["attention_mask"], b["token_type_ids"]).numpy()  # (B, C)
     want = score_examples(mlm, PromptEncoder(tok, t, 64), [{"sentence1": e["a"], "sentence2": e["b"]} for e in examples],
                           [["不", "很满意"]] * 2)
-    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+    want = np.stack(want)
+    np.testing.assert_allclose(got, want - np.log(np.exp(want).sum(1, keepdims=True)), atol=1e-4)  # log-softmax
 
 
 POS, NEG = "好棒赞美爽优", "差烂糟坏臭劣"
@@ -284,7 +285,7 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     print(acc)
     assert acc["right"] >= 90 and acc["swapped"] <= 40, acc
     meta = json.loads((tmp_path / "right" / "best" / "config.json").read_text())["clueforge_task"]
-    assert meta["method"] == "pet" and meta["prompt"]["verbalizer"] == {"Negative": "不", "Positive": "很"}
+    assert meta["method"] == "pet" and meta["prompts"][0]["verbalizer"] == {"Negative": "不", "Positive": "很"}
     out = tmp_path / "eprstmt_predict.json"
     assert predict("fewclue-eprstmt", tmp_path / "right" / "best", data / "test.json", out) == 50
     rows = [json.loads(x) for x in out.read_text().splitlines()]
