@@ -10,7 +10,8 @@ same weights (random-init ``configs/mini.yaml`` unless ``--model``): ``fp32`` is
 path already batches rows by length (sorted, padded per batch), runs the MLM head only at [MASK]s,
 one row per example and word length, the calibration terms once per template, under
 ``torch.inference_mode``. Reported per task and path: examples/s of the scoring (model and data
-loaded beforehand), seconds, and for the fast paths the share of
+loaded beforehand), seconds, CPU seconds of the process and examples per CPU-second (with
+``--threads 1`` the examples/s one idle core gives, whatever else the machine runs), and for the fast paths the share of
 predictions equal to fp32's (random weights make near-ties common, so agreement is a lower bound
 of what a trained model shows) and ``speedup`` = its examples/s / fp32's.
 """
@@ -74,17 +75,19 @@ def main() -> None:
         preds = {}
         for p in precisions:
             out = tmp / f"{name}-{p}.json"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = zeroshot(f"fewclue-{name}", model_dir, str(test), out, calibration=args.calibration,
                            batch_size=args.batch_size, model=mlm, precision=p)
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             text = out.read_text(encoding="utf-8")
-            preds[p] = [json.dumps(r.get("label", r.get("answer")), ensure_ascii=False) for r in map(json.loads, text.splitlines())] \
-                if not text.startswith("{") else list(json.loads(text).values())
+            lines = text.splitlines()  # JSON lines (one row per example), or one object (CHID)
+            preds[p] = lines if len(lines) > 1 else list(json.loads(text).values())
             entry = {"examples": res["examples"], "examples_per_s": res["examples_per_s"], "seconds": res["seconds"],
-                     "wall_seconds_with_writing": round(wall, 2)}
+                     "wall_seconds_with_writing": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                     "examples_per_cpu_s": round(res["examples"] / max(cpu, 1e-9), 1)}
             if p != "fp32":
                 entry["speedup"] = round(res["examples_per_s"] / row["paths"]["fp32"]["examples_per_s"], 2)
+                entry["cpu_speedup"] = round(entry["examples_per_cpu_s"] / row["paths"]["fp32"]["examples_per_cpu_s"], 2)
                 entry["agreement_with_fp32"] = round(sum(a == b for a, b in zip(preds[p], preds["fp32"])) / len(preds[p]), 4)
             row["paths"][p] = entry
             print(name, p, entry, file=sys.stderr, flush=True)

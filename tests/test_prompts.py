@@ -313,17 +313,30 @@ def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
     common = ["--model", str(mlm), "--data", str(tmp_path / "tasks"), "--set", "template=right",
               "--set", f"prompts={prompts}", "--set", "max_length=32"]
     for method, extra in (("zeroshot", ["--calibration", "pmi"]), ("pet", ["--set", "epochs=1", "--set", "lr=1e-4"]),
-                          ("finetune", ["--set", "epochs=1"])):
-        out = tmp_path / method
+                          ("finetune", ["--set", "epochs=1"]), ("zeroshot", ["--splits", "1", "--tasks", "fewclue-eprstmt"])):
+        out = tmp_path / (method + str(len(extra)))
         res = CliRunner().invoke(app, ["benchmark", "fewclue", "--method", method, "--out", str(out)] + common + extra)
         assert res.exit_code == 0, res.output
         report = json.loads((out / "report.json").read_text())
         (row,) = report["tasks"]
-        assert row["task"] == "fewclue-eprstmt" and list(row["splits"]) == ["dev_0", "dev_1"], row
-        assert len(report["skipped"]) == 8 and report["method"] == method, report
+        subset = "--tasks" in extra  # one split, one task: nothing else is run or listed as skipped
+        assert row["task"] == "fewclue-eprstmt" and list(row["splits"]) == (["dev_1"] if subset else ["dev_0", "dev_1"]), row
+        assert len(report["skipped"]) == (0 if subset else 8) and report["method"] == method, report
         if method != "finetune":  # a new head after one epoch on 32 examples knows nothing yet
             assert row["mean"] >= 80, report  # chance: 50
         assert "± " in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args", [["--splits", "0,5"], ["--splits", "x"], ["--splits", "1,1"], ["--tasks", "fewclue-nope"]])
+def test_fewclue_protocol_bad_subsets_exit_2(tmp_path, args):
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    (tmp_path / "tasks").mkdir()
+    res = CliRunner().invoke(app, ["benchmark", "fewclue", "--method", "zeroshot", "--model", str(tmp_path), "--data",
+                                   str(tmp_path / "tasks"), "--out", str(tmp_path / "o")] + args)
+    assert res.exit_code == 2 and args[1] in res.output, res.output
 
 
 def test_pet_refuses_candidate_tasks():

@@ -572,6 +572,7 @@ def benchmark(
     method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet, efl or zeroshot over the official splits train_k → dev_k.")] = None,
     calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
     splits: Annotated[str, typer.Option(help="--method: the official splits k to run, comma-separated (0-4).")] = "0,1,2,3,4",
+    tasks: Annotated[Optional[str], typer.Option(help="--method: only these FewCLUE tasks, comma-separated (default: all nine).")] = None,
 ) -> None:
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
     import statistics
@@ -598,7 +599,7 @@ def benchmark(
         try:
             with run_lock(out, "benchmark"):
                 run_fewclue(method, model, data, out, cfg, calibration, _splits(splits),
-                            show_progress=sys.stderr.isatty())
+                            show_progress=sys.stderr.isatty(), tasks=tasks.split(",") if tasks else None)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             _fail(_message(exc))
         print((out / "report.md").read_text(encoding="utf-8"))

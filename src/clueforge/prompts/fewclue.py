@@ -27,13 +27,19 @@ METHODS = ("finetune", "pet", "efl", "zeroshot")
 
 def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str | Path,
                 cfg: FinetuneConfig = FinetuneConfig(), calibration: str = "none", splits=range(5),
-                show_progress: bool = False) -> dict:
+                show_progress: bool = False, tasks: list[str] | None = None) -> dict:
+    """One method over the FewCLUE tasks (``tasks``: a subset, default all); writes report.json/.md."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    unknown = sorted(set(tasks or ()) - set(SUITES["fewclue"]))
+    if unknown:
+        raise ValueError(f"--tasks: {unknown[0]!r} is not a FewCLUE task ({', '.join(SUITES['fewclue'])})")
     out = Path(out)
     mlm = load_mlm(model) if method == "zeroshot" else None
     rows, skipped = [], []
     for name in SUITES["fewclue"]:
+        if tasks and name not in tasks:
+            continue
         task = get_task(name)
         folder = task_dir(Path(data_root), task)
         ks = [k for k in splits if folder is not None and (folder / f"train_{k}.json").is_file()
@@ -56,7 +62,7 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
         rows.append({"task": name, "metric": task.metric, "mean": statistics.fmean(scores),
                      "std": statistics.pstdev(scores), "splits": dict(zip((f"dev_{k}" for k in ks), scores))})
     report = {"suite": "fewclue", "protocol": "train_k → dev_k", "method": method, "model": str(model),
-              "calibration": calibration if method == "zeroshot" else None, "splits": list(splits),
+              "calibration": calibration if method == "zeroshot" else None, "splits": list(splits), "tasks_run": tasks or "all",
               "tasks": rows, "skipped": skipped,
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
               "config": {k: v for k, v in vars(cfg).items()}}
