@@ -146,7 +146,7 @@ def test_scores_equal_a_dense_forward(tmp_path):
 
 def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
     """PET's PromptModel ((B, R, T) rows → (B, C) label scores, one row per word length) gives the
-    scores of the zero-shot scorer on the same weights, template and examples."""
+    log-softmax of the zero-shot scorer's scores on the same weights, template and examples."""
     from clueforge.prompts.pet import PetFamily, PromptModel
     from clueforge.tasks import classify
 
@@ -158,19 +158,20 @@ def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
     task = get_task("fewclue-bustm")  # labels "0", "1": words of one and three characters
     t = Template("t", "{sentence1}，[MASK]，{sentence2}", {"0": "不", "1": "很满意"}, "mean")
     examples = [{"a": "今天好", "b": "东西很不好", "label": "1"}, {"a": "一二三四五六七八", "b": "", "label": "0"}]
-    state = {"labels": ["0", "1"], "template": t}
-    pet = PetFamily(classify, template=t)
+    state = {"labels": ["0", "1"], "templates": [t]}
+    pet = PetFamily(classify, templates=[t])
     feats = pet.encode(task, examples, tok, 64, state)
     assert all(len(f["rows"]) == 2 for f in feats)  # one row per word length
-    model = PromptModel(cfg, [tok.encode(w, add_special_tokens=False).ids for w in ("不", "很满意")],
-                        tok.token_to_id("[MASK]"))
+    model = PromptModel(cfg, [[tok.encode(w, add_special_tokens=False).ids for w in ("不", "很满意")]],
+                        tok.token_to_id("[MASK]"), ["mean"])
     model.load_state_dict(mlm.state_dict(), strict=False)
     b = pet.collate(feats, 0)
     with torch.no_grad():
         got = model.eval()(b["input_ids"], b["attention_mask"], b["token_type_ids"]).numpy()  # (B, C)
     want = score_examples(mlm, PromptEncoder(tok, t, 64), [{"sentence1": e["a"], "sentence2": e["b"]} for e in examples],
                           [["不", "很满意"]] * 2)
-    np.testing.assert_allclose(got, np.stack(want), atol=1e-4)
+    want = np.stack(want)
+    np.testing.assert_allclose(got, want - np.log(np.exp(want).sum(1, keepdims=True)), atol=1e-4)  # log-softmax
 
 
 POS, NEG = "好棒赞美爽优", "差烂糟坏臭劣"
@@ -284,7 +285,7 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     print(acc)
     assert acc["right"] >= 90 and acc["swapped"] <= 40, acc
     meta = json.loads((tmp_path / "right" / "best" / "config.json").read_text())["clueforge_task"]
-    assert meta["method"] == "pet" and meta["prompt"]["verbalizer"] == {"Negative": "不", "Positive": "很"}
+    assert meta["method"] == "pet" and meta["prompts"][0]["verbalizer"] == {"Negative": "不", "Positive": "很"}
     out = tmp_path / "eprstmt_predict.json"
     assert predict("fewclue-eprstmt", tmp_path / "right" / "best", data / "test.json", out) == 50
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -312,17 +313,30 @@ def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
     common = ["--model", str(mlm), "--data", str(tmp_path / "tasks"), "--set", "template=right",
               "--set", f"prompts={prompts}", "--set", "max_length=32"]
     for method, extra in (("zeroshot", ["--calibration", "pmi"]), ("pet", ["--set", "epochs=1", "--set", "lr=1e-4"]),
-                          ("finetune", ["--set", "epochs=1"])):
-        out = tmp_path / method
+                          ("finetune", ["--set", "epochs=1"]), ("zeroshot", ["--splits", "1", "--tasks", "fewclue-eprstmt"])):
+        out = tmp_path / (method + str(len(extra)))
         res = CliRunner().invoke(app, ["benchmark", "fewclue", "--method", method, "--out", str(out)] + common + extra)
         assert res.exit_code == 0, res.output
         report = json.loads((out / "report.json").read_text())
         (row,) = report["tasks"]
-        assert row["task"] == "fewclue-eprstmt" and list(row["splits"]) == ["dev_0", "dev_1"], row
-        assert len(report["skipped"]) == 8 and report["method"] == method, report
+        subset = "--tasks" in extra  # one split, one task: nothing else is run or listed as skipped
+        assert row["task"] == "fewclue-eprstmt" and list(row["splits"]) == (["dev_1"] if subset else ["dev_0", "dev_1"]), row
+        assert len(report["skipped"]) == (0 if subset else 8) and report["method"] == method, report
         if method != "finetune":  # a new head after one epoch on 32 examples knows nothing yet
             assert row["mean"] >= 80, report  # chance: 50
         assert "± " in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args", [["--splits", "0,5"], ["--splits", "x"], ["--splits", "1,1"], ["--tasks", "fewclue-nope"]])
+def test_fewclue_protocol_bad_subsets_exit_2(tmp_path, args):
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    (tmp_path / "tasks").mkdir()
+    res = CliRunner().invoke(app, ["benchmark", "fewclue", "--method", "zeroshot", "--model", str(tmp_path), "--data",
+                                   str(tmp_path / "tasks"), "--out", str(tmp_path / "o")] + args)
+    assert res.exit_code == 2 and args[1] in res.output, res.output
 
 
 def test_pet_refuses_candidate_tasks():

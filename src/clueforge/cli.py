@@ -5,7 +5,7 @@
     clueforge corpus build INPUT... --out DIR --vocab vocab.txt [--workers N]
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
-    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet] [--set key=value ...]
+    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet|efl] [--set key=value ...]
     clueforge distill --teacher DIR --student pico --data CORPUS --out DIR [--task TASK] [--set distill.KEY=V]
     clueforge predict TASK --model DIR --input FILE --out FILE [--runtime onnx]
     clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
@@ -13,7 +13,7 @@
     clueforge serve DIR [--runtime torch|onnx] --port 8000 [--max-batch 32 --max-wait-ms 5 --queue 256]
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
-    clueforge benchmark fewclue --method finetune|pet|zeroshot --model PATH --data DIR --out DIR
+    clueforge benchmark fewclue --method finetune|pet|efl|zeroshot --model PATH --data DIR --out DIR
     clueforge tasks                           the task registry
     clueforge config show [NAME]              every --set key with its default and meaning
 
@@ -453,7 +453,7 @@ def finetune(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42; the same as --set seed=S).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    method: Annotated[Optional[str], typer.Option(help="finetune (a new head, the default) or pet (the MLM head through a template; --set template=NAME).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="finetune (a new head, the default), pet (the MLM head through a template; --set template=NAME or all) or efl (entailment against each label's statement).")] = None,
 ) -> None:
     """Fine-tune on a task; dev scores each epoch; keep the best checkpoint (`--set select=last`: the last)."""
     from clueforge.finetune.loop import finetune as run
@@ -608,6 +608,17 @@ def submit(
     console.print(f"{len(check.files)} file(s) valid → {zip_path}")
 
 
+def _splits(text: str) -> list[int]:
+    """``--splits 0,2`` → [0, 2]: FewCLUE's official splits are 0-4."""
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ks = []
+    if not ks or any(k not in range(5) for k in ks) or len(set(ks)) != len(ks):
+        _fail(f"--splits {text!r}: expected distinct numbers 0-4, comma-separated")
+    return ks
+
+
 @app.command()
 def benchmark(
     suite: Annotated[str, typer.Argument(help="clue1.1, fewclue or all-local.")],
@@ -616,8 +627,10 @@ def benchmark(
     out: Annotated[Path, typer.Option(help="Output directory (report.json, report.md).")],
     seeds: Annotated[int, typer.Option(help="Seeds per task.")] = 3,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet or zeroshot over the official splits train_k → dev_k.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet, efl or zeroshot over the official splits train_k → dev_k.")] = None,
     calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
+    splits: Annotated[str, typer.Option(help="--method: the official splits k to run, comma-separated (0-4).")] = "0,1,2,3,4",
+    tasks: Annotated[Optional[str], typer.Option(help="--method: only these FewCLUE tasks, comma-separated (default: all nine).")] = None,
 ) -> None:
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
     import statistics
@@ -643,8 +656,8 @@ def benchmark(
             _fail(f"--method is for the FewCLUE protocol: `benchmark fewclue --method {method}`")
         try:
             with run_lock(out, "benchmark"):
-                run_fewclue(method, model, data, out, cfg, calibration,
-                            show_progress=sys.stderr.isatty())
+                run_fewclue(method, model, data, out, cfg, calibration, _splits(splits),
+                            show_progress=sys.stderr.isatty(), tasks=tasks.split(",") if tasks else None)
         except (KeyError, FileNotFoundError, ValueError) as exc:
             _fail(_message(exc))
         print((out / "report.md").read_text(encoding="utf-8"))

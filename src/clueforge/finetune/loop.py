@@ -82,11 +82,16 @@ class FinetuneConfig:
     """Which weights to keep: ``best`` (the best-on-dev epoch, in ``out/best``) or ``last`` (the
     final epoch, in ``out/last``: a protocol without model selection on dev)."""
     method: str = "finetune"
-    """``finetune`` (a new task head) or ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``)."""
+    """``finetune`` (a new task head), ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``)
+    or ``efl`` (entailment against each label's statement; ``clueforge.prompts.efl``)."""
     template: str | None = None
     """PET and `benchmark fewclue --method zeroshot`: the template's name (default: the task's first)."""
     prompts: str | None = None
     """PET and `benchmark fewclue --method zeroshot`: a prompt YAML file instead of the shipped prompts."""
+    pet_mlm: float = 0.0
+    """PET: weight of the auxiliary masked-LM loss on unlabeled text run through the template (0 = off)."""
+    unlabeled_file: str | None = None
+    """PET with ``pet_mlm``: the unlabeled text's file(s) inside --data (default: the training file's inputs)."""
 
 
 class StepObjective(Protocol):
@@ -118,11 +123,9 @@ def with_method(fam, cfg: FinetuneConfig):
     """The family the loop drives for ``cfg.method``: the task's own, or it seen through a prompt."""
     if cfg.method == "finetune":
         return fam
-    if cfg.method == "pet":
-        from clueforge.prompts.pet import PetFamily
+    from clueforge.prompts import method_family
 
-        return PetFamily(fam, template_name=cfg.template, prompts=cfg.prompts)
-    raise ValueError(f"method {cfg.method!r}: expected finetune or pet")
+    return method_family(fam, cfg)
 
 
 def load_model(fam, model_dir: Path, state: dict, tok):
@@ -258,6 +261,11 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **_ling(b))
         loss = fam.loss(logits, b)
         parts = {"task_loss": loss.item()}
+        if hasattr(fam, "aux_loss"):  # PET's auxiliary MLM loss on unlabeled rows of the batch
+            aux, aux_parts = fam.aux_loss(model, b)
+            if aux is not None:
+                loss = loss + aux
+                parts.update(aux_parts)
         if cfg.rdrop:
             logits2 = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], **_ling(b))
             kl = symmetric_kl(logits, logits2, fam.kl_mask(b) if hasattr(fam, "kl_mask") else None)
@@ -396,10 +404,10 @@ def load_finetuned(model_dir: str | Path, task_name: str):
     task = with_overrides(get_task(task_name), max_length=meta.get("max_length"))
     fam = family(task)
     state = fam.state_from_json(meta, model_dir) if hasattr(fam, "state_from_json") else {}
-    if meta.get("method") == "pet":
-        from clueforge.prompts.pet import PetFamily
+    if meta.get("method") in ("pet", "efl"):
+        from clueforge.prompts import family_from_meta
 
-        fam, state = PetFamily.from_meta(fam, meta, model_dir)
+        fam, state = family_from_meta(fam, meta, model_dir)
     linguistic_state(fam, task, state, model_dir)
     tok = load_tokenizer(model_dir)
     return task, fam, state, load_model(fam, model_dir, state, tok), tok

@@ -356,7 +356,8 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "weight_decay": _NONNEG, "clip_grad": _NONNEG, "max_steps": _ge(1), "max_train": _ge(1),
         "max_eval": _ge(1), "eval_batch_size": _ge(1), "rdrop": _NONNEG, "fgm": _NONNEG, "ema": _PROB_HALF_OPEN,
         "llrd": Rule(0, 1, lo_open=True), "log_every": _ge(1), "select": Rule(choices=("best", "last")),
-        "method": Rule(choices=("finetune", "pet")), "seed": _NONNEG,
+        "method": Rule(choices=("finetune", "pet", "efl")), "seed": _NONNEG,
+        "pet_mlm": _NONNEG,
     },
 }
 
@@ -371,6 +372,12 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
     name = type(obj).__name__
     if name == "ModelConfig" and isinstance(obj.pad_token_id, int) and obj.pad_token_id >= obj.vocab_size:
         out.append(("pad_token_id", obj.pad_token_id, f"< vocab_size ({obj.vocab_size})"))
+    if name == "FinetuneConfig" and obj.method != "pet":  # PET-only settings are refused, not ignored
+        for key in ("pet_mlm", "unlabeled_file"):
+            if getattr(obj, key):
+                out.append((key, getattr(obj, key), "unset unless method=pet"))
+    if name == "FinetuneConfig" and obj.unlabeled_file and not obj.pet_mlm:
+        out.append(("unlabeled_file", obj.unlabeled_file, "unset unless pet_mlm > 0 (it feeds the auxiliary MLM loss)"))
     if name == "TrainConfig" and obj.curriculum is not None:
         keys = {"at", *CURRICULUM_OVERRIDES}
         if not isinstance(obj.curriculum, list) or not all(isinstance(st, dict) and set(st) <= keys

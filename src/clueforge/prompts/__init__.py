@@ -1,6 +1,36 @@
 """Prompting the MLM head: templates and verbalizers as data (``spec``), scoring label words with
-calibration (``score``), and zero-shot prediction (``zeroshot``)."""
+calibration (``score``), zero-shot prediction (``zeroshot``), and the fine-tuning methods that go
+through a prompt: PET (``pet``) and EFL (``efl``)."""
 
 from clueforge.prompts.spec import PromptError, Template, load_file, templates_for
 
-__all__ = ["PromptError", "Template", "load_file", "templates_for"]
+METHODS = ("pet", "efl")
+"""``FinetuneConfig.method`` values served here (``finetune`` is the loop's own)."""
+
+
+def method_family(fam, cfg):
+    """The family the fine-tuning loop drives for ``cfg.method`` (``pet`` or ``efl``)."""
+    if cfg.method == "pet":
+        from clueforge.prompts.pet import PetFamily
+
+        return PetFamily(fam, template_name=cfg.template, prompts=cfg.prompts, mlm_weight=cfg.pet_mlm,
+                         unlabeled_file=cfg.unlabeled_file, seed=cfg.seed)
+    if cfg.method == "efl":
+        from clueforge.prompts.efl import EflFamily
+
+        return EflFamily(fam, template_name=cfg.template, prompts=cfg.prompts)
+    raise ValueError(f"method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+
+
+def family_from_meta(fam, meta: dict, model_dir):
+    """``(family, state)`` of a checkpoint trained with ``meta["method"]`` (``pet`` or ``efl``)."""
+    if meta["method"] == "pet":
+        from clueforge.prompts.pet import PetFamily
+
+        return PetFamily.from_meta(fam, meta, model_dir)
+    from clueforge.prompts.efl import EflFamily
+
+    return EflFamily.from_meta(fam, meta, model_dir)
+
+
+__all__ = ["METHODS", "PromptError", "Template", "family_from_meta", "load_file", "method_family", "templates_for"]

@@ -1,12 +1,13 @@
 """The FewCLUE protocol: every task trained on each official split ``train_k`` and scored on its
 ``dev_k`` (k = 0..4), mean ± std over the splits per task and the average, for one method:
 
-    clueforge benchmark fewclue --method finetune|pet|zeroshot --model runs/mini/final \\
-        --data ../shared/data/tasks --out runs/fewclue-pet [--calibration pmi] [--set epochs=20]
+    clueforge benchmark fewclue --method finetune|pet|efl|zeroshot --model runs/mini/final \\
+        --data ../shared/data/tasks --out runs/fewclue-pet [--calibration pmi] [--set epochs=20] [--splits 0,1]
 
-``finetune`` and ``pet`` train with the fine-tuning loop (``--set`` applies); ``zeroshot`` trains
-nothing and scores each ``dev_k`` (the same five sets, so the three methods share one table shape).
-Tasks without data, and CHID under PET (no fixed verbalizer), are listed as skipped with the reason.
+``finetune``, ``pet`` and ``efl`` train with the fine-tuning loop (``--set`` applies); ``zeroshot``
+trains nothing and scores each ``dev_k`` (the same five sets, so the methods share one table shape;
+``--set max_length`` applies to it too). Tasks without data, and CHID under PET/EFL (no fixed label
+set), are listed as skipped with the reason.
 """
 
 from __future__ import annotations
@@ -21,18 +22,24 @@ from clueforge.tasks.registry import SUITES, get_task
 from clueforge.tasks.submit import task_dir
 from clueforge.tasks.suite import write_report
 
-METHODS = ("finetune", "pet", "zeroshot")
+METHODS = ("finetune", "pet", "efl", "zeroshot")
 
 
 def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str | Path,
                 cfg: FinetuneConfig = FinetuneConfig(), calibration: str = "none", splits=range(5),
-                show_progress: bool = False) -> dict:
+                show_progress: bool = False, tasks: list[str] | None = None) -> dict:
+    """One method over the FewCLUE tasks (``tasks``: a subset, default all); writes report.json/.md."""
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(METHODS)}")
+    unknown = sorted(set(tasks or ()) - set(SUITES["fewclue"]))
+    if unknown:
+        raise ValueError(f"--tasks: {unknown[0]!r} is not a FewCLUE task ({', '.join(SUITES['fewclue'])})")
     out = Path(out)
     mlm = load_mlm(model) if method == "zeroshot" else None
     rows, skipped = [], []
     for name in SUITES["fewclue"]:
+        if tasks and name not in tasks:
+            continue
         task = get_task(name)
         folder = task_dir(Path(data_root), task)
         ks = [k for k in splits if folder is not None and (folder / f"train_{k}.json").is_file()
@@ -40,14 +47,14 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
         if not ks:
             skipped.append({"task": name, "reason": f"no train_k/dev_k splits under {data_root}"})
             continue
-        if method == "pet" and task.family != "classify":
-            skipped.append({"task": name, "reason": "PET needs a fixed verbalizer (per-example candidates)"})
+        if method in ("pet", "efl") and task.family != "classify":
+            skipped.append({"task": name, "reason": f"{method.upper()} needs a fixed label set (per-example candidates)"})
             continue
         scores = []
         for k in ks:
             if method == "zeroshot":
                 res = zeroshot(name, model, str(folder / f"dev_{k}.json"), None, cfg.template, calibration,
-                               cfg.prompts, model=mlm)
+                               cfg.prompts, max_length=cfg.max_length, model=mlm)
             else:
                 run_cfg = replace(cfg, method=method, train_file=f"train_{k}.json", dev_file=f"dev_{k}.json")
                 res = finetune(name, folder, model, out / name / f"split{k}", run_cfg, show_progress=show_progress)
@@ -55,7 +62,8 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
         rows.append({"task": name, "metric": task.metric, "mean": statistics.fmean(scores),
                      "std": statistics.pstdev(scores), "splits": dict(zip((f"dev_{k}" for k in ks), scores))})
     report = {"suite": "fewclue", "protocol": "train_k → dev_k", "method": method, "model": str(model),
-              "calibration": calibration if method == "zeroshot" else None, "tasks": rows, "skipped": skipped,
+              "calibration": calibration if method == "zeroshot" else None, "splits": list(splits), "tasks_run": tasks or "all",
+              "tasks": rows, "skipped": skipped,
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
               "config": {k: v for k, v in vars(cfg).items()}}
     write_report(out, report, report_markdown(report))

@@ -1,0 +1,100 @@
+"""Zero-shot throughput over full FewCLUE test files: the fp32 path against the CPU fast paths.
+
+    python benchmarks/zeroshot.py --out bench-out/zeroshot.json
+    python benchmarks/zeroshot.py --model runs/mini/final --tasks eprstmt,tnews --precisions fp32,int8
+
+For each task's whole ``test.json`` (no labels: throughput only), ``clueforge.prompts.zeroshot``
+with the task's first template and PMI calibration, once per precision, all in one process on the
+same weights (random-init ``configs/mini.yaml`` unless ``--model``): ``fp32`` is the path as it was
+(the baseline of the ratios), ``bf16`` and ``int8`` are ``clueforge.model.inference`` paths. Every
+path already batches rows by length (sorted, padded per batch), runs the MLM head only at [MASK]s,
+one row per example and word length, the calibration terms once per template, under
+``torch.inference_mode``. Reported per task and path: examples/s of the scoring (model and data
+loaded beforehand), seconds, CPU seconds of the process and examples per CPU-second (with
+``--threads 1`` the examples/s one idle core gives, whatever else the machine runs), and for the fast paths the share of
+predictions equal to fp32's (random weights make near-ties common, so agreement is a lower bound
+of what a trained model shows) and ``speedup`` = its examples/s / fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
+
+from clueforge.model.bert import BertForMLM  # noqa: E402
+from clueforge.model.hf import save_hf  # noqa: E402
+from clueforge.pretrain.config import load_config  # noqa: E402
+from clueforge.prompts.zeroshot import load_mlm, zeroshot  # noqa: E402
+
+FEW = SHARED / "tasks" / "fewclue"
+SHORT = "eprstmt,tnews,bustm,ocnli,cluewsc"  # inputs of ≤ 64 tokens on average
+ALL = SHORT + ",chid,csldcp,iflytek,csl"
+
+
+def random_mini(tmp: Path) -> Path:
+    torch.manual_seed(0)
+    model = BertForMLM(load_config("configs/mini.yaml").model)
+    return save_hf(model, tmp / "mini", vocab=BERT_VOCAB)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="an MLM directory (default: random-init mini)")
+    ap.add_argument("--tasks", default=SHORT, help=f"FewCLUE task names, or 'all' ({ALL})")
+    ap.add_argument("--precisions", default="fp32,bf16,int8")
+    ap.add_argument("--calibration", default="pmi")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="bench-out/zeroshot.json")
+    args = ap.parse_args()
+    if not BERT_VOCAB.is_file():
+        sys.exit(f"needs {BERT_VOCAB} and the FewCLUE test files under {FEW}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="clueforge-zs-"))
+    model_dir = Path(args.model) if args.model else random_mini(tmp)
+    mlm = load_mlm(model_dir)
+    precisions = args.precisions.split(",")
+    assert precisions[0] == "fp32", "fp32 first: it is the baseline of the ratios"
+    results = []
+    for name in (ALL if args.tasks == "all" else args.tasks).split(","):
+        test = FEW / name / "test.json"
+        if not test.is_file():
+            print(f"skip {name}: no {test}", file=sys.stderr)
+            continue
+        row = {"task": f"fewclue-{name}", "paths": {}}
+        preds = {}
+        for p in precisions:
+            out = tmp / f"{name}-{p}.json"
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = zeroshot(f"fewclue-{name}", model_dir, str(test), out, calibration=args.calibration,
+                           batch_size=args.batch_size, model=mlm, precision=p)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            text = out.read_text(encoding="utf-8")
+            lines = text.splitlines()  # JSON lines (one row per example), or one object (CHID)
+            preds[p] = lines if len(lines) > 1 else list(json.loads(text).values())
+            entry = {"examples": res["examples"], "examples_per_s": res["examples_per_s"], "seconds": res["seconds"],
+                     "wall_seconds_with_writing": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                     "examples_per_cpu_s": round(res["examples"] / max(cpu, 1e-9), 1)}
+            if p != "fp32":
+                entry["speedup"] = round(res["examples_per_s"] / row["paths"]["fp32"]["examples_per_s"], 2)
+                entry["cpu_speedup"] = round(entry["examples_per_cpu_s"] / row["paths"]["fp32"]["examples_per_cpu_s"], 2)
+                entry["agreement_with_fp32"] = round(sum(a == b for a, b in zip(preds[p], preds["fp32"])) / len(preds[p]), 4)
+            row["paths"][p] = entry
+            print(name, p, entry, file=sys.stderr, flush=True)
+        results.append(row)
+    write_json(args.out, {"benchmark": "zeroshot", "machine": machine(), "model": str(args.model or "random-init mini"),
+                          "calibration": args.calibration, "batch_size": args.batch_size, "results": results})
+
+
+if __name__ == "__main__":
+    main()
