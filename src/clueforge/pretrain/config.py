@@ -126,6 +126,14 @@ class TrainConfig:
     """A local HF BERT directory to continue pretraining from (its vocab must match the corpus)."""
     peak_tflops: float | None = None
     """Device peak for MFU; measured with a large matmul when not given."""
+    threads: int = 0
+    """Intra-op CPU threads (``torch.set_num_threads``); 0 keeps torch's default (one per core).
+    The number in force is recorded in the summary and ``budget.json``."""
+    max_minutes: float | None = None
+    """Compute budget in CPU-minutes (process CPU time of the training steps, all threads; held-out
+    evaluation and checkpointing excluded). A fresh run converts it to ``max_steps`` by timing a few
+    throw-away steps (``pretrain.loop.calibrate_steps``) and records both in ``out/budget.json`` and
+    ``config.json``; a resume keeps the recorded step count, so it stays exact."""
 
 
 @dataclass
@@ -344,6 +352,9 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "method": Rule(choices=("finetune", "pet")), "seed": _NONNEG,
     },
 }
+
+
+VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
 
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
