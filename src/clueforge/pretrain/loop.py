@@ -155,11 +155,12 @@ BUDGET_UNIT = ("process CPU time (time.process_time: all threads of the process)
                "held-out evaluation, checkpointing and start-up excluded")
 
 
-def calibrate_steps(model: PretrainingModel, make_batch, accelerator, t, sd_layers, warmup: int = 2,
-                    measure: int = 5) -> dict:
+def calibrate_steps(model: PretrainingModel, make_batch, accelerator, t, sd_layers, warmup: int = 3,
+                    measure: int = 8) -> dict:
     """CPU and wall seconds per optimizer step (every micro-step, its batch preparation, backward,
     clipping and the AdamW update), timed on a throw-away copy of the model and optimizer with the
-    run's first batches; the global RNG is restored, so the run itself is unchanged."""
+    run's first batches: the median of ``measure`` steps after ``warmup`` (first-use kernel set-up
+    and a busy neighbour's spikes stay out). The global RNG is restored: the run is unchanged."""
     import copy
 
     rng = torch.get_rng_state()
@@ -167,9 +168,9 @@ def calibrate_steps(model: PretrainingModel, make_batch, accelerator, t, sd_laye
     m.train()
     opt = torch.optim.AdamW(param_groups(m, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
     fwd = torch.compile(m) if t.compile else m
+    cpu, wall = [], []
     for i in range(warmup + measure):
-        if i == warmup:
-            c0, w0 = time.process_time(), time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         for micro in range(t.grad_accum):
             batch = to_device(make_batch(i, micro)[0], accelerator.device)
             with accelerator.autocast():
@@ -179,10 +180,12 @@ def calibrate_steps(model: PretrainingModel, make_batch, accelerator, t, sd_laye
             torch.nn.utils.clip_grad_norm_(m.parameters(), t.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    cpu, wall = (time.process_time() - c0) / measure, (time.perf_counter() - w0) / measure
+        if i >= warmup:
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
     torch.set_rng_state(rng)
-    return {"warmup_steps": warmup, "steps": measure, "cpu_s_per_step": cpu, "wall_s_per_step": wall,
-            "threads": torch.get_num_threads()}
+    return {"warmup_steps": warmup, "steps": measure, "cpu_s_per_step": float(np.median(cpu)),
+            "wall_s_per_step": float(np.median(wall)), "cpu_s_steps": cpu, "threads": torch.get_num_threads()}
 
 
 def budget_steps(max_minutes: float, cpu_s_per_step: float) -> int:
