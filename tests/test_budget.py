@@ -190,3 +190,36 @@ def test_benchmark_evaluator_reproduces_the_loop_fixed_protocol(sample_corpus, t
     got = _budget_module().fixed_heldout(s["final"], sample_corpus, seq_len=32)
     assert got["loss"] == pytest.approx(s["eval_fixed_loss"], abs=1e-5)
     assert got["acc"] == pytest.approx(s["eval_fixed_mlm_acc"], abs=1e-6)
+
+
+def test_quickstart_trains_the_small_recipe_and_scores_held_out_probes(tmp_path):
+    """The quickstart pretrains with ``configs/small.yaml`` (at a step count, not the CPU budget)
+    and its demo scores every held-out probe against the training shards' unigram distribution
+    (recomputed here from the shards)."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from clueforge.cli import FILL_MASK_PROBES, app
+    from clueforge.corpus.shards import Corpus
+    from clueforge.text.tokenizer import load_tokenizer
+
+    out = tmp_path / "qs"
+    res = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run" / "config.json").read_text())["config"]
+    small = load_config("small")
+    assert run["model"]["pre_ln"] is small.model.pre_ln is True
+    assert (run["train"]["lr"], run["train"]["masking"], run["train"]["mask_ratio"], run["train"]["max_minutes"]) == \
+        (small.train.lr, small.train.masking, small.train.mask_ratio, None)
+    demo = json.loads((out / "demo.json").read_text())
+    assert [p["answer"] for p in demo["probes"]] == [a for _, a in FILL_MASK_PROBES]
+    tok = load_tokenizer(out / "vocab.txt")
+    corpus = Corpus(out / "corpus")
+    ids = np.concatenate([np.asarray(sh.ids) for sh in corpus.shards[:-1]])
+    for p in demo["probes"]:
+        gold = tok.token_to_id(p["answer"])
+        assert gold != tok.token_to_id("[UNK]")
+        expected = -np.log((np.sum(ids == gold) + 1) / (ids.size + tok.get_vocab_size()))
+        assert p["unigram_loss"] == pytest.approx(expected, rel=1e-6)
+        assert p["hit"] == (p["answer"] in p["top5"]) and len(p["top5"]) == 5
+    assert demo["hits"] == sum(p["hit"] for p in demo["probes"])

@@ -662,6 +662,8 @@ def _fill_mask_demo(final: Path, corpus_dir: Path) -> dict:
     unigram = torch.from_numpy(np.log((counts + 1) / (counts + 1).sum()))
     uni_top = [cf_tok.id_to_token(i) for i in unigram.topk(5).indices.tolist()]
     try:
+        if json.loads((final / "config.json").read_text()).get("clueforge", {}).get("pre_ln"):
+            raise ImportError("pre-LN blocks: not a transformers BERT")  # loaded by clueforge below
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(final)
