@@ -349,8 +349,11 @@ def compare(args) -> None:
                     _run_child(cmd, _env(args.threads), log)
             summ = json.loads((run / "summary.json").read_text())
             points, info = summ["points"], {k: summ[k] for k in ("steps", "lr", "bf16", "cpu_s_per_step")}
-        for pt in points:
-            pt.update(fixed_heldout(pt["dir"], data))
+        for pt in points:  # scored once: the score is kept beside the weights
+            cache = Path(pt["dir"]) / "fixed_heldout.json"
+            if not cache.is_file():
+                cache.write_text(json.dumps(fixed_heldout(pt["dir"], data)))
+            pt.update(json.loads(cache.read_text()))
         final = points[-1]
         print(f"{name}: fixed-protocol loss {final['loss']:.4f} acc {final['acc']:.4f} at {final['cpu_min']:.2f} "
               f"CPU-min ({final['wall_min']:.1f} wall-min)", flush=True)
