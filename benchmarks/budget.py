@@ -368,6 +368,11 @@ def compare(args) -> None:
             "time, all threads; evaluation excluded)", "eval_protocol": "fixed: token masking 15 % (80/10/10), "
             "masking seed 0, first 640 held-out rows of 128 tokens, batches of 32, fp32"}
     _merge(Path(args.out), "recipes", rows, meta)
+    for f in args.tasks_from or ():  # scores of `finetune` runs (e.g. of a checkpoint at equal CPU time)
+        done = {r["name"]: r for r in json.loads(Path(f).read_text())["finetuned"]}
+        for r in rows:
+            if r["name"] in done:
+                r["tasks"], r["finetuned_model"] = done[r["name"]]["tasks"], done[r["name"]]["model"]
     if args.seeds:
         jobs = [(r, task, seed) for r in rows for task in FT_TASKS for seed in range(args.seeds)]
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -381,6 +386,35 @@ def compare(args) -> None:
                 r["tasks"][task] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "seeds": vals}
         _merge(Path(args.out), "recipes", rows, meta)
     print(markdown(rows))
+
+
+def finetune_cmd(args) -> None:
+    """Fine-tune one model directory (e.g. a checkpoint at a given CPU time) on every task × seed;
+    ``compare --tasks-from`` attaches the scores to the recipe ``--name``."""
+    import shutil
+    import statistics
+
+    model = Path(args.model)
+    if not (model / "vocab.txt").is_file():  # a training checkpoint: weights + config, no tokenizer files
+        ready = Path(args.work) / "models" / _slug(args.name)
+        if not ready.is_dir():
+            tmp = ready.with_name(ready.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("optimizer*", "rng-*", "trainer_state.json"))
+            shutil.copyfile(Path(args.data) / "vocab.txt", tmp / "vocab.txt")
+            tmp.rename(ready)
+        model = ready
+    jobs = [(task, seed) for task in FT_TASKS for seed in range(args.seeds)]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        scores = list(pool.map(lambda j: finetune_one(str(model), j[0], j[1], Path(args.work) / "ft" / _slug(args.name)
+                                                      / j[0] / f"seed{j[1]}"), jobs))
+    tasks = {}
+    for task in FT_TASKS:
+        vals = [sc for (t, _), sc in zip(jobs, scores) if t == task]
+        tasks[task] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "seeds": vals}
+    _merge(Path(args.out), "finetuned", [{"name": args.name, "model": str(Path(args.model)), "tasks": tasks}],
+           {"finetune": {"common": FT_COMMON, "tasks": FT_TASKS}})
+    print(json.dumps(tasks))
 
 
 def _slug(name: str) -> str:
@@ -433,6 +467,16 @@ def main() -> None:
     c.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (0: pretraining and held-out loss only)")
     c.add_argument("--points", type=int, default=5, help="curve points (transformers runs)")
     c.add_argument("--only", nargs="*", help="train (and fine-tune) only these recipes")
+    c.add_argument("--tasks-from", nargs="*", help="`finetune` JSON files whose scores to attach by recipe name")
+    f = sub.add_parser("finetune", help="fine-tune one model directory on the suite (3 seeds)")
+    f.add_argument("--model", required=True)
+    f.add_argument("--name", required=True, help="the recipe name the scores belong to")
+    f.add_argument("--seeds", type=int, default=3)
+    f.add_argument("--jobs", type=int, default=3)
+    f.add_argument("--data", default=str(ROOT.parent.parent / "runs" / "corpus-real"))
+    f.add_argument("--work", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--autogroup-nice", type=int, default=None, help="niceness of each fine-tuning session")
     c.add_argument("--save-every", type=int, default=250, help="clueforge curve points every N steps")
     r = sub.add_parser("report", help="merge search JSON files and print the search table")
     r.add_argument("inputs", nargs="+")
@@ -460,7 +504,7 @@ def main() -> None:
     if args.cmd == "hf-train":
         hf_train(Path(args.out), Path(args.data), args.minutes, args.lr, args.bf16, args.seed, args.points)
         return
-    {"search": search, "compare": compare, "report": report}[args.cmd](args)
+    {"search": search, "compare": compare, "report": report, "finetune": finetune_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":
