@@ -335,6 +335,7 @@ def compare(args) -> None:
                       for st, d in ((int(d.name.split("-")[-1]), d) for d in sorted((run.parent / "clueforge-small" /
                                                                                      "checkpoints").glob("step-*")))
                       if st in metrics and st != row["steps"]]
+            points.sort(key=lambda p: p["step"])
             points.append({"step": row["steps"], "cpu_min": row["cpu_min"], "wall_min": row["wall_min"],
                            "dir": row["final"]})
             info = {"settings": row["settings"], "steps": row["steps"], "budget": row["budget"]}
@@ -369,10 +370,13 @@ def compare(args) -> None:
             "masking seed 0, first 640 held-out rows of 128 tokens, batches of 32, fp32"}
     _merge(Path(args.out), "recipes", rows, meta)
     for f in args.tasks_from or ():  # scores of `finetune` runs (e.g. of a checkpoint at equal CPU time)
-        done = {r["name"]: r for r in json.loads(Path(f).read_text())["finetuned"]}
+        doc = json.loads(Path(f).read_text())  # a `finetune` file, or an earlier `compare --seeds N` file
+        done = {r["name"]: r for r in doc.get("finetuned", [])}
+        done.update({r["name"]: {**r, "model": r["final"]} for r in doc.get("recipes", []) if "tasks" in r})
         for r in rows:
             if r["name"] in done:
                 r["tasks"], r["finetuned_model"] = done[r["name"]]["tasks"], done[r["name"]]["model"]
+    _merge(Path(args.out), "recipes", rows, meta)
     if args.seeds:
         jobs = [(r, task, seed) for r in rows for task in FT_TASKS for seed in range(args.seeds)]
         with ThreadPoolExecutor(args.jobs) as pool:
