@@ -349,7 +349,7 @@ def distill(
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where to put the vocab, corpus and run.")] = Path("runs/quickstart"),
-    steps: Annotated[int, typer.Option(help="Pretraining steps for the tiny model.")] = 300,
+    steps: Annotated[int, typer.Option(help="Pretraining steps of the small recipe (configs/small.yaml).")] = 200,
 ) -> None:
     """The whole spine on the embedded sample corpus: vocab → shards → pretrain → HF checkpoint."""
     import shutil
@@ -378,6 +378,7 @@ def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear) -
     from clueforge.pretrain.config import load_config
     from clueforge.pretrain.loop import pretrain as run
     from clueforge.text.vocab import build_vocab
+    from clueforge.utils import atomic_write
 
     cfg = BuildConfig(vocab="", doc_sep="blank", docs_per_shard=16)  # 4 shards; the last (13 docs) is held out
     vocab = out / "vocab.txt"
@@ -388,12 +389,13 @@ def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear) -
     m = build_corpus([SAMPLE], corpus_dir, cfg, workers=1)
     console.print(f"[2/4] corpus: {m['docs_kept']} docs, {m['tokens']:,} tokens, {len(m['shards'])} shards → {corpus_dir}")
     clear(run_dir)
-    pcfg = load_config("tiny", [f"train.max_steps={steps}", "train.eval_every=100", "train.save_every=100",
-                                "train.warmup_steps=30"])
+    pcfg = load_config("small", QUICKSTART_SETTINGS + [f"train.max_steps={steps}",
+                                                      f"train.warmup_steps={max(1, min(20, steps // 10))}"])
     summary = run(pcfg, corpus_dir, run_dir, show_progress=sys.stderr.isatty())
     console.print(f"[3/4] pretrained {summary['steps']} steps: held-out MLM loss {summary.get('eval_loss', float('nan')):.3f}, "
                   f"accuracy {summary.get('eval_mlm_acc', float('nan')):.3f} → {summary['final']}")
-    _fill_mask_demo(Path(summary["final"]))
+    demo = _fill_mask_demo(Path(summary["final"]), corpus_dir)
+    atomic_write(out / "demo.json", json.dumps(demo, ensure_ascii=False, indent=2))
     final = summary["final"]
     console.print(
         "next:\n"
@@ -694,38 +696,81 @@ def config_show(
         print()
 
 
-def _fill_mask_demo(final: Path) -> None:
-    """Load the checkpoint with transformers where installed (else clueforge) and fill a blank."""
+QUICKSTART_SETTINGS = ["train.max_minutes=null", "train.seq_len=64", "train.batch_size=16", "train.eval_every=100",
+                       "train.save_every=100", "train.eval_batches=4", "train.log_every=10"]
+"""The small recipe (configs/small.yaml) at the quickstart's scale: a step count instead of the
+CPU-minute budget, rows of 64 tokens and batches of 16 for the ~3,500-character sample."""
+
+# Held-out probes: a sentence of the sample's held-out documents (the last shard, never trained
+# on) with one character of a common word masked; every word also occurs in the training documents.
+FILL_MASK_PROBES = (
+    ("如果明天不下雨，我[MASK]就去爬山。", "们"),
+    ("从那里还[MASK]以看到整个城市的风景。", "可"),
+    ("跑到三十公里的时[MASK]，他感觉双腿像灌了铅一样沉重。", "候"),
+    ("我们应该从小培养孩[MASK]的阅读习惯。", "子"),
+    ("但[MASK]一想到终点，他又咬牙坚持了下来。", "是"),
+    ("虽然没[MASK]拿到奖牌，观众还是给了他最热烈的掌声。", "有"),
+    ("有些年轻人选择离开大城[MASK]，回到家乡创业。", "市"),
+    ("把大[MASK]逗得哈哈大笑。", "家"),
+)
+
+
+def _fill_mask_demo(final: Path, corpus_dir: Path) -> dict:
+    """Load the checkpoint with transformers where installed (else clueforge), fill the blanks of
+    the held-out probes and compare with the unigram distribution of the training shards (what a
+    model that learned nothing but character frequencies would answer). Returns the figures."""
+    import numpy as np
     import torch
 
-    text = "我们小区门口新开了一家[MASK]馆。"
+    from clueforge.corpus.shards import Corpus
+    from clueforge.text.tokenizer import load_tokenizer
+
+    cf_tok = load_tokenizer(final / "vocab.txt")
+    corpus = Corpus(corpus_dir)
+    counts = np.zeros(cf_tok.get_vocab_size(), dtype=np.float64)
+    for sh in corpus.shards[:-1] if len(corpus) > 1 else corpus.shards:  # the held-out shard is the last
+        counts += np.bincount(np.asarray(sh.ids, dtype=np.int64), minlength=counts.size)[:counts.size]
+    unigram = torch.from_numpy(np.log((counts + 1) / (counts + 1).sum()))
+    uni_top = [cf_tok.id_to_token(i) for i in unigram.topk(5).indices.tolist()]
     try:
+        if json.loads((final / "config.json").read_text()).get("clueforge", {}).get("pre_ln"):
+            raise ImportError("pre-LN blocks: not a transformers BERT")  # loaded by clueforge below
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(final)
         model = AutoModelForMaskedLM.from_pretrained(final).eval()
-        enc = tok(text, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**enc).logits
-        ids = enc["input_ids"][0]
-        pos = int((ids == tok.mask_token_id).nonzero()[0])
-        top = logits[0, pos].topk(5).indices.tolist()
-        guesses = tok.convert_ids_to_tokens(top)
         loader = "transformers.AutoModelForMaskedLM"
+
+        def scores(text: str) -> torch.Tensor:
+            enc = tok(text, return_tensors="pt")
+            pos = int((enc["input_ids"][0] == tok.mask_token_id).nonzero()[0])
+            return model(**enc).logits[0, pos]
     except ImportError:
         from clueforge.model.hf import load_hf
-        from clueforge.text.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(final)
         model = load_hf(final).eval()
-        enc = tok.encode(text)
-        ids = torch.tensor([enc.ids])
-        with torch.no_grad():
-            logits = model(ids).logits
-        pos = enc.ids.index(tok.token_to_id("[MASK]"))
-        guesses = [tok.id_to_token(i) for i in logits[0, pos].topk(5).indices.tolist()]
         loader = "clueforge.model.load_hf"
-    console.print(f"[4/4] {final} loaded with {loader}: {text} → top-5 {guesses}")
+
+        def scores(text: str) -> torch.Tensor:
+            ids = cf_tok.encode(text).ids
+            return model(torch.tensor([ids])).logits[0, ids.index(cf_tok.token_to_id("[MASK]"))]
+    console.print(f"[4/4] {final} loaded with {loader}; held-out sentences, one character masked "
+                  f"(unigram top-5: {''.join(uni_top)}):", highlight=False)
+    rows = []
+    with torch.no_grad():
+        for text, answer in FILL_MASK_PROBES:
+            logp = torch.log_softmax(scores(text).float(), -1)
+            gold = cf_tok.token_to_id(answer)
+            top = [cf_tok.id_to_token(i) for i in logp.topk(5).indices.tolist()]
+            rows.append({"text": text, "answer": answer, "top5": top, "hit": answer in top, "loss": -logp[gold].item(),
+                         "unigram_hit": answer in uni_top, "unigram_loss": -unigram[gold].item()})
+            console.print(f"  {text.replace('[MASK]', '＿')} → {' '.join(top)} {'✓' if answer in top else '✗ ' + answer}",
+                          highlight=False)
+    demo = {"probes": rows, "hits": sum(r["hit"] for r in rows), "unigram_hits": sum(r["unigram_hit"] for r in rows),
+            "loss": float(np.mean([r["loss"] for r in rows])), "unigram_loss": float(np.mean([r["unigram_loss"] for r in rows]))}
+    console.print(f"  answer in the top 5: {demo['hits']}/{len(rows)} (unigram: {demo['unigram_hits']}/{len(rows)}); "
+                  f"mean loss on the answers {demo['loss']:.2f} (unigram {demo['unigram_loss']:.2f})", highlight=False)
+    return demo
 
 
 def main() -> None:  # pragma: no cover

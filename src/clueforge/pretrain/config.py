@@ -135,6 +135,14 @@ class TrainConfig:
     fields: ``student`` shape, ``init``, loss weights, ``temperature``, ``aux_layer``), e.g.
     ``{pico: {student: pico}}``. After each teacher step each student takes a step on the same
     batch from the teacher's outputs; saved as ``OUT/students/NAME/final`` (see ``distill.online``)."""
+    threads: int = 0
+    """Intra-op CPU threads (``torch.set_num_threads``); 0 keeps torch's default (one per core).
+    The number in force is recorded in the summary and ``budget.json``."""
+    max_minutes: float | None = None
+    """Compute budget in CPU-minutes (process CPU time of the training steps, all threads; held-out
+    evaluation and checkpointing excluded). A fresh run converts it to ``max_steps`` by timing a few
+    throw-away steps (``pretrain.loop.calibrate_steps``) and records both in ``out/budget.json`` and
+    ``config.json``; a resume keeps the recorded step count, so it stays exact."""
 
 
 @dataclass
@@ -364,6 +372,9 @@ VALIDATION: dict[str, dict[str, Rule]] = {
 # architecture options (issue 14; ``ModelConfig.__post_init__`` also bounds syntax_heads by num_heads)
 VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": _NONNEG,
                                   "syntax_constraint": Rule(choices=("word", "chunk", "sentence", "distance"))})
+
+
+VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
 
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:

@@ -120,6 +120,92 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU has native bf16 matmuls (AVX-512 BF16 or AMX; oneDNN uses them under
+    autocast). Without them bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a build without oneDNN
+        return False
+
+
+class CpuClock:
+    """Compute spent training: process CPU seconds (``time.process_time``: every thread of this
+    process, the data-preparing thread included) and wall seconds, with evaluation and
+    checkpointing excluded (``paused``). Carried across resumes in the checkpoint, so ``cpu_min``
+    in the metrics is the run's total whatever the interruptions."""
+
+    def __init__(self, cpu_s: float = 0.0, wall_s: float = 0.0):
+        self.cpu_s, self.wall_s = cpu_s, wall_s
+        self._c0, self._w0 = time.process_time(), time.perf_counter()
+
+    def read(self) -> tuple[float, float]:
+        if self._c0 is None:  # paused
+            return self.cpu_s, self.wall_s
+        return self.cpu_s + time.process_time() - self._c0, self.wall_s + time.perf_counter() - self._w0
+
+    def pause(self) -> None:
+        self.cpu_s, self.wall_s = self.read()
+        self._c0 = self._w0 = None
+
+    def resume(self) -> None:
+        self._c0, self._w0 = time.process_time(), time.perf_counter()
+
+
+BUDGET_UNIT = ("process CPU time (time.process_time: all threads of the process) of the training steps; "
+               "held-out evaluation, checkpointing and start-up excluded")
+
+
+def calibrate_steps(model: PretrainingModel, make_batch, accelerator, t, sd_layers, warmup: int = 3,
+                    measure: int = 8, objective=None) -> dict:
+    """CPU and wall seconds per optimizer step (every micro-step, its batch preparation, backward,
+    clipping and the AdamW update), timed on a throw-away copy of the model and optimizer with the
+    run's first batches: the median of ``measure`` steps after ``warmup`` (first-use kernel set-up
+    and a busy neighbour's spikes stay out). The global RNG is restored: the run is unchanged."""
+    import copy
+
+    rng = torch.get_rng_state()
+    m = copy.deepcopy(model)
+    m.train()
+    opt = torch.optim.AdamW(param_groups(m, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, fused=True)
+    fwd = torch.compile(m) if t.compile else m
+    cpu, wall = [], []
+    for i in range(warmup + measure):
+        c0, w0 = time.process_time(), time.perf_counter()
+        for micro in range(t.grad_accum):
+            batch = to_device(make_batch(i, micro)[0], accelerator.device)
+            with accelerator.autocast():
+                loss = (objective or mlm_objective)(fwd, batch, t, sd_layers)[0]
+            (loss / t.grad_accum).backward()
+        if t.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), t.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    torch.set_rng_state(rng)
+    return {"warmup_steps": warmup, "steps": measure, "cpu_s_per_step": float(np.median(cpu)),
+            "wall_s_per_step": float(np.median(wall)), "cpu_s_steps": cpu, "threads": torch.get_num_threads()}
+
+
+def budget_steps(max_minutes: float, cpu_s_per_step: float) -> int:
+    """Optimizer steps that fit ``max_minutes`` CPU-minutes at the calibrated cost."""
+    return max(1, int(max_minutes * 60.0 / cpu_s_per_step))
+
+
+def resumed_budget_steps(saved_train: dict, max_minutes: float) -> int | None:
+    """A resumed budgeted run's step count: the recorded one (the same budget), scaled by the
+    ratio of budgets (a budget changed with ``--allow-config-change``), or ``None`` when the
+    checkpoint's run had no budget (then it is calibrated)."""
+    old = saved_train.get("max_minutes")
+    if not old:
+        return None
+    if old == max_minutes:
+        return int(saved_train["max_steps"])
+    return max(1, round(saved_train["max_steps"] * max_minutes / old))
+
+
 class MetricsWriter:
     """JSONL + TensorBoard on the main process; on resume, lines past the resumed step are dropped."""
 
@@ -306,6 +392,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
 
     t = cfg.train
     data, out = Path(data), Path(out)
+    threads_before = torch.get_num_threads()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if t.precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_supported():
+        log.warning("train.precision=bf16 on a CPU without native bf16 (AVX-512 BF16/AMX): emulated, slower than fp32")
     accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
@@ -358,6 +449,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         path, state = found
         if state["world_size"] != world:
             log.warning("resuming a %d-process run with %d processes: data order changes", state["world_size"], world)
+        if t.max_minutes:  # the budget's step count was fixed when the run started: exact resume
+            t.max_steps = resumed_budget_steps(state.get("config", {}).get("train", {}), t.max_minutes) or t.max_steps
         _check_resume(state, cfg, data, allow_config_change)  # before loading: another model shape cannot load
         ckpt.load_checkpoint(path, state, model, optimizer, rank)
         scheduler.load_state_dict(state["scheduler"])
@@ -393,6 +486,17 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
             batch["aux"].update({k: knowledge.batch(k, t.knowledge_batch_size, rng) for k in t.knowledge_weights or {}})
         return batch, batch_digest(rows.shard, rows.span)
 
+    saved_train = found[1].get("config", {}).get("train", {}) if found is not None else {}
+    if t.max_minutes and (found is None or not saved_train.get("max_minutes")):  # calibrate the budget
+        cal = calibrate_steps(raw_model, make_batch, accelerator, t, sd_layers, objective=objective)
+        t.max_steps = budget_steps(t.max_minutes, cal["cpu_s_per_step"])
+        if main:
+            atomic_write(out / "budget.json", json.dumps({"max_minutes": t.max_minutes, "unit": BUDGET_UNIT,
+                                                         "max_steps": t.max_steps, "calibration": cal}, indent=2))
+        log.info("budget %.3g CPU-minutes: %.3f CPU s/step measured → max_steps %d", t.max_minutes,
+                 cal["cpu_s_per_step"], t.max_steps)
+        _write_run_config(out, cfg, data, found, start_step, allow_config_change, write=main)
+
     def evaluate(mlm=None) -> dict:
         return evaluate_mlm(raw_model.mlm if mlm is None else mlm, {"eval": (collate, [t.seed, 2], None, None),
                                             "eval_fixed": (fixed_collate, [FIXED_EVAL_SEED, 3], FIXED_EVAL_ROWS,
@@ -423,6 +527,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                 "encoder_tokens": 0, "parts": {}, "steps": 0, "t0": time.perf_counter()}
 
     window = new_window()
+    clock = CpuClock(state.get("cpu_s", 0.0), state.get("wall_s", 0.0)) if found is not None else CpuClock()
     unlogged_tokens = 0  # this rank's tokens not yet added to ``tokens_seen``
     last_eval: dict = {}
     step = start_step
@@ -487,6 +592,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         "data_wait_share": window["wait"] / elapsed,
                         "padding_share": 1.0 - window["tokens"] / max(1, window["slots"]),  # this rank's batches
                         "epoch": sampler.epoch_of(step),
+                        # this process's compute so far (evaluation, checkpoints excluded): ``CpuClock``
+                        "cpu_min": clock.read()[0] / 60.0, "wall_min": clock.read()[1] / 60.0,
                     }
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
@@ -497,7 +604,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         rec["mask_ratio"] = st["ratio"]
                         rec.update({f"mask_w_{k}": v for k, v in st["weights"].items()})
                     if t.eval_every and step % t.eval_every == 0 or step == t.max_steps:
+                        clock.pause()
                         last_eval = evaluate()
+                        clock.resume()
                         rec.update(last_eval)
                     if students is not None:  # issue 12: each student's losses (held-out scores with the teacher's)
                         rec.update(students.log(evaluate if "eval_fixed_loss" in rec else None))
@@ -519,6 +628,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     state = {"tokens": tokens_seen, "scheduler": scheduler.state_dict(),
                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                              "config": cfg.to_dict(), "data": data_identity(data)}
+                    state["cpu_s"], state["wall_s"] = clock.read()
+                    clock.pause()
                     ckpt.write_rank_rng(ckpt.tmp_dir(ck_root, step), rank)
                     if students is not None:  # issue 12: step-N/students/NAME/
                         students.save(ckpt.tmp_dir(ck_root, step))
@@ -526,9 +637,12 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     if main:
                         ckpt.save_checkpoint(ck_root, step, raw_model, optimizer, state, world, t.keep_checkpoints)
                     accelerator.wait_for_everyone()
+                    clock.resume()
     finally:
         prefetch.close()
         metrics.close()
+        torch.set_num_threads(threads_before)
+    clock.pause()
 
     digest = state_digest(raw_model.mlm)
     if rank_log is not None:
@@ -540,6 +654,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     summary = {"steps": step, "tokens": tokens_seen, "final": str(out / "final"), "state_sha": digest, **last_eval}
     if students is not None:  # issue 12: OUT/students/NAME/final, without the auxiliary layer
         summary["students"] = students.export(out / "students", vocab)
+    summary.update({"cpu_min": clock.read()[0] / 60.0, "wall_min": clock.read()[1] / 60.0, "threads": t.threads or threads_before,
+                    "precision": accelerator.mixed_precision})
     accelerator.end_training()
     return summary
 
@@ -580,7 +696,7 @@ def _check_resume(state: dict, cfg: PretrainConfig, data: Path, allow: bool) -> 
     from clueforge.utils import UserError
 
     if "config" in state:
-        check_resume_config(state["config"], cfg.to_dict(), allow=allow)
+        check_resume_config(state["config"], cfg.to_dict(), allow=allow, defaults=PretrainConfig().to_dict())
     saved = (state.get("data") or {}).get("manifest_sha256")
     now = data_identity(data)["manifest_sha256"]
     if saved and now and saved != now and not allow:
@@ -605,7 +721,8 @@ def _write_run_config(out: Path, cfg: PretrainConfig, data: Path, found, start_s
         except (json.JSONDecodeError, AttributeError):
             history = []
     if found is not None and "config" in found[1]:
-        record = check_resume_config(found[1]["config"], cfg.to_dict(), allow=allow, at_step=start_step)
+        record = check_resume_config(found[1]["config"], cfg.to_dict(), allow=allow, at_step=start_step,
+                                     defaults=PretrainConfig().to_dict())
         if record is not None:
             for k, v in record["changes"].items() if write else ():
                 log.warning("resume at step %d: %s changed %r → %r", start_step, k, v["from"], v["to"])
