@@ -120,6 +120,20 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def make_accelerator(mixed_precision: str):
+    """The run's ``Accelerator``. Accelerate keeps one process-wide state whose precision cannot
+    change; a later run in the same single process (a benchmark, the quickstart, a test) with
+    another precision starts that state afresh. Launched processes (DDP/FSDP/DeepSpeed) keep it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType, GradientState
+
+    st = AcceleratorState._shared_state
+    if st.get("_mixed_precision") not in (None, mixed_precision) and st.get("distributed_type") == DistributedType.NO:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def cpu_bf16_supported() -> bool:
     """Whether this CPU has native bf16 matmuls (AVX-512 BF16 or AMX; oneDNN uses them under
     autocast). Without them bf16 is emulated and slower than fp32."""
@@ -397,7 +411,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         torch.set_num_threads(t.threads)
     if t.precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_supported():
         log.warning("train.precision=bf16 on a CPU without native bf16 (AVX-512 BF16/AMX): emulated, slower than fp32")
-    accelerator = Accelerator(mixed_precision=resolve_precision(t.precision), cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(resolve_precision(t.precision))
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
 
