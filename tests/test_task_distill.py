@@ -320,8 +320,9 @@ def test_clueforge_distill_task_then_export_and_submit_prediction(tmp_path, samp
     teacher_dir = tiny_finetuned(tmp_path / "teacher", "afqmc", FIXTURES / "afqmc", sample_vocab)
     base = ["distill", "--task", "afqmc", "--teacher", str(teacher_dir), "--student", str(_mlm_dir(tmp_path, sample_vocab)),
             "--data", str(FIXTURES / "afqmc"), "--no-progress", "--seed", "3"]
-    r = run(app, base + ["--out", str(tmp_path / "out"), "--set", "max_steps=2", "--set", "batch_size=2"])
+    r = run(app, base + ["--out", str(tmp_path / "out"), "--max-steps", "2", "--set", "batch_size=2"])
     assert r.exit_code == 0, r.output
+    assert max(json.loads(x).get("step", 0) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads(r.output.strip().splitlines()[-1])["distillation"]["teacher"] == str(teacher_dir)
     r = run(app, ["export", str(tmp_path / "out" / "best"), "--out", str(tmp_path / "onnx"), "--data",
                   str(FIXTURES / "afqmc")])

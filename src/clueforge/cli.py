@@ -312,6 +312,8 @@ def distill(
     _logging()
     overrides = list(set_ or [])
     if task is not None:
+        if max_steps is not None:  # the fine-tuning settings' name for it
+            overrides.append(f"max_steps={max_steps}")
         try:
             from clueforge.distill.task import distill_task
         except ModuleNotFoundError:
