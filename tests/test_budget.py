@@ -192,7 +192,7 @@ def test_benchmark_evaluator_reproduces_the_loop_fixed_protocol(sample_corpus, t
     assert got["acc"] == pytest.approx(s["eval_fixed_mlm_acc"], abs=1e-6)
 
 
-def test_quickstart_trains_the_small_recipe_and_scores_held_out_probes(tmp_path):
+def test_quickstart_trains_the_small_recipe_and_scores_held_out_probes(tmp_path, fresh_accelerate):
     """The quickstart pretrains with ``configs/small.yaml`` (at a step count, not the CPU budget)
     and its demo scores every held-out probe against the training shards' unigram distribution
     (recomputed here from the shards)."""
