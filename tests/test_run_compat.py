@@ -61,3 +61,47 @@ def test_runs_with_different_precisions_share_one_process(tmp_path, sample_corpu
         r = cli("pretrain", "--config", "tiny", "--data", sample_corpus, "--out", tmp_path / f"r{i}", "--max-steps", "1",
                 "--set", f"train.precision={precision}", *FAST)
         assert r.exit_code == 0, (precision, r.output, r.exception)
+
+
+def test_max_steps_replaces_a_configs_cpu_time_budget(tmp_path, sample_corpus):
+    """`--config small` trains to a CPU-time budget; `--max-steps N` asks for N steps and gets them."""
+    run = tmp_path / "run"
+    r = cli("pretrain", "--config", "small", "--data", sample_corpus, "--out", run, "--max-steps", "3",
+            "--set", "train.max_minutes=0.02", "--set", "train.precision=fp32", *FAST)
+    assert r.exit_code == 0, r.output
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3 and not (run / "budget.json").exists()
+
+
+def test_threads_may_change_on_resume(tmp_path, sample_corpus):
+    run = tmp_path / "run"
+    base = ["pretrain", "--config", "tiny", "--data", sample_corpus, "--out", run, "--save-every", "2", *FAST]
+    assert cli(*base, "--max-steps", "2", "--set", "train.threads=1").exit_code == 0
+    r = cli(*base, "--max-steps", "3", "--set", "train.threads=2")
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["config"]["train"]["threads"] == 2
+
+
+def test_init_from_a_plain_model_adds_the_requested_architecture_options(tmp_path, sample_corpus):
+    """Adding POS embeddings / the attention residual to a trained model: applied and recorded, the
+    checkpoint's weights kept, the new ones at zero — never silently dropped."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = ["pretrain", "--config", "tiny", "--data", sample_corpus, *FAST]
+    assert cli(*base, "--out", tmp_path / "p0", "--max-steps", "1").exit_code == 0
+    r = cli(*base, "--out", tmp_path / "p1", "--max-steps", "1", "--set", "train.lr=1e-9",
+            "--set", f"train.init_from={tmp_path / 'p0' / 'final'}", "--set", "model.pos_embeddings=true",
+            "--set", "model.attn_residual_decay=0.5")
+    assert r.exit_code == 0, r.output
+    from clueforge.model.hf import load_hf
+
+    m = load_hf(tmp_path / "p1" / "final")
+    assert m.cfg.pos_embeddings and m.cfg.attn_residual_decay == 0.5
+    rec = json.loads((tmp_path / "p1" / "config.json").read_text())["config"]["model"]
+    assert rec["pos_embeddings"] is True and rec["attn_residual_decay"] == 0.5
+    old = load_file(tmp_path / "p0" / "final" / "model.safetensors")
+    new = load_file(tmp_path / "p1" / "final" / "model.safetensors")
+    assert set(old) < set(new)
+    for k in old:  # lr 1e-9, one step: the checkpoint's weights carried over
+        torch.testing.assert_close(new[k], old[k], atol=1e-5, rtol=0)

@@ -254,8 +254,8 @@ def pretrain(
 
     _logging()
     overrides = list(set_ or [])
-    if max_steps is not None:
-        overrides.append(f"train.max_steps={max_steps}")
+    if max_steps is not None:  # a step count, not a CPU-time budget (configs/small.yaml sets one)
+        overrides += [f"train.max_steps={max_steps}", "train.max_minutes=null"]
     if save_every is not None:
         overrides.append(f"train.save_every={save_every}")
     try:
@@ -331,8 +331,8 @@ def distill(
 
     if seed is not None:
         overrides.append(f"train.seed={seed}")
-    if max_steps is not None:
-        overrides.append(f"train.max_steps={max_steps}")
+    if max_steps is not None:  # a step count, not a CPU-time budget
+        overrides += [f"train.max_steps={max_steps}", "train.max_minutes=null"]
     try:
         cfg = load_distill_config(teacher, student, overrides)
         with run_lock(out, "distill"):

@@ -81,6 +81,7 @@ def run_lock(directory: str | Path, what: str = "run"):
 PRETRAIN_MUTABLE = frozenset({
     "train.max_steps", "train.save_every", "train.eval_every", "train.log_every", "train.eval_batches",
     "train.keep_checkpoints", "train.prefetch", "train.peak_tflops", "train.compile", "train.gradient_checkpointing",
+    "train.threads",
 })
 
 

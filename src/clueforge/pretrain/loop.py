@@ -16,6 +16,7 @@ restored.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from clueforge.corpus.shards import Corpus
 from clueforge.model.bert import BertForMLM, flops_per_token
 from clueforge.pretrain import ar_mlm
 from clueforge.pretrain import checkpoint as ckpt
-from clueforge.pretrain.config import PretrainConfig, resolve_layers
+from clueforge.pretrain.config import PretrainConfig, TrainConfig, resolve_layers
 from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
 from clueforge.pretrain.masking import DEFAULT_CONNECTIVES, Curriculum, MaskingConfig
 from clueforge.pretrain.model import PretrainingModel, mlm_objective
@@ -295,6 +296,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
         if model.cfg.num_layers != cfg.model.num_layers or model.cfg.hidden_size != cfg.model.hidden_size:
             log.info("train.init_from %s: the model shape comes from the checkpoint (%d layers, hidden %d), not the "
                      "config's model section", t.init_from, model.cfg.num_layers, model.cfg.hidden_size)
+        model = _with_requested_options(model, cfg.model, t.init_from)
         cfg.model = model.cfg
     else:
         model = BertForMLM(cfg.model)
@@ -304,6 +306,31 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
         raise UserError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}{where}")
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
     return model, sd_layers
+
+
+ARCH_OPTIONS = ("attn_residual_decay", "pos_embeddings", "syntax_heads", "syntax_constraint")
+"""``ModelConfig`` fields of issue 14: a config may add them to a ``train.init_from`` model."""
+
+
+def _with_requested_options(model: BertForMLM, requested, init_from) -> BertForMLM:
+    """``init_from``'s model with the architecture options the config sets (to a non-default value)
+    applied: their new parameters start at zero (the model computes what it did, bar the
+    attention residual, which has none); an option the checkpoint has is kept unless the config
+    sets it. A change the checkpoint's weights cannot take is refused, never dropped."""
+    from clueforge.model.bert import ModelConfig
+
+    default = ModelConfig()
+    changes = {f: getattr(requested, f) for f in ARCH_OPTIONS
+               if getattr(requested, f) != getattr(default, f) and getattr(requested, f) != getattr(model.cfg, f)}
+    if not changes:
+        return model
+    new = BertForMLM(dataclasses.replace(model.cfg, **changes))
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(new.state_dict()[k].abs().sum() != 0 for k in missing):
+        raise UserError(f"train.init_from {init_from}: cannot apply model settings {changes} to its weights "
+                        f"(unused: {sorted(unexpected)[:3]}); leave them out to keep the checkpoint's")
+    log.warning("train.init_from %s: model options %s added (their new weights start at zero)", init_from, changes)
+    return new
 
 
 def build_objectives(cfg: PretrainConfig, corpus: Corpus, tok, specials: dict) -> tuple:
@@ -503,6 +530,13 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     saved_train = found[1].get("config", {}).get("train", {}) if found is not None else {}
     if t.max_minutes and (found is None or not saved_train.get("max_minutes")):  # calibrate the budget
         cal = calibrate_steps(raw_model, make_batch, accelerator, t, sd_layers, objective=objective)
+        if world > 1:  # every process must run the same number of steps: the slowest one's cost decides
+            cost = accelerator.gather(torch.tensor([cal["cpu_s_per_step"]], device=device))
+            cal["cpu_s_per_step_per_process"] = [float(x) for x in cost.cpu()]
+            cal["cpu_s_per_step"] = float(cost.max())
+        if t.max_steps != TrainConfig.max_steps:
+            log.warning("train.max_minutes=%g sets the number of steps: train.max_steps=%d is replaced (set "
+                        "train.max_minutes=null to train a step count)", t.max_minutes, t.max_steps)
         t.max_steps = budget_steps(t.max_minutes, cal["cpu_s_per_step"])
         if main:
             atomic_write(out / "budget.json", json.dumps({"max_minutes": t.max_minutes, "unit": BUDGET_UNIT,
