@@ -290,6 +290,12 @@ def test_pet_trains_through_the_mlm_head_and_predict_needs_nothing_else(syntheti
     assert predict("fewclue-eprstmt", tmp_path / "right" / "best", data / "test.json", out) == 50
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(50)) and {r["label"] for r in rows} <= {"Positive", "Negative"}
+    from typer.testing import CliRunner  # ONNX export of a prompt checkpoint: refused in one line, not a traceback
+
+    from clueforge.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "right" / "best"), "--out", str(tmp_path / "onnx")])
+    assert res.exit_code == 2 and "PET checkpoint" in res.output and "Traceback" not in res.output, res.output
 
 
 @pytest.mark.slow
@@ -312,7 +318,7 @@ def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
         (folder / f"dev_{k}.json").write_text("".join(lines[k * 50:(k + 1) * 50]))
     common = ["--model", str(mlm), "--data", str(tmp_path / "tasks"), "--set", "template=right",
               "--set", f"prompts={prompts}", "--set", "max_length=32"]
-    for method, extra in (("zeroshot", ["--calibration", "pmi"]), ("pet", ["--set", "epochs=1", "--set", "lr=1e-4"]),
+    for method, extra in (("zeroshot", ["--calibration", "pmi"]), ("pet", ["--set", "epochs=1", "--set", "lr=1e-4", "--set", "pet_mlm=0.5"]),
                           ("finetune", ["--set", "epochs=1"]), ("zeroshot", ["--splits", "1", "--tasks", "fewclue-eprstmt"])):
         out = tmp_path / (method + str(len(extra)))
         res = CliRunner().invoke(app, ["benchmark", "fewclue", "--method", method, "--out", str(out)] + common + extra)
@@ -325,6 +331,10 @@ def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
         if method != "finetune":  # a new head after one epoch on 32 examples knows nothing yet
             assert row["mean"] >= 80, report  # chance: 50
         assert "± " in (out / "report.md").read_text()
+        if method in ("pet", "finetune"):  # no model selection on the split that is reported
+            assert report["config"]["select"] == "last", report["config"]
+        if method == "pet":
+            assert report["config"]["pet_mlm"] == 0.5
 
 
 @pytest.mark.parametrize("args", [["--splits", "0,5"], ["--splits", "x"], ["--splits", "1,1"], ["--tasks", "fewclue-nope"]])

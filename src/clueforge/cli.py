@@ -650,7 +650,10 @@ def benchmark(
     for name, path in (("--model", model), ("--data", data)):
         if not path.exists():
             _fail(f"{name} {path} does not exist")
-    cfg = _finetune_config(set_)
+    set_ = list(set_ or [])
+    if suite == "fewclue" and method and not any(i.split("=", 1)[0].strip() == "select" for i in set_):
+        set_.append("select=last")  # FewCLUE scores dev_k: selecting the epoch on it would flatter trained methods
+    cfg = _finetune_config(set_, method=method if method in ("pet", "efl") else None)
     if method is None and cfg.method != "finetune":  # `--set method=pet` means the same as `--method pet`
         method = cfg.method
     if method is not None:

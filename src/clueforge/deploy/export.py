@@ -224,6 +224,9 @@ def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: s
     if config_from_hf(raw).linguistic_inputs:
         raise UserError(f"{model_dir}: ONNX export of a model with linguistic inputs (pos_embeddings / syntax_heads) "
                         f"is not supported: the graph takes no ling input; predict with `clueforge predict` instead")
+    if raw["clueforge_task"].get("method") in ("pet", "efl"):
+        raise UserError(f"{model_dir}: ONNX export of a {raw['clueforge_task']['method'].upper()} checkpoint (scored "
+                        f"through prompts) is not supported; predict with `clueforge predict` instead")
     task, fam, state, model, tok = load_finetuned(model_dir, raw["clueforge_task"]["task"])
     if task.family not in EXPORTABLE:
         raise ValueError(supported_message(task))
