@@ -142,6 +142,13 @@ def test_scores_equal_a_dense_forward(tmp_path):
         empty = score_examples(model, enc, [{"sentence": ""}], [words[0]])[0]
         pmi = calibrate(model, enc, got, words, ["sentence"], "pmi")
         np.testing.assert_allclose(pmi[1], got[1] - empty, atol=1e-5)
+        # contextual (Zhao et al.): log of p(y|x) normalised over the labels, divided by the mean of the
+        # same distribution on the content-free inputs "N/A" and "", written out by hand
+        na = score_examples(model, enc, [{"sentence": "N/A"}], [words[0]])[0]
+        p_cf = (np.exp(na) / np.exp(na).sum() + np.exp(empty) / np.exp(empty).sum()) / 2
+        ctx = calibrate(model, enc, got, words, ["sentence"], "contextual")
+        for g, c in zip(got, ctx):
+            np.testing.assert_allclose(c, np.log(np.exp(g) / np.exp(g).sum()) - np.log(p_cf), atol=1e-5)
 
 
 def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
