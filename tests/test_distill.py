@@ -151,6 +151,21 @@ def test_narrower_students_slice_or_project_the_embeddings(tmp_path):
     assert (proj.encoder.embeddings.word.weight.var(0).sum() > narrow.encoder.embeddings.word.weight.var(0).sum())
 
 
+def test_layers_that_cannot_be_copied_are_refused_when_asked_for_and_warned_about_by_default(caplog):
+    teacher = _teacher()
+    narrow = BertForMLM(_cfg(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2))
+    with pytest.raises(UserError, match="blocks have the teacher's shape.*init=random"):
+        init_from_teacher(narrow, teacher, [1, 3], "slice")
+    with caplog.at_level("WARNING", logger="clueforge.distill"):
+        init_from_teacher(narrow, teacher, "teacher", "slice")
+    assert any(r.levelname == "WARNING" and "layers start random" in r.getMessage() for r in caplog.records)
+    # the task path takes no layer list, so its message does not suggest one
+    deep = BertForMLM(_cfg(num_layers=6))
+    with pytest.raises(UserError, match="init=random") as exc:
+        init_from_teacher(deep, teacher, "teacher", "slice", lists=False)
+    assert "list" not in str(exc.value)
+
+
 @pytest.mark.parametrize("name", ["mini", "micro", "nano", "pico"])
 def test_shipped_students_have_the_ernie_tiny_shapes(name):
     from clueforge.pretrain.config import load_config
@@ -232,6 +247,14 @@ def test_every_loss_is_logged_and_the_total_is_their_weighted_sum(kd_setup, samp
 
 
 @pytest.mark.slow
+def test_model_overrides_reach_a_config_student(kd_setup, sample_corpus, tmp_path):
+    """``--set model.K=V`` changes the student built from a YAML (and what final/config.json says)."""
+    _distill(kd_setup, sample_corpus, tmp_path / "r", "train.max_steps=1", "model.num_layers=1", "model.dropout=0.0")
+    written = json.loads((tmp_path / "r" / "final" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 1 and written["hidden_dropout_prob"] == 0.0
+
+
+@pytest.mark.slow
 def test_with_every_teacher_term_off_distillation_is_pretraining_the_student_alone(kd_setup, sample_corpus, tmp_path):
     """The off switch: relation, hidden and soft weights 0 and a random student is plain MLM
     pretraining of that shape: the same weights, bit for bit (the teacher's forward touches nothing)."""
@@ -297,6 +320,11 @@ def test_distill_settings_are_validated(kd_setup, tmp_path):
             load_config("tiny", [f"train.students={bad}"])
     with pytest.raises(UserError, match="self_distill_instance"):
         load_config("tiny", ["train.students={a: {student: pico}}", "train.self_distill_instance=0.5"])
+    with pytest.raises(UserError, match="ar_mlm_groups"):
+        load_distill_config(teacher, student, ["train.ar_mlm_groups=2"])
+    with pytest.raises(UserError, match="ar_mlm_groups"):
+        load_config("tiny", ["train.students={a: {student: pico}}", "train.ar_mlm_groups=2"])
+    load_config("tiny", ["train.ar_mlm_groups=2"])  # without students it stays allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +360,13 @@ def test_online_students_leave_the_teachers_updates_unchanged(sample_corpus, tmp
               "student_a_aux_eval_fixed_loss"):
         assert k in last
     assert "student_b_aux_eval_fixed_loss" not in last  # b has no auxiliary layer
+    # the students learn: their weights move between the checkpoints at steps 2 and 4
+    from safetensors.torch import load_file
+    for name in ("a", "b"):
+        w2, w4 = (load_file(tmp_path / "with" / "checkpoints" / f"step-{s}" / "students" / name / "model.safetensors")
+                  for s in (2, 4))
+        assert w2.keys() == w4.keys()
+        assert any(not torch.equal(w2[k], w4[k]) for k in w2), f"student {name} did not change"
 
 
 @pytest.mark.slow
@@ -381,3 +416,6 @@ def test_distill_command_writes_a_student_and_reports_user_errors_in_one_line(kd
     assert summary["steps"] == 2 and summary["final"].endswith("final")
     r = CliRunner().invoke(app, args + ["--student", "femto"])
     assert r.exit_code == 2 and "femto" in r.output and "pico" in r.output and "Traceback" not in r.output
+    fresh = [str(tmp_path / "ar") if a == str(tmp_path / "kd") else a for a in args]  # not a resume of kd
+    r = CliRunner().invoke(app, fresh + ["--student", str(student), "--set", "train.ar_mlm_groups=2"])
+    assert r.exit_code == 2 and "ar_mlm_groups" in r.output and "Traceback" not in r.output, r.output

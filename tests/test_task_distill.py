@@ -139,6 +139,12 @@ def test_a_narrower_student_gets_sliced_embeddings_and_a_fresh_head(tmp_path, sa
                                                "teacher")
     assert copied == [] and student.cfg.hidden_size == 16
     assert_close(student.encoder.embeddings.word.weight, teacher.encoder.embeddings.word.weight[:, :16])
+    # a deeper student: the message names what the task path accepts (no layer list)
+    (tmp_path / "deep.yaml").write_text(f"model: {{hidden_size: 16, num_layers: {teacher.cfg.num_layers + 1}, "
+                                        "num_heads: 2, intermediate_size: 32, max_position: 128}\n")
+    with pytest.raises(UserError, match="use init=random") as exc:
+        build_task_student(tmp_path / "deep.yaml", teacher, teacher_dir, fam, state, "teacher")
+    assert "list" not in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import nn
 
 from clueforge.distill import DistillConfig
 from clueforge.distill.losses import hidden_mse, minilm_relation_kl, soft_kl
-from clueforge.distill.student import build_student, resolve_student, student_config
+from clueforge.distill.student import build_student, init_from_teacher, resolve_student, student_config
 from clueforge.model.bert import BertForMLM, ModelConfig
 from clueforge.pretrain.config import PretrainConfig, TrainConfig
 from clueforge.pretrain.model import PretrainOutput
@@ -198,7 +198,12 @@ def build_distill_model(cfg: DistillRunConfig, teacher: BertForMLM, vocab_size: 
     if teacher.cfg.vocab_size != vocab_size:
         raise UserError(f"teacher {cfg.teacher}: vocabulary {teacher.cfg.vocab_size} ≠ the corpus's {vocab_size}")
     torch.manual_seed(t.seed)  # identical student (and projection) on every rank
-    student = build_student(d.student, teacher, d.init, d.embeddings)
+    if resolve_student(d.student)[1] == "config":  # cfg.model: the YAML's model section + --set model.K=V
+        student = BertForMLM(replace(cfg.model, vocab_size=teacher.cfg.vocab_size,
+                                     pad_token_id=teacher.cfg.pad_token_id))
+        init_from_teacher(student, teacher, d.init, d.embeddings)
+    else:
+        student = build_student(d.student, teacher, d.init, d.embeddings)
     cfg.model = student.cfg
     for who, m in (("student", student.cfg), ("teacher", teacher.cfg)):
         if t.seq_len > m.max_position:
@@ -256,7 +261,8 @@ def load_distill_config(teacher: str | Path, student: str | Path | None = None,
                                                     overridden=set(train)))
     t = base.train
     unsupported = [k for k in ("structure_weights", "knowledge_weights", "self_distill_layers", "init_from", "students")
-                   if getattr(t, k, None)] + (["self_distill_instance"] if t.self_distill_instance else [])
+                   if getattr(t, k, None)] + (["self_distill_instance"] if t.self_distill_instance else []) \
+        + (["ar_mlm_groups"] if getattr(t, "ar_mlm_groups", 1) > 1 else [])
     if unsupported:
         raise UserError(f"train.{', train.'.join(unsupported)}: not used by `clueforge distill` (the student learns "
                         f"from the teacher and the MLM loss); remove them")

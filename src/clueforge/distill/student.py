@@ -4,8 +4,10 @@ and its first weights from the teacher.
 - Layers (DistilBERT): ``init="teacher"`` takes every k-th teacher layer, k = L_teacher/L_student,
   counted so that the student's top layer is the teacher's top layer (12 → 6: layers 2, 4, …, 12;
   12 → 4: 3, 6, 9, 12); a list of 1-based teacher layers picks them explicitly; ``"random"`` keeps
-  BERT's random initialisation. A layer is copied only where the shapes allow (same width, heads,
-  feed-forward width and LayerNorm placement); otherwise it stays random and the log says so.
+  BERT's random initialisation. Layers are copied only when the student's blocks have the teacher's
+  shape (same width, heads, feed-forward width and LayerNorm placement): otherwise an explicit list
+  is refused and ``"teacher"`` leaves the layers random with a warning (only the embeddings and the
+  MLM head's bias then come from the teacher).
 - Embeddings: copied when the widths are equal; otherwise ``embeddings="slice"`` keeps the first
   D_student dimensions, ``"project"`` maps them through the top D_student principal directions of
   the teacher's word embeddings (the same map for positions and token types).
@@ -67,21 +69,22 @@ def student_config(spec: str | Path, teacher_cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, vocab_size=teacher_cfg.vocab_size, pad_token_id=teacher_cfg.pad_token_id)
 
 
-def teacher_layers(init, n_teacher: int, n_student: int) -> list[int] | None:
-    """The 1-based teacher layer each student layer starts from (None: random)."""
+def teacher_layers(init, n_teacher: int, n_student: int, lists: bool = True) -> list[int] | None:
+    """The 1-based teacher layer each student layer starts from (None: random). ``lists``: whether
+    the caller accepts an explicit list of layers (task distillation does not)."""
     if init == "random":
         return None
     if init == "teacher":
         if n_student > n_teacher:
             raise UserError(f"init=teacher: the student has {n_student} layers, the teacher only {n_teacher}; "
-                            f"give a list of teacher layers or init=random")
+                            + ("give a list of teacher layers or init=random" if lists else "use init=random"))
         return [round((i + 1) * n_teacher / n_student) for i in range(n_student)]
     if isinstance(init, (list, tuple)):
         layers = [int(x) for x in init]
         if len(layers) != n_student or not all(1 <= x <= n_teacher for x in layers):
             raise UserError(f"init {list(init)}: expected {n_student} teacher layers, each in 1..{n_teacher}")
         return layers
-    raise UserError(f"init {init!r}: expected 'teacher', 'random' or a list of teacher layers")
+    raise UserError(f"init {init!r}: expected 'teacher', 'random'" + (" or a list of teacher layers" if lists else ""))
 
 
 def _projection(teacher_word: torch.Tensor, width: int) -> torch.Tensor:
@@ -93,17 +96,24 @@ def _projection(teacher_word: torch.Tensor, width: int) -> torch.Tensor:
 
 @torch.no_grad()
 def init_from_teacher(student: BertForMLM, teacher: BertForMLM, init="teacher",
-                      embeddings: str = "slice") -> list[int] | None:
+                      embeddings: str = "slice", lists: bool = True) -> list[int] | None:
     """Copy what the shapes allow from ``teacher`` into ``student`` (in place); returns the teacher
-    layers used (None: random layers)."""
+    layers used (None: random layers). An explicit layer list that cannot be copied (the blocks'
+    shapes differ) is refused; ``init="teacher"`` then keeps random layers and warns."""
     s, t = student.cfg, teacher.cfg
     if s.vocab_size != t.vocab_size:
         raise UserError(f"student vocabulary {s.vocab_size} ≠ teacher vocabulary {t.vocab_size}")
     if embeddings not in ("slice", "project"):
         raise UserError(f"embeddings {embeddings!r}: expected 'slice' or 'project'")
-    layers = teacher_layers(init, t.num_layers, s.num_layers)
+    layers = teacher_layers(init, t.num_layers, s.num_layers, lists)
     if init == "random":
         return None
+    same_block = (s.hidden_size, s.num_heads, s.intermediate_size, s.pre_ln) == (
+        t.hidden_size, t.num_heads, t.intermediate_size, t.pre_ln)
+    if not same_block and isinstance(init, (list, tuple)):
+        raise UserError(f"init {list(init)}: layers can be copied only when the student's blocks have the teacher's "
+                        f"shape (student hidden {s.hidden_size}, {s.num_heads} heads, ffn {s.intermediate_size}; "
+                        f"teacher {t.hidden_size}, {t.num_heads}, {t.intermediate_size}); use init=random")
     se, te = student.encoder.embeddings, teacher.encoder.embeddings
     P = min(s.max_position, t.max_position)
     if s.hidden_size == t.hidden_size:
@@ -129,22 +139,21 @@ def init_from_teacher(student: BertForMLM, teacher: BertForMLM, init="teacher",
     if s.hidden_size == t.hidden_size:
         student.head.dense.load_state_dict(teacher.head.dense.state_dict())
         student.head.ln.load_state_dict(teacher.head.ln.state_dict())
-    same_block = (s.hidden_size, s.num_heads, s.intermediate_size, s.pre_ln) == (
-        t.hidden_size, t.num_heads, t.intermediate_size, t.pre_ln)
     if same_block:
         for i, j in enumerate(layers):
             student.encoder.layers[i].load_state_dict(teacher.encoder.layers[j - 1].state_dict())
         if s.pre_ln:
             student.encoder.final_ln.load_state_dict(teacher.encoder.final_ln.state_dict())
     else:
-        log.info("student blocks (hidden %d, %d heads, ffn %d) differ from the teacher's (hidden %d, %d heads, "
-                 "ffn %d): layers start random, embeddings %s", s.hidden_size, s.num_heads, s.intermediate_size,
-                 t.hidden_size, t.num_heads, t.intermediate_size,
-                 "copied" if s.hidden_size == t.hidden_size else embeddings + "d")
+        log.warning("init=teacher: the student's blocks (hidden %d, %d heads, ffn %d) differ from the teacher's "
+                    "(hidden %d, %d heads, ffn %d), so no layer can be copied: layers start random, embeddings %s", s.hidden_size, s.num_heads, s.intermediate_size,
+                    t.hidden_size, t.num_heads, t.intermediate_size,
+                    "copied" if s.hidden_size == t.hidden_size else embeddings + "d")
     return layers
 
 
-def build_student(spec: str | Path, teacher: BertForMLM, init="teacher", embeddings: str = "slice") -> BertForMLM:
+def build_student(spec: str | Path, teacher: BertForMLM, init="teacher", embeddings: str = "slice",
+                  lists: bool = True) -> BertForMLM:
     """A student ``BertForMLM``: ``spec`` is a shipped student name (``configs/students/NAME.yaml``),
     a YAML path (its ``model`` section) or a model directory (whose weights are the start: ``init``
     is then not used). Fresh weights come from the torch RNG, then from the teacher per ``init``."""
@@ -159,7 +168,7 @@ def build_student(spec: str | Path, teacher: BertForMLM, init="teacher", embeddi
         log.info("student %s: starts from its own weights (init is not used)", path)
         return student
     student = BertForMLM(student_config(path, teacher.cfg))
-    init_from_teacher(student, teacher, init, embeddings)
+    init_from_teacher(student, teacher, init, embeddings, lists)
     return student
 
 

@@ -23,7 +23,8 @@ student's. Training data: the task's training set plus, optionally, augmented co
 
 The student: a directory (a task-agnostically distilled student, or any BERT checkpoint with the
 teacher's vocabulary), or a student config (``mini``/``micro``/``nano``/``pico``, a YAML) built by
-``distill.student.build_student`` from the teacher (every k-th layer) or at random. Where the
+``distill.student.build_student`` from the teacher (every k-th layer where the block shapes
+match; otherwise random layers, with a warning) or at random. Where the
 student has the teacher's width, the task head (pooler, classifier) starts as the teacher's.
 """
 
@@ -262,7 +263,7 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
     else:
         mlm = BertForMLM(teacher.cfg)  # the teacher's encoder under an MLM head build_student expects
         mlm.encoder.load_state_dict(teacher.encoder.state_dict())
-        encoder = build_student(spec, mlm, init, embeddings).encoder
+        encoder = build_student(spec, mlm, init, embeddings, lists=False).encoder
         student = TaskModel(encoder.cfg, fam.HEAD, n_labels)
         student.encoder.load_state_dict(encoder.state_dict())
     copied = []

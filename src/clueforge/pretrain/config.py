@@ -453,6 +453,9 @@ def _distill_checks(obj) -> list[tuple[str, object, str]]:
         if obj.self_distill_instance:
             out.append(("self_distill_instance", obj.self_distill_instance, "0 with train.students (the doubled "
                         "batch is not what the students see)"))
+        if isinstance(obj.ar_mlm_groups, int) and obj.ar_mlm_groups > 1:
+            out.append(("ar_mlm_groups", obj.ar_mlm_groups, "1 with train.students (the teacher sees the k-fold "
+                        "AR-MLM batch, the students the plain one)"))
     return out
 
 
