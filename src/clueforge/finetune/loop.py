@@ -166,14 +166,15 @@ def _ling(batch: dict) -> dict:
 def linguistic_state(fam, task: Task, state: dict, model_dir: Path) -> None:
     """A model that reads linguistic inputs (``ModelConfig.linguistic_inputs``) gets them from the
     rjieba segmentation the corpus build uses: put a ``Segmenter`` in ``state`` for the family's
-    ``encode``; refuse a family that does not encode them yet."""
+    ``encode`` (the classify, NER, choice, span and KgCLUE families set ``LINGUISTIC``); refuse a
+    family that does not encode them (the prompt methods, PET / EFL)."""
     model_cfg, _ = read_hf_config(model_dir)
     if not model_cfg.linguistic_inputs:
         return
     if not getattr(fam, "LINGUISTIC", False):
         raise UserError(f"{model_dir} reads linguistic inputs ({', '.join(model_cfg.arch_options)}), which the "
                         f"{task.family} family{' (PET)' if fam is not family(task) else ''} does not encode yet; "
-                        f"only the classify family (and plain fine-tuning) does")
+                        f"only plain fine-tuning of the classify, NER, choice, span and KgCLUE families does")
     from clueforge.text.segment import Segmenter
 
     state["segmenter"] = Segmenter()

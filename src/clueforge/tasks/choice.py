@@ -21,12 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, field, read_json, read_jsonl
+from clueforge.tasks.io import TaskDataError, encoding_ling, field, read_json, read_jsonl
 from clueforge.tasks.metrics import accuracy
 from clueforge.tasks.registry import Task
 from clueforge.text.normalize import normalize
 
 HEAD = "choice"
+LINGUISTIC = True  # ``encode`` adds the ``ling`` channel when ``state["segmenter"]`` is set
 _TAG = re.compile(r"#idiom\d+#")
 
 
@@ -111,23 +112,34 @@ def load(task: Task, path: Path, state: dict, with_labels: bool) -> list[dict]:
 
 
 def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False) -> list[dict]:
+    seg = state.get("segmenter")  # a model with linguistic inputs (``finetune.loop.linguistic_state``)
     feats = []
     if task.fmt == "c3":
         tok.enable_truncation(max_length, strategy="only_first")
         for i, e in enumerate(examples):
-            encs = tok.encode_batch([(e["context"], e["question"] + c) for c in e["choices"]])
+            pairs = [(e["context"], e["question"] + c) for c in e["choices"]]
+            encs = tok.encode_batch(pairs)
             feats.append({"rows": [(x.ids, x.type_ids) for x in encs], "example": i,
                           "label": e["label"] if e["label"] is not None else -100})
+            if seg is not None:
+                feats[-1]["ling"] = [encoding_ling(seg, x, p) for x, p in zip(encs, pairs)]
         tok.no_truncation()
         return feats
     width = max_length - 2 - 4  # [CLS] [SEP] and the idiom's 4 characters
     for i, e in enumerate(examples):
         text, pos = _window(e["content"].replace("#idiom#", "\x00"), e["content"].index("#idiom#"), width)
-        encs = tok.encode_batch([text.replace("\x00", c) for c in e["choices"]])
-        rows = [(x.ids[:max_length - 1] + x.ids[-1:] if len(x.ids) > max_length else x.ids,
-                 x.type_ids[:max_length]) for x in encs]
+        texts = [text.replace("\x00", c) for c in e["choices"]]
+        encs = tok.encode_batch(texts)
+        rows = [(_cut(x.ids, max_length), x.type_ids[:max_length]) for x in encs]
         feats.append({"rows": rows, "example": i, "label": e["label"] if e["label"] is not None else -100})
+        if seg is not None:
+            feats[-1]["ling"] = [_cut(encoding_ling(seg, x, (t,)), max_length) for x, t in zip(encs, texts)]
     return feats
+
+
+def _cut(row: list, max_length: int) -> list:
+    """A row of at most ``max_length`` tokens that keeps its last ([SEP])."""
+    return row[:max_length - 1] + row[-1:] if len(row) > max_length else row
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -142,9 +154,16 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             ids[b, k, :len(row)], types[b, k, :len(row)], mask[b, k, :len(row)] = row, tt, 1
             valid[b, k] = True
     mask[~valid, 0] = 1  # a padded choice still attends to one token (no empty softmax)
-    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-            "attention_mask": torch.from_numpy(mask), "choice_mask": torch.from_numpy(valid),
-            "labels": torch.tensor([f["label"] for f in features])}
+    batch = {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+             "attention_mask": torch.from_numpy(mask), "choice_mask": torch.from_numpy(valid),
+             "labels": torch.tensor([f["label"] for f in features])}
+    if "ling" in features[0]:  # (B, K, T), 0 on padding and padded choices
+        ling = np.zeros_like(ids)
+        for b, f in enumerate(features):
+            for k, row in enumerate(f["ling"]):
+                ling[b, k, :len(row)] = row
+        batch["ling"] = torch.from_numpy(ling)
+    return batch
 
 
 def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

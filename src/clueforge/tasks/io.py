@@ -67,6 +67,19 @@ def pad_features(features: list[dict], pad_id: int, keys=("input_ids", "token_ty
     return torch.from_numpy(ids), torch.from_numpy(types), torch.from_numpy(mask)
 
 
+def text_ling(seg, text: str, tok_char) -> "np.ndarray":
+    """The packed linguistic channel (``model.bert.pack_ling``) of the tokens of ``text`` that start
+    at characters ``tok_char`` (ascending; a truncated prefix is fine): the word / sentence starts
+    and POS ids ``text.features.token_features`` finds, as the corpus build does. (N,) int64."""
+    import numpy as np
+
+    from clueforge.model.bert import pack_ling
+    from clueforge.text.features import token_features
+
+    ws, ss, pos = token_features(seg, text, np.asarray(tok_char, dtype=np.int64))
+    return pack_ling(pos.astype(np.int64), ws.astype(np.int64), ss.astype(np.int64), 1)
+
+
 def encoding_ling(seg, enc, texts: tuple[str, ...]) -> list[int]:
     """The packed linguistic channel (``model.bert.pack_ling``) of one ``tokenizers`` encoding of
     ``texts`` (one text, or a pair): each sequence's tokens get the word / sentence starts and POS
@@ -74,17 +87,13 @@ def encoding_ling(seg, enc, texts: tuple[str, ...]) -> list[int]:
     [CLS] / [SEP] / padding get 0. ``seg``: a ``text.segment.Segmenter``."""
     import numpy as np
 
-    from clueforge.model.bert import pack_ling
-    from clueforge.text.features import token_features
-
     seq = np.asarray([-1 if s is None else s for s in enc.sequence_ids], dtype=np.int64)
     starts = np.asarray([o[0] for o in enc.offsets], dtype=np.int64)
     out = np.zeros(seq.size, dtype=np.int64)
     for s, text in enumerate(texts):
         idx = np.flatnonzero(seq == s)
         if idx.size:
-            ws, ss, pos = token_features(seg, text, starts[idx])
-            out[idx] = pack_ling(pos.astype(np.int64), ws.astype(np.int64), ss.astype(np.int64), 1)
+            out[idx] = text_ling(seg, text, starts[idx])
     return out.tolist()
 
 

@@ -32,13 +32,14 @@ import numpy as np
 
 from clueforge.knowledge.sources import entity_name, load_triples
 from clueforge.tasks import classify
-from clueforge.tasks.io import TaskDataError, field, read_jsonl
+from clueforge.tasks.io import TaskDataError, encoding_ling, field, read_jsonl
 from clueforge.tasks.metrics import kgclue_scores
 from clueforge.tasks.registry import Task
 from clueforge.utils import atomic_write
 
 log = logging.getLogger("clueforge.tasks")
 HEAD = "sequence"
+LINGUISTIC = True  # ``encode`` adds the ``ling`` channel when ``state["segmenter"]`` is set
 collate, loss = classify.collate, classify.loss
 MAX_CANDIDATES, TRAIN_NEGATIVES = 48, 7
 SEP = " ||| "
@@ -172,6 +173,7 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
     kb: KnowledgeBase = state["kb"]
     rng = random.Random(0)
     tok.enable_truncation(max_length, strategy="longest_first")
+    seg = state.get("segmenter")  # a model with linguistic inputs (``finetune.loop.linguistic_state``)
     feats = []
     for i, e in enumerate(examples):
         cands = kb.candidates(e["question"])
@@ -179,10 +181,13 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
             negatives = [c for c in cands if c[:2] != e["gold"][:2]]
             cands = [e["gold"]] + rng.sample(negatives, min(TRAIN_NEGATIVES, len(negatives)))
         e["candidates"] = cands
-        encs = tok.encode_batch([(e["question"], f"{entity_name(h)}：{r}") for h, r, _ in cands])
-        for c, enc in zip(cands, encs):
+        pairs = [(e["question"], f"{entity_name(h)}：{r}") for h, r, _ in cands]
+        encs = tok.encode_batch(pairs)
+        for c, enc, pair in zip(cands, encs, pairs):
             label = -100 if e["gold"] is None else int(c[:2] == e["gold"][:2])
             feats.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "example": i, "label": label})
+            if seg is not None:
+                feats[-1]["ling"] = encoding_ling(seg, enc, pair)
     tok.no_truncation()
     return feats
 

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, field, pad_features, read_jsonl
+from clueforge.tasks.io import TaskDataError, field, pad_features, pad_ling, read_jsonl, text_ling
 from clueforge.tasks.metrics import CLUENER_TYPES, bio_spans, cluener_scores, entity_prf, span_prf
 from clueforge.tasks.registry import Task
 
 HEAD = "token"
+LINGUISTIC = True  # ``encode`` adds the ``ling`` channel when ``state["segmenter"]`` is set
 
 
 def prepare(task: Task, data_dir: Path, cfg=None) -> dict:
@@ -94,6 +95,7 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
     tok.enable_truncation(max_length)
     encs = tok.encode_batch([e["chars"] for e in examples], is_pretokenized=True)
     tok.no_truncation()
+    seg = state.get("segmenter")  # a model with linguistic inputs (``finetune.loop.linguistic_state``)
     feats = []
     for i, (e, enc) in enumerate(zip(examples, encs)):
         char_tok = [-1] * len(e["chars"])
@@ -105,7 +107,21 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
                     labels[t] = index[e["tags"][w]]
         feats.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": labels,
                       "char_tok": char_tok, "example": i})
+        if seg is not None:
+            feats[-1]["ling"] = _ling(seg, e["chars"], enc)
     return feats
+
+
+def _ling(seg, chars: list[str], enc) -> list[int]:
+    """The ``ling`` channel of a pre-split encoding: the characters joined are the text, and a
+    token starts at its character's position plus its offset inside the character."""
+    first = np.cumsum([0] + [len(c) for c in chars])  # where each pre-split character starts in the text
+    idx = [t for t, w in enumerate(enc.word_ids) if w is not None]
+    out = np.zeros(len(enc.ids), dtype=np.int64)
+    if idx:
+        starts = [int(first[enc.word_ids[t]]) + enc.offsets[t][0] for t in idx]
+        out[idx] = text_ling(seg, "".join(chars), starts)
+    return out.tolist()
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -113,7 +129,10 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full_like(ids, -100)
     for i, f in enumerate(features):
         labels[i, :len(f["labels"])] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+    if "ling" in features[0]:
+        batch["ling"] = pad_ling(features)
+    return batch
 
 
 def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:

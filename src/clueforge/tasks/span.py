@@ -16,12 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clueforge.tasks.io import TaskDataError, pad_features, read_json
+from clueforge.tasks.io import TaskDataError, pad_features, pad_ling, read_json, text_ling
 from clueforge.tasks.metrics import cmrc_scores
 from clueforge.tasks.registry import Task
 
 log = logging.getLogger("clueforge.tasks")
 HEAD = "span"
+LINGUISTIC = True  # ``encode`` adds the ``ling`` channel when ``state["segmenter"]`` is set
 STRIDE, N_BEST, MAX_ANSWER_TOKENS = 128, 20, 64
 
 
@@ -72,10 +73,13 @@ def _locate(ctx: str, text: str, given: int) -> int | None:
 
 def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False) -> list[dict]:
     tok.enable_truncation(max_length, stride=min(STRIDE, max_length // 4), strategy="only_second")
+    seg = state.get("segmenter")  # a model with linguistic inputs (``finetune.loop.linguistic_state``)
     feats = []
     for i, e in enumerate(examples):
         enc = tok.encode(e["question"], e["context"])
-        for w in [enc] + list(enc.overflowing):
+        windows = [enc] + list(enc.overflowing)
+        lings = _window_ling(seg, e, windows) if seg is not None else None
+        for k, w in enumerate(windows):
             seq = w.sequence_ids
             ctx_tok = [t for t, s in enumerate(seq) if s == 1]
             start = end = 0
@@ -88,15 +92,33 @@ def encode(task: Task, examples: list[dict], tok, max_length: int, state: dict, 
                           "offsets": [w.offsets[t] if seq[t] == 1 else None for t in range(len(w.ids))],
                           "start": start if e["start"] is not None else -100,
                           "end": end if e["start"] is not None else -100})
+            if lings is not None:
+                feats[-1]["ling"] = lings[k]
     # training never sees examples whose answer is not in the context (their labels are -100)
     tok.no_truncation()
     return feats
 
 
+def _window_ling(seg, e: dict, windows: list) -> list[list[int]]:
+    """The ``ling`` channel of every window of one example. The question (never truncated) is one
+    text; the context's features are those of the whole context (a window starting mid-context is
+    a slice of them, as a pretraining sequence is a slice of its document's shard channels)."""
+    q = {off[0] for w in windows for off, s in zip(w.offsets, w.sequence_ids) if s == 0}
+    c = {off[0] for w in windows for off, s in zip(w.offsets, w.sequence_ids) if s == 1}
+    q_start, c_start = sorted(q), sorted(c)
+    q_ling = dict(zip(q_start, text_ling(seg, e["question"], q_start).tolist())) if q_start else {}
+    c_ling = dict(zip(c_start, text_ling(seg, e["context"], c_start).tolist())) if c_start else {}
+    return [[0 if s is None else (q_ling if s == 0 else c_ling)[off[0]] for off, s in zip(w.offsets, w.sequence_ids)]
+            for w in windows]
+
+
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     ids, types, mask = pad_features(features, pad_id)
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
-            "start": torch.tensor([f["start"] for f in features]), "end": torch.tensor([f["end"] for f in features])}
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
+             "start": torch.tensor([f["start"] for f in features]), "end": torch.tensor([f["end"] for f in features])}
+    if "ling" in features[0]:
+        batch["ling"] = pad_ling(features)
+    return batch
 
 
 def loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
