@@ -431,32 +431,26 @@ def test_option_pretrains_saves_reloads_finetunes(name, tmp_path, sample_corpus)
     assert n == sum(1 for line in open(FIXTURES / "afqmc" / "test.json", encoding="utf-8") if line.strip())
 
 
-def test_linguistic_model_refused_by_families_that_do_not_feed_it(tmp_path, sample_vocab):
-    from clueforge.finetune.loop import FinetuneConfig, finetune
-    from clueforge.utils import UserError
-
-    m = BertForMLM(ModelConfig(**{**TINY, "vocab_size": 2000, "max_position": 128}, pos_embeddings=True))
-    save_hf(m, tmp_path / "m", vocab=sample_vocab)
-    with pytest.raises(UserError, match="choice family"):
-        finetune("chid", FIXTURES / "chid", tmp_path / "m", tmp_path / "ft", FinetuneConfig(max_steps=1),
-                 show_progress=False)
-    shutil.rmtree(tmp_path / "m")
-
-
 @pytest.mark.slow
-def test_residual_model_exports_to_onnx_and_linguistic_one_is_refused(tmp_path, sample_vocab):
+def test_residual_and_linguistic_models_export_to_onnx(tmp_path, sample_vocab):
+    """Both kinds of option model export: the residual one with the usual three graph inputs, a POS +
+    syntax-chunk one with a fourth, ``ling``, which ``predict --runtime onnx`` computes as torch does."""
     pytest.importorskip("onnxruntime")
-    from clueforge.deploy.export import export_onnx
+    import onnx
+
+    from clueforge.cli import _predict_runtime
+    from clueforge.deploy.export import INPUTS, export_onnx
     from clueforge.finetune.loop import FinetuneConfig, finetune
-    from clueforge.utils import UserError
 
     base = {**TINY, "vocab_size": 2000, "max_position": 128}
-    for name, opts in (("res", dict(attn_residual_decay=0.5)), ("pos", dict(pos_embeddings=True))):
+    ling_opts = dict(pos_embeddings=True, syntax_heads=2, syntax_constraint="chunk")
+    for name, opts in (("res", dict(attn_residual_decay=0.5)), ("ling", ling_opts)):
         torch.manual_seed(0)
         m = BertForMLM(ModelConfig(**base, **opts))
+        _randomise(m)  # non-zero POS / boundary embeddings: the channel changes the logits
         with torch.no_grad():
             for layer in m.encoder.layers:
-                layer.attn.qkv.weight.mul_(40)  # scores of order 1: the residual changes the logits
+                layer.attn.qkv.weight.mul_(40)  # scores of order 1: residual and constraints change the logits
         save_hf(m, tmp_path / name, vocab=sample_vocab)
         finetune("afqmc", FIXTURES / "afqmc", tmp_path / name, tmp_path / f"ft-{name}",
                  FinetuneConfig(epochs=1, max_steps=1, batch_size=4), show_progress=False)
@@ -468,5 +462,51 @@ def test_residual_model_exports_to_onnx_and_linguistic_one_is_refused(tmp_path, 
         assert (tm(ids) - plain(ids)).abs().max() > 1e-3  # 10× the export check tolerance below
     rep = export_onnx(tmp_path / "ft-res" / "best", tmp_path / "onnx-res")
     assert rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] <= 1e-4
-    with pytest.raises(UserError, match="linguistic inputs"):
-        export_onnx(tmp_path / "ft-pos" / "best", tmp_path / "onnx-pos")
+    graph = onnx.load(str(tmp_path / "onnx-res" / "model.onnx")).graph
+    assert [i.name for i in graph.input] == list(INPUTS)  # a model without linguistic inputs: as before
+
+    # the linguistic model reads the channel: its logits depend on it
+    tl = load_hf_task(tmp_path / "ft-ling" / "best", "sequence", 2).eval()
+    ids, ling = torch.randint(5, 2000, (1, 8)), _ling([2, 1, 3], ["n", "p", "v"], T=8)
+    with torch.no_grad():
+        assert (tl(ids, ling=ling) - tl(ids, ling=_ling([1] * 6, ["a"] * 6, T=8))).abs().max() > 1e-3
+    for data, kind in ((None, "fp32"), (FIXTURES / "afqmc", "int8")):  # random channel; the dev set's real one
+        out = tmp_path / f"onnx-ling-{kind}"
+        rep = export_onnx(tmp_path / "ft-ling" / "best", out, int8=kind == "int8", data=data)
+        assert rep["inputs"] == [*INPUTS, "ling"]
+        assert [i.name for i in onnx.load(str(out / "model.onnx")).graph.input] == [*INPUTS, "ling"]
+        check = json.loads((out / "export_check.json").read_text(encoding="utf-8"))
+        assert check["onnxruntime"]["fp32"]["max_abs_logit_diff"] < 1e-4
+        assert check["onnxruntime"]["fp32"]["label_agreement"] == 1.0
+        assert check["onnxruntime"][kind]["labels_compared"] > 0
+    test = FIXTURES / "afqmc" / "test.json"
+    _predict_runtime("afqmc", tmp_path / "ft-ling", str(test), tmp_path / "torch.json", "torch")
+    _predict_runtime("afqmc", tmp_path / "onnx-ling-fp32", str(test), tmp_path / "onnx.json", "onnx")
+    rows = lambda f: [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]  # noqa: E731
+    assert rows(tmp_path / "onnx.json") == rows(tmp_path / "torch.json") and rows(tmp_path / "torch.json")
+    from clueforge.deploy.runtime import load_any  # the logits behind those labels, and the channel they read
+    from clueforge.finetune.loop import run_model
+
+    logits = {}
+    for rt, d in (("torch", tmp_path / "ft-ling"), ("onnx", tmp_path / "onnx-ling-fp32")):
+        task, fam, state, model, tok = load_any(d, rt, "afqmc")
+        feats = fam.encode(task, fam.load(task, test, state, False), tok, task.max_length, state)
+        assert all(any(f["ling"]) for f in feats)
+        pad = tok.token_to_id("[PAD]")
+        logits[rt] = np.concatenate(run_model(model, fam, feats, 4, pad, torch.device("cpu")))
+        if rt == "onnx":  # without the channel (all zero) the exported graph answers differently
+            blank = [{**f, "ling": [0] * len(f["ling"])} for f in feats]
+            other = np.concatenate(run_model(model, fam, blank, 4, pad, torch.device("cpu")))
+            assert np.abs(other - logits[rt]).max() > 1e-3
+    assert np.abs(logits["onnx"] - logits["torch"]).max() < 1e-4
+    from clueforge.deploy.serve import Backend  # serve --runtime onnx: the same channel, the same answer
+
+    body = json.dumps({"texts": ["花呗怎么还款", "花呗如何还钱，用银行卡可以吗"]}, ensure_ascii=False).encode()
+    ans = {}
+    for rt, d in (("torch", tmp_path / "ft-ling" / "best"), ("onnx", tmp_path / "onnx-ling-fp32")):
+        backend = Backend.load(d, rt)
+        ex, feat = backend.parse(body)
+        assert feat["ling"] and any(feat["ling"])
+        ans[rt] = backend.infer([ex], [feat])[0]
+    assert ans["onnx"]["label"] == ans["torch"]["label"]
+    assert ans["onnx"]["scores"] == pytest.approx(ans["torch"]["scores"], abs=1e-4)

@@ -12,6 +12,13 @@ metadata included, plus ``clueforge_onnx`` naming the model file), the tokenizer
 their labels, on the task's dev set (``--data``) or else on a fixed sample of random token
 sequences of varied lengths with padding.
 
+A model with linguistic inputs (``pos_embeddings`` / ``syntax_heads``; classification or NER, whose
+families feed them) exports with a fourth graph input ``ling`` (B, T) int64, the packed
+channel of ``model.bert.pack_ling``: the ONNX runtime computes it with the same rjieba
+segmentation as ``clueforge predict`` (``finetune.loop.linguistic_state`` → the family's
+``encode``). Its check runs on the dev set's real channel, or on random sequences with a random
+channel (random word lengths, sentence starts and POS tags). Other models keep the three inputs.
+
 Design choices:
 - The graph always takes the padding mask (the eager encoder skips it when a batch has no padding,
   a data-dependent branch an exported graph must not bake in). Batch and length are dynamic, the
@@ -28,16 +35,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import io
 import shutil
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from clueforge.deploy.runtime import EXPORTABLE, ONNX_KEY, OnnxModel, read_task_meta, supported_message
+from clueforge.deploy.runtime import EXPORTABLE, LING_INPUT, ONNX_KEY, OnnxModel, read_task_meta, supported_message
 
 log = logging.getLogger("clueforge.export")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,18 +53,19 @@ FORMATS = ("onnx",)
 
 
 class ExportGraph(nn.Module):
-    """``TaskModel`` forward for export: the padding mask is always applied (see module doc)."""
+    """``TaskModel`` forward for export: the padding mask is always applied (see module doc).
+    ``ling`` (B, T): the packed linguistic channel, given only to a model with linguistic inputs."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor) -> torch.Tensor:
+                token_type_ids: torch.Tensor, ling: torch.Tensor | None = None) -> torch.Tensor:
         m, enc = self.model, self.model.encoder
         mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
-        x = enc.embeddings(input_ids, token_type_ids)  # (B, T, D)
-        x, _ = enc.run_layers(x, mask)  # each block's plain forward, or the attention-residual path
+        x = enc.embeddings(input_ids, token_type_ids, ling)  # (B, T, D)
+        x, _ = enc.run_layers(x, mask, ling)  # plain blocks, or the option path (residual, syntax heads)
         if enc.final_ln is not None:
             x = enc.final_ln(x)
         if m.head == "sequence":
@@ -74,27 +83,68 @@ def _quiet():
         logging.disable(logging.NOTSET)
 
 
+def graph_inputs(cfg) -> tuple[str, ...]:
+    """The graph's input names: ``INPUTS``, plus ``LING_INPUT`` for a model with linguistic inputs."""
+    return INPUTS + (LING_INPUT,) if cfg.linguistic_inputs else INPUTS
+
+
+def _example_ling(B: int, T: int) -> torch.Tensor:
+    """A (B, T) channel for tracing: [CLS], then text tokens in two-token words under varied POS
+    tags (a chunk delimiter among them), one sentence start, [SEP]. Values only steer the trace's
+    example run; the graph is the same for any channel."""
+    from clueforge.model.bert import pack_ling
+    from clueforge.text.segment import POS_ID
+
+    body = torch.arange(T - 2)
+    pos = torch.tensor([POS_ID["n"], POS_ID["v"], POS_ID["p"], POS_ID["a"]])[(body // 2) % 4]
+    row = torch.zeros(T, dtype=torch.long)
+    row[1:T - 1] = pack_ling(pos, (body % 2 == 0).long(), (body == 0).long(), 1)
+    return row.expand(B, T).contiguous()
+
+
+def _onnx_isin():
+    """``aten.isin`` (the chunk constraint's delimiter test, ``model.bert.syntax_units``) as ONNX ops:
+    the exporter's own decomposition goes through ``searchsorted``, which it cannot translate. Any
+    element equal to any test element: Equal over a broadcast last axis, then a max over it."""
+    from onnxscript import opset18 as op
+
+    def isin(elements, test_elements, assume_unique: bool = False, invert: bool = False):
+        hit = op.Equal(op.Unsqueeze(elements, [-1]), op.Reshape(test_elements, [-1]))  # (..., K)
+        found = op.Cast(op.ReduceMax(op.Cast(hit, to=7), [-1], keepdims=0), to=9)  # int64 max → bool
+        return op.Not(found) if invert else found
+
+    return {torch.ops.aten.isin.Tensor_Tensor: isin}
+
+
 def _to_onnx(model: nn.Module, path: Path, max_len: int) -> None:
     graph = ExportGraph(model).eval()
+    names = graph_inputs(model.cfg)
     ids = torch.full((2, 8), 5, dtype=torch.long)
+    args = (ids, torch.ones_like(ids), torch.zeros_like(ids))
+    if LING_INPUT in names:
+        args += (_example_ling(*ids.shape),)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max_len)
-    shapes = {k: {0: batch, 1: seq} for k in INPUTS}
+    shapes = {k: {0: batch, 1: seq} for k in names}
     with _quiet(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), input_names=list(INPUTS),
-                          output_names=["logits"], dynamic_shapes=shapes, dynamo=True, external_data=False,
-                          verbose=False)
+        torch.onnx.export(graph, args, str(path), input_names=list(names), output_names=["logits"],
+                          dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False,
+                          **({"custom_translation_table": _onnx_isin()} if LING_INPUT in names else {}))
 
 
 def _optimize(src: Path, dst: Path, cfg) -> dict:
     """onnxruntime's transformers optimizer for BERT; returns its fused-operator counts."""
     from onnxruntime.transformers import optimizer
 
-    with _quiet():
+    printed = io.StringIO()  # its symbolic shape inference prints (not logs) when it gives up on a graph
+    with _quiet(), redirect_stdout(printed):
         opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=cfg.num_heads,
                                        hidden_size=cfg.hidden_size, opt_level=0)
         opt.save_model_to_file(str(dst))
-        return {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+        fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    if printed.getvalue().strip():
+        log.debug("optimizer: %s", printed.getvalue().strip())
+    return fused
 
 
 def _quantize(src: Path, dst: Path) -> None:
@@ -121,9 +171,10 @@ def write_onnx(model: nn.Module, out_dir: Path, int8: bool = False) -> tuple[dic
     return files, fused
 
 
-def sample_features(task, tok, n: int = 64, max_len: int = 64, seed: int = 0) -> list[dict]:
+def sample_features(task, tok, n: int = 64, max_len: int = 64, seed: int = 0, ling: bool = False) -> list[dict]:
     """Random token sequences of varied lengths (second segment typed 1 for pair tasks): the
-    check's inputs when no dev set is given."""
+    check's inputs when no dev set is given. With ``ling``, each also gets a random linguistic
+    channel (``random_ling``)."""
     rng = np.random.default_rng(seed)
     specials = {tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
     vocab = np.array([i for i in range(tok.get_vocab_size()) if i not in specials])
@@ -140,18 +191,44 @@ def sample_features(task, tok, n: int = 64, max_len: int = 64, seed: int = 0) ->
         else:
             ids, types = [cls, *body, sep], [0] * (length + 2)
         out.append({"input_ids": ids, "token_type_ids": types})
+        if ling:
+            out[-1]["ling"] = random_ling(rng, ids, (cls, sep))
+    return out
+
+
+def random_ling(rng, ids: list[int], specials: tuple[int, ...]) -> list[int]:
+    """A random packed channel for one sequence: each run of text tokens between special tokens
+    is one text, cut into words of 1-4 tokens with random POS tags, the text's first word and a
+    few others starting a sentence; special tokens get 0 (as ``tasks.io.encoding_ling`` does)."""
+    from clueforge.model.bert import pack_ling
+    from clueforge.text.segment import POS_TAGS
+
+    out, first, left = [], True, 0
+    for t in ids:
+        if t in specials:
+            out.append(0)
+            first, left = True, 0
+            continue
+        start = left == 0
+        if start:
+            left, tag = int(rng.integers(1, 5)), int(rng.integers(1, len(POS_TAGS)))
+            sent = first or bool(rng.random() < 0.1)
+        out.append(int(pack_ling(tag, int(start), int(start and sent), 1)))
+        first, left = False, left - 1
     return out
 
 
 def _logits(model, fam, features: list[dict], pad_id: int, batch_size: int = 32):
     """Per batch: (logits as numpy, attention mask as numpy)."""
-    from clueforge.tasks.io import pad_features
+    from clueforge.tasks.io import pad_features, pad_ling
 
     out = []
     with torch.inference_mode():
         for i in range(0, len(features), batch_size):
-            ids, types, mask = pad_features(features[i:i + batch_size], pad_id)
-            out.append((model(ids, mask, types).float().numpy(), mask.numpy().astype(bool)))
+            batch = features[i:i + batch_size]
+            ids, types, mask = pad_features(batch, pad_id)
+            kw = {"ling": pad_ling(batch)} if "ling" in batch[0] else {}  # a model with linguistic inputs
+            out.append((model(ids, mask, types, **kw).float().numpy(), mask.numpy().astype(bool)))
     return out
 
 
@@ -218,12 +295,8 @@ def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: s
     raw = read_task_meta(model_dir)
     if ONNX_KEY in raw:
         raise ValueError(f"{model_dir} is already an ONNX export; export its fine-tuned checkpoint instead")
-    from clueforge.model.hf import config_from_hf
     from clueforge.utils import UserError
 
-    if config_from_hf(raw).linguistic_inputs:
-        raise UserError(f"{model_dir}: ONNX export of a model with linguistic inputs (pos_embeddings / syntax_heads) "
-                        f"is not supported: the graph takes no ling input; predict with `clueforge predict` instead")
     if raw["clueforge_task"].get("method") in ("pet", "efl"):
         raise UserError(f"{model_dir}: ONNX export of a {raw['clueforge_task']['method'].upper()} checkpoint (scored "
                         f"through prompts) is not supported; predict with `clueforge predict` instead")
@@ -232,14 +305,19 @@ def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: s
         raise ValueError(supported_message(task))
     model.eval()
     cfg = model.cfg
+    if cfg.linguistic_inputs and "segmenter" not in state:  # ``linguistic_state`` sets it for a family that feeds it
+        raise UserError(f"{model_dir}: the {task.family} family does not feed the linguistic inputs "
+                        f"({', '.join(cfg.arch_options)}) this model reads; nothing to export")
     if data is not None:  # read before the slow export, so that a wrong --data fails at once
         data = Path(data)
         examples = subset(load_split(task, fam, data, task.files["dev"], state, True), max_check)
         features = fam.encode(task, examples, tok, task.max_length, state)
         source = f"dev set {data / task.files['dev']} ({len(examples)} examples)"
     else:
-        examples, features = None, sample_features(task, tok, max_len=min(64, task.max_length))
-        source = f"random sample ({len(features)} sequences of 5-{min(64, task.max_length)} tokens, seed 0)"
+        examples = None
+        features = sample_features(task, tok, max_len=min(64, task.max_length), ling=cfg.linguistic_inputs)
+        source = (f"random sample ({len(features)} sequences of 5-{min(64, task.max_length)} tokens"
+                  f"{' with a random linguistic channel' if cfg.linguistic_inputs else ''}, seed 0)")
     pad_id = tok.token_to_id("[PAD]")
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
@@ -252,8 +330,8 @@ def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: s
         log.info("check: PyTorch eager vs ONNX Runtime on the %s", source)
         ref = _logits(model, fam, features, pad_id)
         report = {"task": task.name, "family": task.family, "head": model.head, "source": model_dir.as_posix(),
-                  "checked_on": source, "fused_operators": fused, "model": files.get("int8", "model.onnx"),
-                  "onnxruntime": {}}
+                  "inputs": list(graph_inputs(cfg)), "checked_on": source, "fused_operators": fused,
+                  "model": files.get("int8", "model.onnx"), "onnxruntime": {}}
         for kind, name in files.items():
             got = _logits(OnnxModel(tmp / name), fam, features, pad_id)
             row = compare(ref, got, model.head)

@@ -2,9 +2,11 @@
 
 A fine-tuned checkpoint (``clueforge finetune`` → ``best/``) runs in PyTorch; an exported
 directory (``clueforge export``) runs in ONNX Runtime. Both give ``(task, family, state, model,
-tokenizer)`` where ``model(input_ids, attention_mask, token_type_ids)`` takes and returns torch
-tensors, so the prediction path (``finetune.loop.run_model`` → ``decode`` → ``submission``) is the
-same code for both runtimes.
+tokenizer)`` where ``model(input_ids, attention_mask, token_type_ids)`` (plus ``ling=`` for a model
+with linguistic inputs) takes and returns torch tensors, so the prediction path
+(``finetune.loop.run_model`` → ``decode`` → ``submission``) is the same code for both runtimes. For
+a model with linguistic inputs both put the same rjieba ``Segmenter`` in ``state``
+(``finetune.loop.linguistic_state``), so the family's ``encode`` computes the same ``ling`` channel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ ONNX_KEY = "clueforge_onnx"
 """config.json key written by ``clueforge export``: which ONNX file to run and how it was made."""
 EXPORTABLE = {"classify": "sequence", "ner": "token"}
 """Task families that export and serve (family → head): sentence(-pair) classification and NER."""
+LING_INPUT = "ling"
+"""The extra graph input of a model with linguistic inputs: the packed (B, T) int64 channel."""
 
 
 def supported_message(task) -> str:
@@ -52,6 +56,7 @@ class OnnxModel:
         opts.log_severity_level = 3
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.takes_ling = LING_INPUT in {i.name for i in self.session.get_inputs()}
 
     def eval(self) -> "OnnxModel":
         return self
@@ -59,21 +64,26 @@ class OnnxModel:
     def to(self, device) -> "OnnxModel":
         return self
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray,
+            ling: np.ndarray | None = None) -> np.ndarray:
         feed = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
                 "token_type_ids": np.ascontiguousarray(token_type_ids, dtype=np.int64)}
+        if self.takes_ling:
+            if ling is None:
+                raise ValueError(f"{self.path} reads linguistic inputs: pass the packed channel (ling)")
+            feed[LING_INPUT] = np.ascontiguousarray(ling, dtype=np.int64)
         return self.session.run(None, feed)[0]
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 token_type_ids: torch.Tensor) -> torch.Tensor:
+                 token_type_ids: torch.Tensor, ling: torch.Tensor | None = None) -> torch.Tensor:
         return torch.from_numpy(self.run(input_ids.cpu().numpy(), attention_mask.cpu().numpy(),
-                                         token_type_ids.cpu().numpy()))
+                                         token_type_ids.cpu().numpy(), None if ling is None else ling.cpu().numpy()))
 
 
 def load_exported(model_dir: str | Path, task_name: str | None = None, threads: int = 0):
     """``(task, family, state, OnnxModel, tokenizer)`` of a ``clueforge export`` directory."""
-    from clueforge.finetune.loop import family
+    from clueforge.finetune.loop import family, linguistic_state
     from clueforge.tasks.registry import get_task, with_overrides
     from clueforge.text.tokenizer import load_tokenizer
 
@@ -88,6 +98,7 @@ def load_exported(model_dir: str | Path, task_name: str | None = None, threads: 
     task = with_overrides(get_task(meta["task"]), max_length=meta.get("max_length"))
     fam = family(task)
     state = fam.state_from_json(meta, model_dir) if hasattr(fam, "state_from_json") else {}
+    linguistic_state(fam, task, state, model_dir)  # a model with linguistic inputs: the same Segmenter as torch
     onnx_file = model_dir / raw[ONNX_KEY]["model"]
     if not onnx_file.is_file():
         raise FileNotFoundError(f"{onnx_file}: the ONNX model named in config.json is missing")
