@@ -105,3 +105,31 @@ def test_init_from_a_plain_model_adds_the_requested_architecture_options(tmp_pat
     assert set(old) < set(new)
     for k in old:  # lr 1e-9, one step: the checkpoint's weights carried over
         torch.testing.assert_close(new[k], old[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["fewclue", "--method", "pet", "--calibration", "pmi"], "--calibration pmi is for --method zeroshot"),
+    (["clue1.1", "--calibration", "contextual"], "--calibration contextual is for --method zeroshot"),
+    (["clue1.1", "--splits", "0,1"], "--splits and --tasks are for the FewCLUE protocol"),
+    (["fewclue", "--tasks", "fewclue-eprstmt"], "--splits and --tasks are for the FewCLUE protocol"),
+    (["fewclue", "--method", "finetune", "--seeds", "2"], "--seeds: the FewCLUE protocol runs each split once"),
+])
+def test_benchmark_options_that_would_be_ignored_are_refused(tmp_path, args, needle):
+    r = cli("benchmark", *args, "--model", tmp_path, "--data", tmp_path, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and needle in " ".join(r.output.split()) and "Traceback" not in r.output, r.output
+
+
+def test_task_distillation_refuses_augmentation_settings_without_copies():
+    from clueforge.distill.task import TaskDistillConfig
+
+    with pytest.raises(ValueError, match="augment_rate, augment_mlm set but augment_copies=0"):
+        TaskDistillConfig(augment_rate=0.2, augment_mlm="runs/mini/final")
+    assert TaskDistillConfig(augment_rate=0.2, augment_copies=1).augment_copies == 1
+
+
+def test_task_distillation_refuses_rdrop_that_hard_weight_zero_would_switch_off(tmp_path):
+    from clueforge.distill.task import distill_task
+    from clueforge.utils import UserError
+
+    with pytest.raises(UserError, match="rdrop=1.0 with hard_weight=0 would do nothing"):
+        distill_task("afqmc", tmp_path / "teacher", "pico", tmp_path, tmp_path / "out", ["rdrop=1"], show_progress=False)

@@ -629,11 +629,11 @@ def benchmark(
     model: Annotated[Path, typer.Option(help="Model directory.")],
     data: Annotated[Path, typer.Option(help="Root holding the task folders.")],
     out: Annotated[Path, typer.Option(help="Output directory (report.json, report.md).")],
-    seeds: Annotated[int, typer.Option(help="Seeds per task.")] = 3,
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds per task (default 3; with --method: one run per split, --set seed=S).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
     method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet, efl or zeroshot over the official splits train_k → dev_k.")] = None,
     calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
-    splits: Annotated[str, typer.Option(help="--method: the official splits k to run, comma-separated (0-4).")] = "0,1,2,3,4",
+    splits: Annotated[Optional[str], typer.Option(help="--method: the official splits k to run, comma-separated (0-4; default all).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="--method: only these FewCLUE tasks, comma-separated (default: all nine).")] = None,
 ) -> None:
     """Fine-tune every task of a suite over seeds; report mean ± std beside published numbers."""
@@ -645,7 +645,7 @@ def benchmark(
     from clueforge.runs import run_lock
 
     _logging()
-    if seeds < 1:
+    if seeds is not None and seeds < 1:
         _fail(f"--seeds {seeds} is not allowed: must be ≥ 1")
     for name, path in (("--model", model), ("--data", data)):
         if not path.exists():
@@ -656,11 +656,18 @@ def benchmark(
     cfg = _finetune_config(set_, method=method if method in ("pet", "efl") else None)
     if method is None and cfg.method != "finetune":  # `--set method=pet` means the same as `--method pet`
         method = cfg.method
+    if method != "zeroshot" and calibration != "none":
+        _fail(f"--calibration {calibration} is for --method zeroshot; it would be ignored here")
+    if method is None and (splits is not None or tasks is not None):
+        _fail("--splits and --tasks are for the FewCLUE protocol (--method); they would be ignored here")
     if method is not None:
         from clueforge.prompts.fewclue import run_fewclue
 
         if suite != "fewclue":
             _fail(f"--method is for the FewCLUE protocol: `benchmark fewclue --method {method}`")
+        if seeds is not None:
+            _fail("--seeds: the FewCLUE protocol runs each split once; give the seed with --set seed=S")
+        splits = splits or "0,1,2,3,4"
         try:
             with run_lock(out, "benchmark"):
                 run_fewclue(method, model, data, out, cfg, calibration, _splits(splits),
@@ -671,7 +678,7 @@ def benchmark(
         return
     try:
         with run_lock(out, "benchmark"):
-            run_suite(suite, model, data, out, seeds, cfg, show_progress=sys.stderr.isatty())
+            run_suite(suite, model, data, out, seeds or 3, cfg, show_progress=sys.stderr.isatty())
     except (KeyError, FileNotFoundError, TaskDataError, ValueError, statistics.StatisticsError) as exc:
         _fail(_message(exc))
     print((out / "report.md").read_text(encoding="utf-8"))

@@ -93,6 +93,12 @@ class TaskDistillConfig:
             raise ValueError(f"init={self.init!r} is not allowed: must be one of teacher, random")
         if self.embeddings not in ("slice", "project"):
             raise ValueError(f"embeddings={self.embeddings!r} is not allowed: must be one of slice, project")
+        unused = [f"augment_{k}" for k, v, d in (("rate", self.augment_rate, 0.4), ("mlm", self.augment_mlm, None),
+                                                 ("corpus", self.augment_corpus, None), ("top_k", self.augment_top_k, 15))
+                  if v != d]
+        if unused and not self.augment_copies:
+            raise ValueError(f"{', '.join(unused)} set but augment_copies=0: no copies are made, so they would be "
+                             f"ignored (set augment_copies=N)")
         if self.soft_weight + self.hard_weight + self.hidden_weight + self.attention_weight == 0:
             raise ValueError("every loss weight is 0: nothing to train")
 
@@ -287,6 +293,9 @@ def distill_task(task: str, teacher_dir: str | Path, student_spec: str | Path, d
     from clueforge.model.hf import load_hf
 
     cfg, dcfg = split_overrides(overrides, seed)
+    if cfg.rdrop and not dcfg.hard_weight:  # the loop folds R-Drop into the task loss, which hard_weight scales
+        raise UserError(f"rdrop={cfg.rdrop} with hard_weight=0 would do nothing: R-Drop is part of the task loss; "
+                        f"set hard_weight > 0 or leave rdrop out")
     out_dir, teacher_dir = Path(out_dir), checkpoint_dir(teacher_dir)
     try:
         task_obj, fam, state, teacher, tok = load_finetuned(teacher_dir, task)
