@@ -352,7 +352,7 @@ def test_clueforge_distill_task_then_export_and_submit_prediction(tmp_path, samp
 
 def test_settings_are_validated_and_split_between_the_loop_and_distillation(tmp_path, sample_vocab):
     cfg, d = split_overrides(["lr=1e-3", "temperature=2", "augment_top_k=5", "augment_corpus=c.txt",
-                              "augment_mlm=m", "embeddings=project", "init=random"], seed=3)
+                              "augment_mlm=m", "augment_copies=1", "embeddings=project", "init=random"], seed=3)
     assert (cfg.lr, cfg.seed, d.temperature, d.augment_top_k, d.augment_corpus, d.augment_mlm, d.embeddings,
             d.init) == (1e-3, 3, 2.0, 5, "c.txt", "m", "project", "random")
     for bad in ("temperature=0", "augment_rate=1.5", "init=half", "soft_weight=-1", "embeddings=pca",
