@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
+from common import BERT_VOCAB, SHARED, machine, timed, write_json  # noqa: E402
 
 from clueforge.distill.task import distill_task  # noqa: E402
 from clueforge.finetune.loop import FinetuneConfig, checkpoint_dir, finetune, load_finetuned  # noqa: E402
@@ -37,15 +37,6 @@ from clueforge.model.bert import BertForMLM, ModelConfig  # noqa: E402
 from clueforge.model.hf import save_hf  # noqa: E402
 
 DATA_DIRS = {"msra-ner": "msra_ner", "kgclue": "kgclue", "ocnli": "ocnli"}
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def latency(models: dict, seq_len: int, repeats: int) -> dict[str, float]:

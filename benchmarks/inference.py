@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
+from common import BERT_VOCAB, SHARED, machine, timed, write_json  # noqa: E402
 
 from clueforge.deploy.export import write_onnx  # noqa: E402
 from clueforge.deploy.runtime import OnnxModel  # noqa: E402
@@ -61,15 +61,6 @@ def tokenizer():
         chars = sorted(set("".join(a + b for a, b in pairs(1))))
         (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars]) + "\n")
     return BertTokenizerFast.from_pretrained(d)
-
-
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main() -> None:

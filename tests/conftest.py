@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -57,3 +58,31 @@ def hf_tokenizer_dir(vocab: Path, tmp: Path):
     d.mkdir(exist_ok=True)
     shutil.copyfile(vocab, d / "vocab.txt")
     return BertTokenizerFast.from_pretrained(d)
+
+
+def run_metrics(run: Path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model on 2 shared cores: many BLAS threads make each step ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one process-wide state whose precision cannot change: start and leave clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -17,6 +17,7 @@ from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.model import PretrainingModel, mlm_objective
 from clueforge.utils import UserError
+from conftest import run_metrics as _metrics
 
 MASK = 3
 
@@ -225,18 +226,6 @@ def test_instance_self_distillation_with_groups_is_refused():
 
 class Stop(Exception):
     pass
-
-
-def _metrics(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.slow

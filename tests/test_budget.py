@@ -15,6 +15,7 @@ from clueforge.pretrain import loop
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.loop import pretrain, resumed_budget_steps
 from clueforge.utils import UserError
+from conftest import run_metrics as _metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,30 +27,6 @@ BASE = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=2", "trai
 
 def _run(corpus, out, *overrides):
     return pretrain(load_config("tiny", BASE + list(overrides)), corpus, out, show_progress=False)
-
-
-def _metrics(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def fresh_accelerate():
-    """Accelerate keeps one process-wide state whose precision cannot change: start and leave clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_bf16_training_tracks_fp32(sample_corpus, tmp_path, fresh_accelerate, one_thread):

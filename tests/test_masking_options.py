@@ -13,14 +13,6 @@ from clueforge.pretrain.masking import _groups
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _training_batches(tmp_path, corpus, overrides, monkeypatch):
     """``[(collator, rows, batch)]`` of the training steps of a short run."""
     seen = []

@@ -12,6 +12,7 @@ from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.loop import pretrain
 from conftest import SAMPLE
+from conftest import run_metrics as _metrics
 
 pytestmark = pytest.mark.slow
 
@@ -42,19 +43,6 @@ def _config(triples):
 
 class Stop(Exception):
     pass
-
-
-def _metrics(run):
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture
-def one_thread():
-    """A tiny model on 2 shared cores: many BLAS threads make each step ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_knowledge_recipe_stopped_and_resumed_is_exact(tmp_path, kg_corpus, monkeypatch, one_thread):

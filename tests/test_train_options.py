@@ -44,18 +44,6 @@ def _train_forward_spy(monkeypatch, seen: list):
     monkeypatch.setattr(bert.Encoder, "forward", spy)
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Accelerate keeps one process-wide state whose precision cannot change: start and leave clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_precision_autocasts_the_training_forward(sample_corpus, tmp_path, monkeypatch, fresh_accelerate, precision,
                                                   dtype):
