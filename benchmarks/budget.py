@@ -327,7 +327,8 @@ def compare(args) -> None:
     def train(name: str) -> dict:
         run = work / _slug(name)
         if name == "clueforge small":
-            row = pretrain_run("clueforge-small", {}, minutes, data, work, args.threads, nice=args.nice,
+            seed = {} if args.pretrain_seed is None else {"train.seed": args.pretrain_seed}
+            row = pretrain_run("clueforge-small", seed, minutes, data, work, args.threads, nice=args.nice,
                                extra=(f"train.save_every={args.save_every}", "train.keep_checkpoints=100",
                                       f"train.eval_every={args.save_every}"))
             metrics = {r["step"]: r for r in map(json.loads, (work / "clueforge-small" / "metrics.jsonl").open())}
@@ -344,6 +345,7 @@ def compare(args) -> None:
                 spec = HF_RECIPES[name]
                 cmd = ["nice", "-n", str(args.nice), sys.executable, __file__, "hf-train", "--out", str(run), "--data",
                        str(data), "--minutes", str(minutes), "--lr", str(spec["lr"]), "--points", str(args.points)]
+                cmd += [] if args.pretrain_seed is None else ["--seed", str(args.pretrain_seed)]
                 cmd += ["--bf16"] if spec["bf16"] else []
                 run.mkdir(parents=True, exist_ok=True)
                 with open(run / "log.txt", "a") as log:
@@ -365,6 +367,7 @@ def compare(args) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(train, names))
     meta = {"benchmark": "budget", "minutes": minutes, "threads": args.threads, "seeds": args.seeds,
+            "pretrain_seed": args.pretrain_seed,
             "finetune": {"common": FT_COMMON, "tasks": FT_TASKS}, "unit": "CPU-minutes of training (process CPU "
             "time, all threads; evaluation excluded)", "eval_protocol": "fixed: token masking 15 % (80/10/10), "
             "masking seed 0, first 640 held-out rows of 128 tokens, batches of 32, fp32"}
@@ -470,6 +473,8 @@ def main() -> None:
     c = sub.add_parser("compare", help="clueforge small vs transformers run_mlm at the same CPU time, then fine-tuning")
     c.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (0: pretraining and held-out loss only)")
     c.add_argument("--points", type=int, default=5, help="curve points (transformers runs)")
+    c.add_argument("--pretrain-seed", type=int, default=None, help="seed of every pretraining run (train.seed / the "
+                   "transformers run's torch and data-order seed; default: theirs, 1234 / 0); one --work per seed")
     c.add_argument("--only", nargs="*", help="train (and fine-tune) only these recipes")
     c.add_argument("--tasks-from", nargs="*", help="`finetune` JSON files whose scores to attach by recipe name")
     f = sub.add_parser("finetune", help="fine-tune one model directory on the suite (3 seeds)")
