@@ -713,17 +713,27 @@ QUICKSTART_SETTINGS = ["train.max_minutes=null", "train.seq_len=64", "train.batc
 """The small recipe (configs/small.yaml) at the quickstart's scale: a step count instead of the
 CPU-minute budget, rows of 64 tokens and batches of 16 for the ~3,500-character sample."""
 
-# Held-out probes: a sentence of the sample's held-out documents (the last shard, never trained
-# on) with one character of a common word masked; every word also occurs in the training documents.
+# Held-out probes, written before the quickstart corpus and its settings were tuned: sentences
+# that occur in none of the embedded text (a test checks), each with one character of a common
+# word masked whose every word also occurs in the training documents. Two answers (一, 了) are
+# frequent characters the unigram baseline can guess; the rest need the word's other character.
 FILL_MASK_PROBES = (
-    ("如果明天不下雨，我[MASK]就去爬山。", "们"),
-    ("从那里还[MASK]以看到整个城市的风景。", "可"),
-    ("跑到三十公里的时[MASK]，他感觉双腿像灌了铅一样沉重。", "候"),
-    ("我们应该从小培养孩[MASK]的阅读习惯。", "子"),
-    ("但[MASK]一想到终点，他又咬牙坚持了下来。", "是"),
-    ("虽然没[MASK]拿到奖牌，观众还是给了他最热烈的掌声。", "有"),
-    ("有些年轻人选择离开大城[MASK]，回到家乡创业。", "市"),
-    ("把大[MASK]逗得哈哈大笑。", "家"),
+    ("因[MASK]路上堵车，他上班迟到了十分钟。", "为"),
+    ("周末我们[MASK]起去看电影吧。", "一"),
+    ("妈妈已[MASK]把晚饭做好了。", "经"),
+    ("他觉[MASK]这本书比上一本更有意思。", "得"),
+    ("孩[MASK]们在院子里玩得很开心。", "子"),
+    ("我的朋[MASK]下个月要去北京工作。", "友"),
+    ("这个问[MASK]其实并不难回答。", "题"),
+    ("天[MASK]预报说明天会下雨。", "气"),
+    ("医[MASK]让她每天按时吃药。", "生"),
+    ("为[MASK]赶上早班车，她五点就起床了。", "了"),
+    ("现在很多人习惯用手[MASK]付款。", "机"),
+    ("我们学[MASK]的图书馆晚上也开放。", "校"),
+    ("她非常喜[MASK]这家店的咖啡。", "欢"),
+    ("每个人都应该学会照顾自[MASK]。", "己"),
+    ("老[MASK]耐心地回答了同学们的问题。", "师"),
+    ("这个城[MASK]的交通越来越方便了。", "市"),
 )
 
 
