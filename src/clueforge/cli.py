@@ -81,6 +81,11 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Build CLUE-class Chinese language models."""
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sample_corpus.txt"
+EVERYDAY = SAMPLE.with_name("everyday_corpus.txt")
+QUICKSTART_TEXTS = (SAMPLE, EVERYDAY)
+"""What the quickstart trains on, in order: the small sample (the tests' corpus too) and a larger
+one of everyday prose; both are our own original text. The last shard, at the end of EVERYDAY,
+is held out."""
 
 
 def _logging(verbose: bool = False) -> None:
@@ -382,13 +387,15 @@ def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear) -
     from clueforge.text.vocab import build_vocab
     from clueforge.utils import atomic_write
 
-    cfg = BuildConfig(vocab="", doc_sep="blank", docs_per_shard=16)  # 4 shards; the last (13 docs) is held out
+    cfg = BuildConfig(vocab="", doc_sep="blank")
+    n_docs = sum(1 for _ in iter_texts(list(QUICKSTART_TEXTS), cfg))
+    cfg.docs_per_shard = -(-n_docs // QUICKSTART_SHARDS)  # the last shard, about 1/QUICKSTART_SHARDS, is held out
     vocab = out / "vocab.txt"
-    n = build_vocab(iter_texts([SAMPLE], cfg), vocab, vocab_size=2000, min_frequency=1)
+    n = build_vocab(iter_texts(list(QUICKSTART_TEXTS), cfg), vocab, vocab_size=2000, min_frequency=1)
     console.print(f"[1/4] vocab: {n} entries → {vocab}")
     cfg.vocab = str(vocab)
     clear(corpus_dir)
-    m = build_corpus([SAMPLE], corpus_dir, cfg, workers=1)
+    m = build_corpus(list(QUICKSTART_TEXTS), corpus_dir, cfg, workers=1)
     console.print(f"[2/4] corpus: {m['docs_kept']} docs, {m['tokens']:,} tokens, {len(m['shards'])} shards → {corpus_dir}")
     clear(run_dir)
     pcfg = load_config("small", QUICKSTART_SETTINGS + [f"train.max_steps={steps}",
@@ -712,6 +719,8 @@ QUICKSTART_SETTINGS = ["train.max_minutes=null", "train.seq_len=64", "train.batc
                        "train.save_every=100", "train.eval_batches=4", "train.log_every=10"]
 """The small recipe (configs/small.yaml) at the quickstart's scale: a step count instead of the
 CPU-minute budget, rows of 64 tokens and batches of 16 for the ~3,500-character sample."""
+QUICKSTART_SHARDS = 5
+"""Shards of the quickstart corpus; the last (the end of EVERYDAY, about a fifth) is held out."""
 
 # Held-out probes, written before the quickstart corpus and its settings were tuned: sentences
 # that occur in none of the embedded text (a test checks), each with one character of a common
