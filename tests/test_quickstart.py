@@ -12,8 +12,8 @@ import torch
 from clueforge import cli
 
 pytestmark = pytest.mark.slow
-STEPS = 60  # the CI-sized run; the quickstart's default is cli.QUICKSTART_STEPS
-MARGIN = 4  # model top-5 hits ≥ unigram top-5 hits + MARGIN, over the 16 probes
+STEPS = 1500  # the quickstart's default: the model leaves the unigram plateau after ~800 steps at full LR
+MARGIN = 8  # model top-5 hits ≥ unigram top-5 hits + MARGIN over the 16 probes (measured: 15 vs 2)
 
 
 def _filled(text: str, answer: str) -> str:
@@ -45,7 +45,7 @@ def _untrained_copy(final: Path, out: Path) -> Path:
 
 
 def test_quickstart_model_beats_the_unigram_distribution_on_held_out_probes(tmp_path, fresh_accelerate):
-    """A short quickstart run (``STEPS`` steps of the small recipe, fixed seed): the model's top-5
+    """The quickstart's run (``STEPS`` steps of the small recipe, fixed seed): the model's top-5
     hits on the held-out probes exceed the unigram distribution's by ``MARGIN``; an untrained model
     of the same shape scored the same way does not. The held-out shard holds a fifth of the
     documents and none of them were trained on (the unigram counts exclude it)."""

@@ -356,7 +356,7 @@ def distill(
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where to put the vocab, corpus and run.")] = Path("runs/quickstart"),
-    steps: Annotated[int, typer.Option(help="Pretraining steps of the small recipe (configs/small.yaml).")] = 200,
+    steps: Annotated[int, typer.Option(help="Pretraining steps of the small recipe (configs/small.yaml).")] = 1500,
 ) -> None:
     """The whole spine on the embedded sample corpus: vocab → shards → pretrain → HF checkpoint."""
     import shutil
