@@ -376,6 +376,13 @@ VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": 
 
 VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
 
+# P-tuning (issue 13, ``prompts.ptuning``): a method of its own and its three settings
+VALIDATION["FinetuneConfig"].update({"method": Rule(choices=("finetune", "pet", "efl", "ptuning")),
+                                     "ptuning_tokens": _NONNEG,
+                                     "ptuning_encoder": Rule(choices=("lstm", "mlp", "none"))})
+PTUNING_DEFAULTS = {"ptuning_tokens": 4, "ptuning_encoder": "lstm", "ptuning_freeze": False}
+"""``FinetuneConfig``'s P-tuning defaults: any other value is refused unless method=ptuning."""
+
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
     """Rules that involve several fields or the items of a collection."""
@@ -389,6 +396,15 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
                 out.append((key, getattr(obj, key), "unset unless method=pet"))
     if name == "FinetuneConfig" and obj.unlabeled_file and not obj.pet_mlm:
         out.append(("unlabeled_file", obj.unlabeled_file, "unset unless pet_mlm > 0 (it feeds the auxiliary MLM loss)"))
+    if name == "FinetuneConfig" and obj.method != "ptuning":  # P-tuning-only settings are refused, not ignored
+        for key, default in PTUNING_DEFAULTS.items():
+            if getattr(obj, key) != default:
+                out.append((key, getattr(obj, key), f"{json.dumps(default)} (the default) unless method=ptuning"))
+    if name == "FinetuneConfig" and obj.method == "ptuning":
+        if obj.ptuning_freeze and obj.ptuning_tokens == 0:
+            out.append(("ptuning_freeze", obj.ptuning_freeze, "false with ptuning_tokens=0 (nothing would train)"))
+        if obj.template == "all":
+            out.append(("template", obj.template, "one template's name with method=ptuning (it learns one prompt)"))
     if name == "TrainConfig" and obj.curriculum is not None:
         keys = {"at", *CURRICULUM_OVERRIDES}
         if not isinstance(obj.curriculum, list) or not all(isinstance(st, dict) and set(st) <= keys
