@@ -94,7 +94,7 @@ class FinetuneConfig:
     unlabeled_file: str | None = None
     """PET with ``pet_mlm``: the unlabeled text's file(s) inside --data (default: the training file's inputs)."""
     ptuning_tokens: int = 4
-    """P-tuning: continuous prompt vectors written into each row right before the [MASK]s (0 = PET)."""
+    """P-tuning: continuous prompt vectors appended to each prompt row, before its final [SEP] (0 = PET)."""
     ptuning_encoder: str = "lstm"
     """P-tuning: what produces the prompt vectors: ``lstm`` (the paper's BiLSTM + MLP), ``mlp``, or
     ``none`` (the vectors are trained directly)."""

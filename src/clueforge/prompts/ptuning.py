@@ -8,14 +8,18 @@ Design:
 - Everything of PET is reused (``prompts.pet``): the shipped template and verbalizer, one row per
   label-word length with one [MASK] per token, ``PromptModel``'s (B, C) label log-probabilities and
   PET's cross-entropy through the MLM head, ``predict``/``submit`` unchanged.
-- ``ptuning_tokens`` = k pseudo tokens are written into every row **immediately before the
-  [MASK]s** (EPRSTMT "[MASK]满意。{sentence}" → ``[CLS] P1…Pk [MASK] 满意。… [SEP]``, OCNLI
-  "…之间的逻辑关系是[MASK][MASK]" → ``… 是 P1…Pk [MASK][MASK] [SEP]``): the template's text stays
-  and the pseudo tokens sit next to the label word, where P-tuning found them to matter. The slots
-  are cut by k tokens more to keep ``max_length``. A pseudo token's input id is ``[UNK]`` (never
-  looked at): inside ``PtuningModel.forward`` its word embedding is replaced by the prompt vector
-  (a forward hook on the word embedding, removed when the forward ends), so position, token-type
-  embeddings and the embedding LayerNorm apply to it as to a word.
+- ``ptuning_tokens`` = k pseudo tokens are appended to every row **right before its final
+  [SEP]** (EPRSTMT "[MASK]满意。{sentence}" → ``[CLS] [MASK] 满 意 。 sentence P1…Pk [SEP]``): PET's
+  row stays whole and at PET's positions, so the template's words and [MASK] keep the prior PET
+  reuses, and the k vectors (attended to by every token, the [MASK]s included) learn what the
+  hand-written template does not say. Placed elsewhere they displace it: between the template's
+  text and its [MASK], or as a prefix after [CLS] (every template token shifted by k), the
+  synthetic test's MLM starts near chance (55 %) and 32 examples do not bring it back; appended it
+  starts at 80 % and reaches 100 %. The slots are cut by k tokens more to keep ``max_length``. A
+  pseudo token's input id is ``[UNK]`` (never looked at): inside ``PtuningModel.forward`` the word
+  embeddings at the k positions before each row's last [SEP] are replaced by the prompt vectors (a
+  forward hook on the word embedding, removed when the forward ends), so position and token-type
+  embeddings and the embedding LayerNorm apply to them as to words.
 - The k vectors come from a prompt encoder (``ptuning_encoder``): ``lstm`` (the paper's: k input
   vectors → a 2-layer BiLSTM with D/2 units each way → Linear-ReLU-Linear), ``mlp`` (input vectors
   → Linear-ReLU-Linear) or ``none`` (the input vectors themselves, as the bert4keras/FewCLUE
@@ -71,14 +75,15 @@ class ContinuousPrompt(nn.Module):
 
 
 class PtuningModel(PromptModel):
-    """``PromptModel`` whose rows carry k pseudo tokens right before their [MASK]s, embedded as the
-    prompt encoder's vectors (k = 0: ``PromptModel`` itself)."""
+    """``PromptModel`` whose rows carry k pseudo tokens right before their last [SEP], embedded as
+    the prompt encoder's vectors (k = 0: ``PromptModel`` itself)."""
 
     def __init__(self, cfg: ModelConfig, words: list[list[list[int]]], mask_id: int, scores: list[str],
-                 n_tokens: int, kind: str):
+                 n_tokens: int, kind: str, sep_id: int):
         super().__init__(cfg, words, mask_id, scores)
         self.n_tokens = n_tokens
         self.prompt = ContinuousPrompt(n_tokens, cfg.hidden_size, kind) if n_tokens else None
+        self.sep_id = sep_id
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):  # type: ignore[override]
         if self.prompt is None:
@@ -87,8 +92,10 @@ class PtuningModel(PromptModel):
         k = self.n_tokens
 
         def insert(module, args, out):  # out (N, T, D): the word embeddings of the flattened rows
-            first = (args[0] == self.mask_id).int().argmax(-1)  # (N,) each row's first [MASK]
-            pos = (first[:, None] - k + torch.arange(k, device=out.device)).clamp(min=0)  # (N, k)
+            ids = args[0]  # (N, T)
+            T = ids.shape[1]
+            sep = T - 1 - (ids.flip(1) == self.sep_id).int().argmax(-1)  # (N,) each row's last [SEP]
+            pos = (sep[:, None] - k + torch.arange(k, device=out.device)).clamp(min=0)  # (N, k)
             src = vectors.to(out.dtype).expand(out.shape[0], -1, -1)  # (N, k, D)
             return out.scatter(1, pos[..., None].expand(-1, -1, out.shape[-1]), src)  # (N, T, D)
 
@@ -131,28 +138,24 @@ class PtuningFamily(PetFamily):
         return PtuningFamily(base, s["tokens"], s["encoder"], s["freeze"], templates=pet.templates), state
 
     def encode(self, task: Task, examples: list[dict], tok, max_length: int, state: dict, training: bool = False):
-        """PET's rows (slots cut to leave room) with k ``[UNK]`` placeholders before the first [MASK]."""
+        """PET's rows (slots cut to leave room) with k ``[UNK]`` placeholders before the final [SEP]."""
         k = state["ptuning"]["tokens"]
         feats = super().encode(task, examples, tok, max_length - k, state, training)
         if k:
-            mask, unk = tok.token_to_id("[MASK]"), tok.token_to_id("[UNK]")
+            unk = tok.token_to_id("[UNK]")
             for f in feats:
-                rows = []
-                for ids, _ in f["rows"]:
-                    at = ids.index(mask)
-                    ids = ids[:at] + [unk] * k + ids[at:]
-                    rows.append((ids, [0] * len(ids)))
-                f["rows"] = rows
+                f["rows"] = [(ids[:-1] + [unk] * k + ids[-1:], [0] * (len(ids) + k)) for ids, _ in f["rows"]]
         longest = max((len(ids) for f in feats for ids, _ in f["rows"]), default=0)
         if longest > max_length:  # the template, its [MASK]s and the pseudo tokens alone do not fit
             raise ValueError(f"ptuning_tokens={k}: rows of {longest} tokens exceed max_length {max_length} "
                              f"(the template's text and [MASK]s leave no room); use fewer tokens or a longer max_length")
         return feats
 
-    def build_model(self, cfg: ModelConfig, words: list[list[list[int]]], mask_id: int, scores: list[str],
+    def build_model(self, cfg: ModelConfig, words: list[list[list[int]]], tok, scores: list[str],
                     state: dict) -> PtuningModel:
         s = state["ptuning"]  # a P-tuning checkpoint's prompt is its saved vectors: a plain table
-        return PtuningModel(cfg, words, mask_id, scores, s["tokens"], "none" if "prompt_file" in state else s["encoder"])
+        return PtuningModel(cfg, words, tok.token_to_id("[MASK]"), scores, s["tokens"],
+                            "none" if "prompt_file" in state else s["encoder"], tok.token_to_id("[SEP]"))
 
     def load_model(self, model_dir: Path, state: dict, tok) -> PtuningModel:
         model = super().load_model(model_dir, state, tok)
