@@ -177,7 +177,7 @@ def test_frozen_body_stays_bit_identical_and_the_prompt_alone_learns(synthetic_m
     the MLM's answer some points, the trained ones give it back."""
     mlm, data, prompts = synthetic_mlm
     start = load_file(mlm / "model.safetensors")
-    kw = {"method": "ptuning", "prompts": str(prompts), "select": "last", "ema": 0.5, "ptuning_freeze": True}
+    kw = {"method": "ptuning", "prompts": str(prompts), "select": "last", "ema": 0.9, "ptuning_freeze": True}
     untrained = _train(mlm, data, tmp_path / "untrained", max_steps=1, lr=1e-12, **kw)["metric"]["accuracy"]
     frozen = _train(mlm, data, tmp_path / "frozen", epochs=4, lr=1e-3, **kw)["metric"]["accuracy"]
     got = load_file(tmp_path / "frozen" / "last" / "model.safetensors")
