@@ -12,10 +12,11 @@ Design:
   [SEP]** (EPRSTMT "[MASK]满意。{sentence}" → ``[CLS] [MASK] 满 意 。 sentence P1…Pk [SEP]``): PET's
   row stays whole and at PET's positions, so the template's words and [MASK] keep the prior PET
   reuses, and the k vectors (attended to by every token, the [MASK]s included) learn what the
-  hand-written template does not say. Placed elsewhere they displace it: between the template's
-  text and its [MASK], or as a prefix after [CLS] (every template token shifted by k), the
-  synthetic test's MLM starts near chance (55 %) and 32 examples do not bring it back; appended it
-  starts at 80 % and reaches 100 %. The slots are cut by k tokens more to keep ``max_length``. A
+  hand-written template does not say. Placed elsewhere they displace it. On the synthetic test's
+  MLM (trained on short rows only), k = 4 vectors between the template's text and its [MASK] end 2
+  epochs at 52 %; as a prefix after [CLS] (every template token shifted by 4) the untrained start
+  is 55 % and 2 epochs keep it there; appended they start at 80 % and reach 100 % in 4 epochs (chance
+  50 %, PET 100 %). The slots are cut by k tokens more to keep ``max_length``. A
   pseudo token's input id is ``[UNK]`` (never looked at): inside ``PtuningModel.forward`` the word
   embeddings at the k positions before each row's last [SEP] are replaced by the prompt vectors (a
   forward hook on the word embedding, removed when the forward ends), so position and token-type
