@@ -380,8 +380,6 @@ VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # i
 VALIDATION["FinetuneConfig"].update({"method": Rule(choices=("finetune", "pet", "efl", "ptuning")),
                                      "ptuning_tokens": _NONNEG,
                                      "ptuning_encoder": Rule(choices=("lstm", "mlp", "none"))})
-PTUNING_DEFAULTS = {"ptuning_tokens": 4, "ptuning_encoder": "lstm", "ptuning_freeze": False}
-"""``FinetuneConfig``'s P-tuning defaults: any other value is refused unless method=ptuning."""
 
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
@@ -396,10 +394,10 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
                 out.append((key, getattr(obj, key), "unset unless method=pet"))
     if name == "FinetuneConfig" and obj.unlabeled_file and not obj.pet_mlm:
         out.append(("unlabeled_file", obj.unlabeled_file, "unset unless pet_mlm > 0 (it feeds the auxiliary MLM loss)"))
-    if name == "FinetuneConfig" and obj.method != "ptuning":  # P-tuning-only settings are refused, not ignored
-        for key, default in PTUNING_DEFAULTS.items():
-            if getattr(obj, key) != default:
-                out.append((key, getattr(obj, key), f"{json.dumps(default)} (the default) unless method=ptuning"))
+    if name == "FinetuneConfig" and obj.method != "ptuning":  # P-tuning-only settings: the default, or refused
+        for f in fields(obj):
+            if f.name.startswith("ptuning_") and getattr(obj, f.name) != f.default:
+                out.append((f.name, getattr(obj, f.name), f"{json.dumps(f.default)} (the default) unless method=ptuning"))
     if name == "FinetuneConfig" and obj.method == "ptuning":
         if obj.ptuning_freeze and obj.ptuning_tokens == 0:
             out.append(("ptuning_freeze", obj.ptuning_freeze, "false with ptuning_tokens=0 (nothing would train)"))
