@@ -5,7 +5,7 @@
     clueforge corpus build INPUT... --out DIR --vocab vocab.txt [--workers N]
     clueforge corpus stats DIR
     clueforge pretrain --config mini --data DIR --out DIR [--max-steps N] [--set train.lr=3e-4]
-    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet|efl] [--set key=value ...]
+    clueforge finetune TASK --data DIR --model PATH --out DIR [--seed S] [--method pet|efl|ptuning] [--set key=value ...]
     clueforge distill --teacher DIR --student pico --data CORPUS --out DIR [--task TASK] [--set distill.KEY=V]
     clueforge predict TASK --model DIR --input FILE --out FILE [--runtime onnx]
     clueforge zeroshot TASK --model DIR --input FILE --out FILE [--template K] [--calibration pmi]
@@ -13,7 +13,7 @@
     clueforge serve DIR [--runtime torch|onnx] --port 8000 [--max-batch 32 --max-wait-ms 5 --queue 256]
     clueforge submit DIR --data DIR
     clueforge benchmark SUITE --model PATH --data DIR --out DIR [--seeds 3]
-    clueforge benchmark fewclue --method finetune|pet|efl|zeroshot --model PATH --data DIR --out DIR
+    clueforge benchmark fewclue --method finetune|pet|efl|ptuning|zeroshot --model PATH --data DIR --out DIR
     clueforge tasks                           the task registry
     clueforge config show [NAME]              every --set key with its default and meaning
 
@@ -464,7 +464,7 @@ def finetune(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default 42; the same as --set seed=S).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override, e.g. lr=2e-5, rdrop=1.0.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    method: Annotated[Optional[str], typer.Option(help="finetune (a new head, the default), pet (the MLM head through a template; --set template=NAME or all) or efl (entailment against each label's statement).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="finetune (a new head, the default), pet (the MLM head through a template; --set template=NAME or all) efl (entailment against each label's statement) or ptuning (PET with trainable prompt vectors; --set ptuning_tokens=K).")] = None,
 ) -> None:
     """Fine-tune on a task; dev scores each epoch; keep the best checkpoint (`--set select=last`: the last)."""
     from clueforge.finetune.loop import finetune as run
@@ -638,7 +638,7 @@ def benchmark(
     out: Annotated[Path, typer.Option(help="Output directory (report.json, report.md).")],
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per task (default 3; with --method: one run per split, --set seed=S).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet, efl or zeroshot over the official splits train_k → dev_k.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet, efl, ptuning or zeroshot over the official splits train_k → dev_k.")] = None,
     calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
     splits: Annotated[Optional[str], typer.Option(help="--method: the official splits k to run, comma-separated (0-4; default all).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="--method: only these FewCLUE tasks, comma-separated (default: all nine).")] = None,
@@ -660,7 +660,7 @@ def benchmark(
     set_ = list(set_ or [])
     if suite == "fewclue" and method and not any(i.split("=", 1)[0].strip() == "select" for i in set_):
         set_.append("select=last")  # FewCLUE scores dev_k: selecting the epoch on it would flatter trained methods
-    cfg = _finetune_config(set_, method=method if method in ("pet", "efl") else None)
+    cfg = _finetune_config(set_, method=method if method in ("pet", "efl", "ptuning") else None)
     if method is None and cfg.method != "finetune":  # `--set method=pet` means the same as `--method pet`
         method = cfg.method
     if method != "zeroshot" and calibration != "none":

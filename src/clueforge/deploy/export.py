@@ -297,8 +297,9 @@ def _export(model_dir: Path, out: Path, int8: bool, data, max_check: int, fmt: s
         raise ValueError(f"{model_dir} is already an ONNX export; export its fine-tuned checkpoint instead")
     from clueforge.utils import UserError
 
-    if raw["clueforge_task"].get("method") in ("pet", "efl"):
-        raise UserError(f"{model_dir}: ONNX export of a {raw['clueforge_task']['method'].upper()} checkpoint (scored "
+    if raw["clueforge_task"].get("method") in ("pet", "efl", "ptuning"):
+        method = raw["clueforge_task"]["method"]
+        raise UserError(f"{model_dir}: ONNX export of a {'P-tuning' if method == 'ptuning' else method.upper()} checkpoint (scored "
                         f"through prompts) is not supported; predict with `clueforge predict` instead")
     task, fam, state, model, tok = load_finetuned(model_dir, raw["clueforge_task"]["task"])
     if task.family not in EXPORTABLE:

@@ -82,8 +82,9 @@ class FinetuneConfig:
     """Which weights to keep: ``best`` (the best-on-dev epoch, in ``out/best``) or ``last`` (the
     final epoch, in ``out/last``: a protocol without model selection on dev)."""
     method: str = "finetune"
-    """``finetune`` (a new task head), ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``)
-    or ``efl`` (entailment against each label's statement; ``clueforge.prompts.efl``)."""
+    """``finetune`` (a new task head), ``pet`` (the MLM head through a template; ``clueforge.prompts.pet``),
+    ``efl`` (entailment against each label's statement; ``clueforge.prompts.efl``) or ``ptuning``
+    (PET with trainable continuous prompt vectors; ``clueforge.prompts.ptuning``)."""
     template: str | None = None
     """PET and `benchmark fewclue --method zeroshot`: the template's name (default: the task's first)."""
     prompts: str | None = None
@@ -92,6 +93,14 @@ class FinetuneConfig:
     """PET: weight of the auxiliary masked-LM loss on unlabeled text run through the template (0 = off)."""
     unlabeled_file: str | None = None
     """PET with ``pet_mlm``: the unlabeled text's file(s) inside --data (default: the training file's inputs)."""
+    ptuning_tokens: int = 4
+    """P-tuning: continuous prompt vectors appended to each prompt row, before its final [SEP] (0 = PET)."""
+    ptuning_encoder: str = "lstm"
+    """P-tuning: what produces the prompt vectors: ``lstm`` (the paper's BiLSTM + MLP), ``mlp``, or
+    ``none`` (the vectors are trained directly)."""
+    ptuning_freeze: bool = False
+    """P-tuning: train only the prompt encoder; the encoder body and MLM head stay bit-identical
+    (default: everything trains, as in P-tuning's few-shot runs). Frozen, ``lr`` is the prompt's rate."""
 
 
 class StepObjective(Protocol):
@@ -405,7 +414,7 @@ def load_finetuned(model_dir: str | Path, task_name: str):
     task = with_overrides(get_task(task_name), max_length=meta.get("max_length"))
     fam = family(task)
     state = fam.state_from_json(meta, model_dir) if hasattr(fam, "state_from_json") else {}
-    if meta.get("method") in ("pet", "efl"):
+    if meta.get("method") in ("pet", "efl", "ptuning"):
         from clueforge.prompts import family_from_meta
 
         fam, state = family_from_meta(fam, meta, model_dir)

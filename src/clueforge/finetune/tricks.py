@@ -5,7 +5,8 @@
 - **FGM** (``fgm`` = ε): after the backward pass, word embeddings move by ε·g/‖g‖ along their
   gradient, a second forward/backward adds the adversarial loss's gradient, the embeddings return.
 - **EMA** (``ema`` = decay): an exponential moving average of the weights, used for evaluation and
-  for the saved checkpoint.
+  for the saved checkpoint. Frozen parameters (``requires_grad=False``, P-tuning's frozen body) are
+  not averaged: they stay bit-identical.
 - **LLRD** (``llrd`` = γ < 1): layer-wise learning-rate decay; layer i of L gets lr·γ^(L−i), the
   embeddings lr·γ^(L+1), the task head lr.
 """
@@ -41,7 +42,9 @@ def llrd_param_groups(model: nn.Module, lr: float, decay: float, weight_decay: f
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.model, self.decay = model, decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+        frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}  # tied: all names
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()
+                       if v.dtype.is_floating_point and k not in frozen}
 
     @torch.no_grad()
     def update(self) -> None:

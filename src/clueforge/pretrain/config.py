@@ -376,6 +376,11 @@ VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": 
 
 VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
 
+# P-tuning (issue 13, ``prompts.ptuning``): a method of its own and its three settings
+VALIDATION["FinetuneConfig"].update({"method": Rule(choices=("finetune", "pet", "efl", "ptuning")),
+                                     "ptuning_tokens": _NONNEG,
+                                     "ptuning_encoder": Rule(choices=("lstm", "mlp", "none"))})
+
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
     """Rules that involve several fields or the items of a collection."""
@@ -389,6 +394,15 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
                 out.append((key, getattr(obj, key), "unset unless method=pet"))
     if name == "FinetuneConfig" and obj.unlabeled_file and not obj.pet_mlm:
         out.append(("unlabeled_file", obj.unlabeled_file, "unset unless pet_mlm > 0 (it feeds the auxiliary MLM loss)"))
+    if name == "FinetuneConfig" and obj.method != "ptuning":  # P-tuning-only settings: the default, or refused
+        for f in fields(obj):
+            if f.name.startswith("ptuning_") and getattr(obj, f.name) != f.default:
+                out.append((f.name, getattr(obj, f.name), f"{json.dumps(f.default)} (the default) unless method=ptuning"))
+    if name == "FinetuneConfig" and obj.method == "ptuning":
+        if obj.ptuning_freeze and obj.ptuning_tokens == 0:
+            out.append(("ptuning_freeze", obj.ptuning_freeze, "false with ptuning_tokens=0 (nothing would train)"))
+        if obj.template == "all":
+            out.append(("template", obj.template, "one template's name with method=ptuning (it learns one prompt)"))
     if name == "TrainConfig" and obj.curriculum is not None:
         keys = {"at", *CURRICULUM_OVERRIDES}
         if not isinstance(obj.curriculum, list) or not all(isinstance(st, dict) and set(st) <= keys

@@ -1,12 +1,12 @@
 """The FewCLUE protocol: every task trained on each official split ``train_k`` and scored on its
 ``dev_k`` (k = 0..4), mean ± std over the splits per task and the average, for one method:
 
-    clueforge benchmark fewclue --method finetune|pet|efl|zeroshot --model runs/mini/final \\
+    clueforge benchmark fewclue --method finetune|pet|efl|ptuning|zeroshot --model runs/mini/final \\
         --data ../shared/data/tasks --out runs/fewclue-pet [--calibration pmi] [--set epochs=20] [--splits 0,1]
 
-``finetune``, ``pet`` and ``efl`` train with the fine-tuning loop (``--set`` applies); ``zeroshot``
+``finetune``, ``pet``, ``efl`` and ``ptuning`` train with the fine-tuning loop (``--set`` applies); ``zeroshot``
 trains nothing and scores each ``dev_k`` (the same five sets, so the methods share one table shape;
-``--set max_length`` applies to it too). Tasks without data, and CHID under PET/EFL (no fixed label
+``--set max_length`` applies to it too). Tasks without data, and CHID under PET/EFL/P-tuning (no fixed label
 set), are listed as skipped with the reason.
 """
 
@@ -22,7 +22,7 @@ from clueforge.tasks.registry import SUITES, get_task
 from clueforge.tasks.submit import task_dir
 from clueforge.tasks.suite import write_report
 
-METHODS = ("finetune", "pet", "efl", "zeroshot")
+METHODS = ("finetune", "pet", "efl", "ptuning", "zeroshot")
 
 
 def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str | Path,
@@ -47,7 +47,7 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
         if not ks:
             skipped.append({"task": name, "reason": f"no train_k/dev_k splits under {data_root}"})
             continue
-        if method in ("pet", "efl") and task.family != "classify":
+        if method in ("pet", "efl", "ptuning") and task.family != "classify":
             skipped.append({"task": name, "reason": f"{method.upper()} needs a fixed label set (per-example candidates)"})
             continue
         scores = []

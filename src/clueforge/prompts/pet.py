@@ -183,8 +183,13 @@ class PetFamily:
         cfg, _ = read_hf_config(model_dir)
         words = [[tok.encode(t.verbalizer[lab], add_special_tokens=False).ids for lab in state["labels"]]
                  for t in state["templates"]]
-        model = PromptModel(cfg, words, tok.token_to_id("[MASK]"), [t.score for t in state["templates"]])
+        model = self.build_model(cfg, words, tok, [t.score for t in state["templates"]], state)
         absent = from_hf_state_dict(model, read_hf_weights(Path(model_dir)))
         if absent:
             raise ValueError(f"{model_dir}: no masked-LM head (lacks {', '.join(absent)}): PET needs one")
         return model
+
+    def build_model(self, cfg: ModelConfig, words: list[list[list[int]]], tok, scores: list[str],
+                    state: dict) -> PromptModel:
+        """The model ``load_model`` fills with the checkpoint's weights (P-tuning's adds its prompt)."""
+        return PromptModel(cfg, words, tok.token_to_id("[MASK]"), scores)
