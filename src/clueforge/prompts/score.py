@@ -9,7 +9,9 @@ Calibration (zero-shot):
 - ``pmi``: subtract the word's score given the template with every slot empty, i.e. rank by
   log P(y|x) − log P(y|∅) (ERNIE 3.0 Titan's PMI scoring);
 - ``contextual``: Zhao et al. 2021: p(y|x) normalised over the labels, divided by the mean of the
-  same distribution on the content-free inputs "N/A" and "" (the diagonal correction W = diag(p_cf)⁻¹).
+  same distribution on the paper's three content-free inputs "N/A", "" and "[MASK]" (every slot
+  filled with it; "[MASK]" is the real mask token here, the MLM's own "no content") — the diagonal
+  correction W = diag(p_cf)⁻¹, applied as log p − log p_cf (renormalised by the caller: argmax unchanged).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from clueforge.prompts.spec import Template
 from clueforge.tasks.registry import Task
 
 CALIBRATIONS = ("none", "pmi", "contextual")
-CONTENT_FREE = ("N/A", "")
+CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def slots_of(task: Task, ex: dict) -> dict[str, str]:
@@ -73,15 +75,17 @@ class PromptEncoder:
             self._words[word] = self.tok.encode(word, add_special_tokens=False).ids
         return self._words[word]
 
-    def rows(self, slot_values: list[dict[str, str]], n_masks: list[int]) -> list[tuple[list[int], int]]:
-        """``(ids, first mask position)`` for each (slots, mask count) pair."""
+    def rows(self, slot_values: list[dict[str, str]], n_masks: list[int],
+             keep_masks: bool = False) -> list[tuple[list[int], int]]:
+        """``(ids, first mask position)`` for each (slots, mask count) pair. A "[MASK]" in a slot's
+        text becomes [UNK] unless ``keep_masks`` (the content-free input "[MASK]" of calibration)."""
         names = [v for k, v in self.pieces if k == "slot"]
         flat = [s[name] for s in slot_values for name in names]
         encs = self.tok.encode_batch(flat, add_special_tokens=False) if flat else []
         fixed = 2 + sum(len(self.literal[v]) for k, v in self.pieces if k == "text")
         out = []
         for i, n in enumerate(n_masks):
-            slot_ids = [[self.unk_id if x == self.mask_id else x for x in e.ids]
+            slot_ids = [[self.unk_id if x == self.mask_id and not keep_masks else x for x in e.ids]
                         for e in encs[i * len(names):(i + 1) * len(names)]]
             keep = _fit([len(s) for s in slot_ids], self.max_length - fixed - n)
             ids, start, j = [self.cls_id], -1, 0
@@ -134,7 +138,7 @@ def word_logprobs(model, rows: list[tuple[list[int], int]], queries: list[np.nda
     return out  # type: ignore[return-value]
 
 
-def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]]):
+def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]], keep_masks: bool = False):
     """``(rows, queries, where)``: one row per (example, word length) with that many [MASK]s; the
     (W, n) token ids of its words; ``(example index, word indices)`` it scores."""
     rows_in, n_masks, queries, where = [], [], [], []
@@ -149,13 +153,13 @@ def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: l
             n_masks.append(n)
             queries.append(np.array([enc.word_ids(ws[m]) for m in members], dtype=np.int64))
             where.append((e, members))
-    return enc.rows(rows_in, n_masks), queries, where
+    return enc.rows(rows_in, n_masks, keep_masks), queries, where
 
 
 def score_examples(model, enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]],
-                   batch_size: int = 64) -> list[np.ndarray]:
+                   batch_size: int = 64, keep_masks: bool = False) -> list[np.ndarray]:
     """Per example, the score (mean or sum of token log-probs) of each of its words."""
-    rows, queries, where = example_rows(enc, slot_values, words)
+    rows, queries, where = example_rows(enc, slot_values, words, keep_masks)
     lps = word_logprobs(model, rows, queries, batch_size)
     out = [np.zeros(len(ws)) for ws in words]
     agg = np.mean if enc.t.score == "mean" else np.sum
@@ -175,7 +179,7 @@ def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[l
     fills = ("",) if method == "pmi" else CONTENT_FREE
     prior = {}
     for fill in fills:  # one pseudo-example per content-free input, scoring every word used
-        s = score_examples(model, enc, [{k: fill for k in slot_names}], [vocab], batch_size)[0]
+        s = score_examples(model, enc, [{k: fill for k in slot_names}], [vocab], batch_size, keep_masks=True)[0]
         prior[fill] = dict(zip(vocab, s))
     out = []
     for s, ws in zip(scores, words):
