@@ -52,6 +52,9 @@ def test_every_shipped_template(bert_vocab):
                 words = list(t.verbalizer.values()) if t.verbalizer else ["胸有成竹", "一蹴而就", "画蛇添足"]
                 for w in words:
                     assert unk not in enc.word_ids(w), f"{t.source}: {w!r} is not in {bert_vocab.name}"
+                    # one token per character: the rows an example costs are the lengths one sees
+                    # (IFLYTEK's "MOBA" was one token, a third row for every example)
+                    assert len(enc.word_ids(w)) == len(w), f"{t.source}: {w!r} is {len(enc.word_ids(w))} token(s)"
                 rows, queries, where = example_rows(enc, [SLOT_TEXT], [words])
                 for (ids, start), q, (_, members) in zip(rows, queries, where):
                     n = ids.count(mask)
