@@ -104,11 +104,13 @@ class PromptEncoder:
 
 
 def word_logprobs(model, rows: list[tuple[list[int], int]], queries: list[np.ndarray], batch_size: int = 64,
-                  device=None) -> list[np.ndarray]:
+                  device=None, at_masks: bool = True) -> list[np.ndarray]:
     """For each row and its (W, n) query of word token ids: the (W, n) log-probabilities of those
     tokens at the row's n [MASK] positions. Rows are batched by length; the MLM head runs only at
-    [MASK] positions."""
+    [MASK] positions and, with ``at_masks`` (the default, for plain encoders), so does the last
+    layer (``Encoder.forward_at``); off, the whole (B, T, D) output is computed and read there."""
     device = device or next(model.parameters()).device
+    fast = at_masks and not model.cfg.arch_options
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out: list[np.ndarray | None] = [None] * len(rows)
     model.eval()
@@ -120,10 +122,16 @@ def word_logprobs(model, rows: list[tuple[list[int], int]], queries: list[np.nda
             att = np.zeros((len(idx), T), dtype=np.int64)
             for r, i in enumerate(idx):
                 ids[r, :len(rows[i][0])], att[r, :len(rows[i][0])] = rows[i][0], 1
-            h = model.encoder(torch.from_numpy(ids).to(device), torch.from_numpy(att).to(device))  # (B, T, D)
+            ids_t, att_t = torch.from_numpy(ids).to(device), torch.from_numpy(att).to(device)
             n = [queries[i].shape[1] for i in idx]
             b_idx = np.repeat(np.arange(len(idx)), n)
-            p_idx = np.concatenate([rows[i][1] + np.arange(k) for i, k in zip(idx, n)])
+            if fast:  # the last layer only at each row's max(n) positions from its first [MASK]
+                at = np.minimum(np.array([rows[i][1] for i in idx])[:, None] + np.arange(max(n)), T - 1)  # (B, Q)
+                h = model.encoder.forward_at(ids_t, att_t, torch.from_numpy(at).to(device))  # (B, Q, D)
+                p_idx = np.concatenate([np.arange(k) for k in n])
+            else:
+                h = model.encoder(ids_t, att_t)  # (B, T, D)
+                p_idx = np.concatenate([rows[i][1] + np.arange(k) for i, k in zip(idx, n)])
             logp = F.log_softmax(model.head(h[torch.from_numpy(b_idx), torch.from_numpy(p_idx)]).float(), -1)  # (M, V)
             offsets = np.concatenate([[0], np.cumsum(n)])
             qi = np.concatenate([(offsets[r] + np.arange(n[r]))[None, :].repeat(len(queries[i]), 0).ravel()
@@ -157,10 +165,10 @@ def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: l
 
 
 def score_examples(model, enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]],
-                   batch_size: int = 64, keep_masks: bool = False) -> list[np.ndarray]:
+                   batch_size: int = 64, keep_masks: bool = False, at_masks: bool = True) -> list[np.ndarray]:
     """Per example, the score (mean or sum of token log-probs) of each of its words."""
     rows, queries, where = example_rows(enc, slot_values, words, keep_masks)
-    lps = word_logprobs(model, rows, queries, batch_size)
+    lps = word_logprobs(model, rows, queries, batch_size, at_masks=at_masks)
     out = [np.zeros(len(ws)) for ws in words]
     agg = np.mean if enc.t.score == "mean" else np.sum
     for (e, members), lp in zip(where, lps):
@@ -169,7 +177,7 @@ def score_examples(model, enc: PromptEncoder, slot_values: list[dict[str, str]],
 
 
 def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[list[str]], slot_names: list[str],
-              method: str, batch_size: int = 64) -> list[np.ndarray]:
+              method: str, batch_size: int = 64, at_masks: bool = True) -> list[np.ndarray]:
     """``scores`` corrected by ``method`` (see the module docstring); argmax of the result predicts."""
     if method == "none":
         return scores
@@ -179,7 +187,7 @@ def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[l
     fills = ("",) if method == "pmi" else CONTENT_FREE
     prior = {}
     for fill in fills:  # one pseudo-example per content-free input, scoring every word used
-        s = score_examples(model, enc, [{k: fill for k in slot_names}], [vocab], batch_size, keep_masks=True)[0]
+        s = score_examples(model, enc, [{k: fill for k in slot_names}], [vocab], batch_size, True, at_masks)[0]
         prior[fill] = dict(zip(vocab, s))
     out = []
     for s, ws in zip(scores, words):
