@@ -23,6 +23,7 @@ bound of what a trained model shows) and ``speedup`` = its examples/s / the base
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,7 +40,12 @@ from common import BERT_VOCAB, SHARED, machine, write_json  # noqa: E402
 from clueforge.model.bert import BertForMLM  # noqa: E402
 from clueforge.model.hf import save_hf  # noqa: E402
 from clueforge.pretrain.config import load_config  # noqa: E402
-from clueforge.prompts.zeroshot import load_mlm, zeroshot  # noqa: E402
+from clueforge.finetune.loop import prepare_state  # noqa: E402
+from clueforge.prompts.score import PromptEncoder, example_rows, slots_of, words_of  # noqa: E402
+from clueforge.prompts.spec import templates_for  # noqa: E402
+from clueforge.prompts.zeroshot import load_examples, load_mlm, zeroshot  # noqa: E402
+from clueforge.tasks.registry import get_task  # noqa: E402
+from clueforge.text.tokenizer import load_tokenizer  # noqa: E402
 
 FEW = SHARED / "tasks" / "fewclue"
 SHORT = "eprstmt,tnews,bustm,ocnli,cluewsc"  # inputs of ≤ 64 tokens on average
@@ -86,11 +93,12 @@ def main() -> None:
             lines = test.read_text(encoding="utf-8").splitlines(keepends=True)
             test = tmp / name / "test.json"
             test.write_text("".join(lines[:args.limit]), encoding="utf-8")
-        row = {"task": f"fewclue-{name}", "paths": {}}
+        row = {"task": f"fewclue-{name}", **work(name, test, mlm.cfg, model_dir), "paths": {}}
         preds = {}
         for _ in range(args.rounds):
             for p in paths:
                 entry, preds[p] = run_path(name, model_dir, test, tmp / f"{name}-{p}.json", p, mlm, args)
+                entry["full_forward_gflop_per_cpu_s"] = round(row["gflop_full_forward"] / max(entry["cpu_seconds"], 1e-9), 1)
                 best = row["paths"].get(p)
                 if best is None or entry["examples_per_cpu_s"] > best["examples_per_cpu_s"]:
                     row["paths"][p] = entry
@@ -105,6 +113,25 @@ def main() -> None:
                           "model": str(args.model or "random-init mini"), "calibration": args.calibration,
                           "batch_size": args.batch_size, "paths": paths, "limit": args.limit, "rounds": args.rounds,
                           "results": results})
+
+
+def work(name: str, test: Path, cfg, model_dir: Path) -> dict:
+    """The rows the first template makes of ``test`` (PMI's one row aside), their real tokens, and
+    the FLOPs of the plain forward over them: 2·L·12·D² per token (QKV, output, MLP) + 4·L·D·T² per
+    row (attention) + 2·(D² + D·V) per [MASK] (the head)."""
+    task = get_task(f"fewclue-{name}")
+    fam = importlib.import_module(f"clueforge.tasks.{task.family}")
+    state = prepare_state(fam, task, test.parent)
+    examples, _ = load_examples(task, fam, [test], state)
+    t = templates_for(task)[0]
+    enc = PromptEncoder(load_tokenizer(model_dir), t, min(task.max_length, cfg.max_position))
+    rows, queries, _ = example_rows(enc, [slots_of(task, e) for e in examples], [words_of(t, e, state.get("labels")) for e in examples])
+    lens = np.array([len(r[0]) for r in rows], dtype=np.float64)
+    L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    masks = sum(q.shape[1] for q in queries)
+    flops = 2 * L * 12 * D * D * lens.sum() + 4 * L * D * (lens ** 2).sum() + 2 * (D * D + D * V) * masks
+    return {"rows": len(rows), "tokens": int(lens.sum()), "mean_row_tokens": round(float(lens.mean()), 1),
+            "gflop_full_forward": round(flops / 1e9, 1)}
 
 
 def run_path(name: str, model_dir: Path, test: Path, out: Path, path: str, mlm, args) -> tuple[dict, list]:
