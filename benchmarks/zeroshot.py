@@ -131,7 +131,7 @@ def work(name: str, test: Path, cfg, model_dir: Path) -> dict:
     masks = sum(q.shape[1] for q in queries)
     flops = 2 * L * 12 * D * D * lens.sum() + 4 * L * D * (lens ** 2).sum() + 2 * (D * D + D * V) * masks
     return {"rows": len(rows), "tokens": int(lens.sum()), "mean_row_tokens": round(float(lens.mean()), 1),
-            "gflop_full_forward": round(flops / 1e9, 1)}
+            "gflop_full_forward": round(float(flops) / 1e9, 1)}
 
 
 def run_path(name: str, model_dir: Path, test: Path, out: Path, path: str, mlm, args) -> tuple[dict, list]:
