@@ -2,8 +2,9 @@
 
 An example becomes one row per label-word length ``n`` present in its verbalizer (usually one):
 ``[CLS] pattern-with-slots-filled [SEP]`` with the template's ``[MASK]`` written as ``n`` [MASK]
-tokens. The encoder runs once per row; the MLM head runs only at the [MASK] positions; a word's
-score is the mean (or sum) of its tokens' log-probabilities at those positions.
+tokens. The encoder runs once per row (rows sorted by length, padded per batch); its last layer
+(``Encoder.forward_at``) and the MLM head run only at the [MASK] positions; a word's score is the
+mean (or sum) of its tokens' log-probabilities at those positions.
 
 Calibration (zero-shot):
 - ``pmi``: subtract the word's score given the template with every slot empty, i.e. rank by
