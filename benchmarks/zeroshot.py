@@ -125,7 +125,8 @@ def work(name: str, test: Path, cfg, model_dir: Path) -> dict:
     examples, _ = load_examples(task, fam, [test], state)
     t = templates_for(task)[0]
     enc = PromptEncoder(load_tokenizer(model_dir), t, min(task.max_length, cfg.max_position))
-    rows, queries, _ = example_rows(enc, [slots_of(task, e) for e in examples], [words_of(t, e, state.get("labels")) for e in examples])
+    words = [words_of(t, e, state.get("labels")) for e in examples]
+    rows, queries, _ = example_rows(enc, [slots_of(task, e) for e in examples], words)
     lens = np.array([len(r[0]) for r in rows], dtype=np.float64)
     L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
     masks = sum(q.shape[1] for q in queries)
