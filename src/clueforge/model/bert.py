@@ -392,7 +392,6 @@ class Encoder(nn.Module):
             kept = [self.final_ln(h) for h in kept]
         return (x, kept) if keep else x
 
-
     def forward_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    positions: torch.Tensor) -> torch.Tensor:
         """``forward(input_ids, attention_mask)`` read only at ``positions`` (B, Q): (B, Q, D). The last
