@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--model", help="an MLM directory (default: random-init mini)")
     ap.add_argument("--tasks", default=SHORT, help=f"FewCLUE task names, or 'all' ({ALL})")
     ap.add_argument("--paths", default="fp32-full,fp32,bf16-full,bf16", help="precision[-full], the first is the baseline")
+    ap.add_argument("--precisions", help="the earlier runs' option: these precisions on the whole-last-layer path")
     ap.add_argument("--limit", type=int, default=None, help="the first N examples of each file (default: all)")
     ap.add_argument("--rounds", type=int, default=1, help="the paths alternated this many times; the best kept")
     ap.add_argument("--calibration", default="pmi")
@@ -77,7 +78,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="clueforge-zs-"))
     model_dir = Path(args.model) if args.model else random_mini(tmp)
     mlm = load_mlm(model_dir)
-    paths = args.paths.split(",")
+    paths = [f"{p}-full" for p in args.precisions.split(",")] if args.precisions else args.paths.split(",")
     base = paths[0]
     results = []
     for name in (ALL if args.tasks == "all" else args.tasks).split(","):
