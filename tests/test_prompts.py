@@ -52,6 +52,9 @@ def test_every_shipped_template(bert_vocab):
                 words = list(t.verbalizer.values()) if t.verbalizer else ["胸有成竹", "一蹴而就", "画蛇添足"]
                 for w in words:
                     assert unk not in enc.word_ids(w), f"{t.source}: {w!r} is not in {bert_vocab.name}"
+                    # one token per character: the rows an example costs are the lengths one sees
+                    # (IFLYTEK's "MOBA" was one token, a third row for every example)
+                    assert len(enc.word_ids(w)) == len(w), f"{t.source}: {w!r} is {len(enc.word_ids(w))} token(s)"
                 rows, queries, where = example_rows(enc, [SLOT_TEXT], [words])
                 for (ids, start), q, (_, members) in zip(rows, queries, where):
                     n = ids.count(mask)
@@ -143,9 +146,19 @@ def test_scores_equal_a_dense_forward(tmp_path):
         pmi = calibrate(model, enc, got, words, ["sentence"], "pmi")
         np.testing.assert_allclose(pmi[1], got[1] - empty, atol=1e-5)
         # contextual (Zhao et al.): log of p(y|x) normalised over the labels, divided by the mean of the
-        # same distribution on the content-free inputs "N/A" and "", written out by hand
+        # same distribution on the paper's three content-free inputs "N/A", "" and "[MASK]" (here the
+        # real mask token in the slot: a dense forward by hand, the template's [MASK]s after it)
         na = score_examples(model, enc, [{"sentence": "N/A"}], [words[0]])[0]
-        p_cf = (np.exp(na) / np.exp(na).sum() + np.exp(empty) / np.exp(empty).sum()) / 2
+        masked = []
+        for w in words[0]:
+            w_ids = tok.encode(w, add_special_tokens=False).ids
+            ids = tok.encode("[MASK]。" + "[MASK]" * len(w_ids) + "意").ids
+            with torch.no_grad():
+                lp = F.log_softmax(model(torch.tensor([ids])).logits[0], -1)  # (T, V)
+            per_tok = [lp[3 + i, x].item() for i, x in enumerate(w_ids)]  # [CLS] [MASK] 。 then the word's
+            masked.append(np.mean(per_tok) if score == "mean" else np.sum(per_tok))
+        masked = np.array(masked)
+        p_cf = sum(np.exp(x) / np.exp(x).sum() for x in (na, empty, masked)) / 3
         ctx = calibrate(model, enc, got, words, ["sentence"], "contextual")
         for g, c in zip(got, ctx):
             np.testing.assert_allclose(c, np.log(np.exp(g) / np.exp(g).sum()) - np.log(p_cf), atol=1e-5)

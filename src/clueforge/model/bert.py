@@ -192,6 +192,16 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_drop if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
+    def forward_at(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """``forward``'s output at ``positions`` (B, Q) only: keys and values from every token, the
+        queries and the output projection only there. Returns (B, Q, D)."""
+        B, T, D = x.shape
+        Q, Dh = positions.shape[1], D // self.n_heads
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, Dh).permute(2, 0, 3, 1, 4)  # 3 × (B, H, T, Dh)
+        q = q.gather(2, positions[:, None, :, None].expand(B, self.n_heads, Q, Dh))  # (B, H, Q, Dh)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Q, Dh)
+        return self.out(y.transpose(1, 2).reshape(B, Q, D))  # (B, Q, D)
+
     def _bias(self, mask: torch.Tensor | None, st: Structure | None, dtype) -> torch.Tensor | None:
         """The additive (B, H, T, T) score bias: -inf where a head may not look, plus the learned
         distance bias of the syntax heads; ``None`` when nothing is masked or biased."""
@@ -242,6 +252,16 @@ class Block(nn.Module):
             return x + self.drop(self.mlp_out(F.gelu(self.mlp_in(self.ln2(x)))))
         x = self.ln1(x + self.drop(self.attn(x, mask)))
         return self.ln2(x + self.drop(self.mlp_out(F.gelu(self.mlp_in(x)))))
+
+    def forward_at(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """``forward``'s output at ``positions`` (B, Q) only (attention over every token, the MLP
+        and residuals only there): (B, Q, D)."""
+        at = positions[:, :, None].expand(-1, -1, x.shape[-1])  # (B, Q, D)
+        if self.pre_ln:
+            xq = x.gather(1, at) + self.drop(self.attn.forward_at(self.ln1(x), mask, positions))
+            return xq + self.drop(self.mlp_out(F.gelu(self.mlp_in(self.ln2(xq)))))
+        xq = self.ln1(x.gather(1, at) + self.drop(self.attn.forward_at(x, mask, positions)))
+        return self.ln2(xq + self.drop(self.mlp_out(F.gelu(self.mlp_in(xq)))))
 
     def forward_options(self, x: torch.Tensor, mask: torch.Tensor | None, st: Structure | None,
                         prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -371,6 +391,21 @@ class Encoder(nn.Module):
             x = self.final_ln(x)
             kept = [self.final_ln(h) for h in kept]
         return (x, kept) if keep else x
+
+    def forward_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """``forward(input_ids, attention_mask)`` read only at ``positions`` (B, Q): (B, Q, D). The last
+        layer runs its queries, residual and MLP only there (a head that reads a few positions — the
+        [MASK]s of a prompt — needs nothing else: about 1/L of the encoder's work less). Plain blocks
+        only: a model with an architecture option refuses it."""
+        if self.cfg.arch_options:
+            raise ValueError(f"forward_at: plain blocks only, not {', '.join(self.cfg.arch_options)}")
+        mask = attention_bias(attention_mask, None)
+        x = self.embeddings(input_ids, None)  # (B, T, D)
+        for layer in self.layers[:-1]:
+            x = layer(x, mask)
+        x = self.layers[-1].forward_at(x, mask, positions)  # (B, Q, D)
+        return x if self.final_ln is None else self.final_ln(x)
 
 
 class MLMHead(nn.Module):

@@ -2,14 +2,17 @@
 
 An example becomes one row per label-word length ``n`` present in its verbalizer (usually one):
 ``[CLS] pattern-with-slots-filled [SEP]`` with the template's ``[MASK]`` written as ``n`` [MASK]
-tokens. The encoder runs once per row; the MLM head runs only at the [MASK] positions; a word's
-score is the mean (or sum) of its tokens' log-probabilities at those positions.
+tokens. The encoder runs once per row (rows sorted by length, padded per batch); its last layer
+(``Encoder.forward_at``) and the MLM head run only at the [MASK] positions; a word's score is the
+mean (or sum) of its tokens' log-probabilities at those positions.
 
 Calibration (zero-shot):
 - ``pmi``: subtract the word's score given the template with every slot empty, i.e. rank by
   log P(y|x) − log P(y|∅) (ERNIE 3.0 Titan's PMI scoring);
 - ``contextual``: Zhao et al. 2021: p(y|x) normalised over the labels, divided by the mean of the
-  same distribution on the content-free inputs "N/A" and "" (the diagonal correction W = diag(p_cf)⁻¹).
+  same distribution on the paper's three content-free inputs "N/A", "" and "[MASK]" (every slot
+  filled with it; "[MASK]" is the real mask token here, the MLM's own "no content") — the diagonal
+  correction W = diag(p_cf)⁻¹, applied as log p − log p_cf (renormalised by the caller: argmax unchanged).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from clueforge.prompts.spec import Template
 from clueforge.tasks.registry import Task
 
 CALIBRATIONS = ("none", "pmi", "contextual")
-CONTENT_FREE = ("N/A", "")
+CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
 def slots_of(task: Task, ex: dict) -> dict[str, str]:
@@ -73,15 +76,17 @@ class PromptEncoder:
             self._words[word] = self.tok.encode(word, add_special_tokens=False).ids
         return self._words[word]
 
-    def rows(self, slot_values: list[dict[str, str]], n_masks: list[int]) -> list[tuple[list[int], int]]:
-        """``(ids, first mask position)`` for each (slots, mask count) pair."""
+    def rows(self, slot_values: list[dict[str, str]], n_masks: list[int],
+             keep_masks: bool = False) -> list[tuple[list[int], int]]:
+        """``(ids, first mask position)`` for each (slots, mask count) pair. A "[MASK]" in a slot's
+        text becomes [UNK] unless ``keep_masks`` (the content-free input "[MASK]" of calibration)."""
         names = [v for k, v in self.pieces if k == "slot"]
         flat = [s[name] for s in slot_values for name in names]
         encs = self.tok.encode_batch(flat, add_special_tokens=False) if flat else []
         fixed = 2 + sum(len(self.literal[v]) for k, v in self.pieces if k == "text")
         out = []
         for i, n in enumerate(n_masks):
-            slot_ids = [[self.unk_id if x == self.mask_id else x for x in e.ids]
+            slot_ids = [[self.unk_id if x == self.mask_id and not keep_masks else x for x in e.ids]
                         for e in encs[i * len(names):(i + 1) * len(names)]]
             keep = _fit([len(s) for s in slot_ids], self.max_length - fixed - n)
             ids, start, j = [self.cls_id], -1, 0
@@ -100,11 +105,13 @@ class PromptEncoder:
 
 
 def word_logprobs(model, rows: list[tuple[list[int], int]], queries: list[np.ndarray], batch_size: int = 64,
-                  device=None) -> list[np.ndarray]:
+                  device=None, at_masks: bool = True) -> list[np.ndarray]:
     """For each row and its (W, n) query of word token ids: the (W, n) log-probabilities of those
     tokens at the row's n [MASK] positions. Rows are batched by length; the MLM head runs only at
-    [MASK] positions."""
+    [MASK] positions and, with ``at_masks`` (the default, for plain encoders), so does the last
+    layer (``Encoder.forward_at``); off, the whole (B, T, D) output is computed and read there."""
     device = device or next(model.parameters()).device
+    fast = at_masks and not model.cfg.arch_options
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     out: list[np.ndarray | None] = [None] * len(rows)
     model.eval()
@@ -116,10 +123,16 @@ def word_logprobs(model, rows: list[tuple[list[int], int]], queries: list[np.nda
             att = np.zeros((len(idx), T), dtype=np.int64)
             for r, i in enumerate(idx):
                 ids[r, :len(rows[i][0])], att[r, :len(rows[i][0])] = rows[i][0], 1
-            h = model.encoder(torch.from_numpy(ids).to(device), torch.from_numpy(att).to(device))  # (B, T, D)
+            ids_t, att_t = torch.from_numpy(ids).to(device), torch.from_numpy(att).to(device)
             n = [queries[i].shape[1] for i in idx]
             b_idx = np.repeat(np.arange(len(idx)), n)
-            p_idx = np.concatenate([rows[i][1] + np.arange(k) for i, k in zip(idx, n)])
+            if fast:  # the last layer only at each row's max(n) positions from its first [MASK]
+                at = np.minimum(np.array([rows[i][1] for i in idx])[:, None] + np.arange(max(n)), T - 1)  # (B, Q)
+                h = model.encoder.forward_at(ids_t, att_t, torch.from_numpy(at).to(device))  # (B, Q, D)
+                p_idx = np.concatenate([np.arange(k) for k in n])
+            else:
+                h = model.encoder(ids_t, att_t)  # (B, T, D)
+                p_idx = np.concatenate([rows[i][1] + np.arange(k) for i, k in zip(idx, n)])
             logp = F.log_softmax(model.head(h[torch.from_numpy(b_idx), torch.from_numpy(p_idx)]).float(), -1)  # (M, V)
             offsets = np.concatenate([[0], np.cumsum(n)])
             qi = np.concatenate([(offsets[r] + np.arange(n[r]))[None, :].repeat(len(queries[i]), 0).ravel()
@@ -134,7 +147,7 @@ def word_logprobs(model, rows: list[tuple[list[int], int]], queries: list[np.nda
     return out  # type: ignore[return-value]
 
 
-def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]]):
+def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]], keep_masks: bool = False):
     """``(rows, queries, where)``: one row per (example, word length) with that many [MASK]s; the
     (W, n) token ids of its words; ``(example index, word indices)`` it scores."""
     rows_in, n_masks, queries, where = [], [], [], []
@@ -149,14 +162,14 @@ def example_rows(enc: PromptEncoder, slot_values: list[dict[str, str]], words: l
             n_masks.append(n)
             queries.append(np.array([enc.word_ids(ws[m]) for m in members], dtype=np.int64))
             where.append((e, members))
-    return enc.rows(rows_in, n_masks), queries, where
+    return enc.rows(rows_in, n_masks, keep_masks), queries, where
 
 
 def score_examples(model, enc: PromptEncoder, slot_values: list[dict[str, str]], words: list[list[str]],
-                   batch_size: int = 64) -> list[np.ndarray]:
+                   batch_size: int = 64, keep_masks: bool = False, at_masks: bool = True) -> list[np.ndarray]:
     """Per example, the score (mean or sum of token log-probs) of each of its words."""
-    rows, queries, where = example_rows(enc, slot_values, words)
-    lps = word_logprobs(model, rows, queries, batch_size)
+    rows, queries, where = example_rows(enc, slot_values, words, keep_masks)
+    lps = word_logprobs(model, rows, queries, batch_size, at_masks=at_masks)
     out = [np.zeros(len(ws)) for ws in words]
     agg = np.mean if enc.t.score == "mean" else np.sum
     for (e, members), lp in zip(where, lps):
@@ -165,7 +178,7 @@ def score_examples(model, enc: PromptEncoder, slot_values: list[dict[str, str]],
 
 
 def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[list[str]], slot_names: list[str],
-              method: str, batch_size: int = 64) -> list[np.ndarray]:
+              method: str, batch_size: int = 64, at_masks: bool = True) -> list[np.ndarray]:
     """``scores`` corrected by ``method`` (see the module docstring); argmax of the result predicts."""
     if method == "none":
         return scores
@@ -175,7 +188,7 @@ def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[l
     fills = ("",) if method == "pmi" else CONTENT_FREE
     prior = {}
     for fill in fills:  # one pseudo-example per content-free input, scoring every word used
-        s = score_examples(model, enc, [{k: fill for k in slot_names}], [vocab], batch_size)[0]
+        s = score_examples(model, enc, [{k: fill for k in slot_names}], [vocab], batch_size, True, at_masks)[0]
         prior[fill] = dict(zip(vocab, s))
     out = []
     for s, ws in zip(scores, words):

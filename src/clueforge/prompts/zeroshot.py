@@ -64,10 +64,13 @@ def load_examples(task, fam, paths: list[Path], state: dict) -> tuple[list[dict]
 
 def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: str | Path | None,
              template: str | None = None, calibration: str = "none", prompts: str | Path | None = None,
-             batch_size: int = 64, max_length: int | None = None, model=None, precision: str = "fp32") -> dict:
+             batch_size: int = 64, max_length: int | None = None, model=None, precision: str = "fp32",
+             at_masks: bool = True) -> dict:
     """Predict ``input_file`` (comma-separated for several) zero-shot; write ``out_file`` if given.
-    ``template="all"`` ensembles every template of the task. ``precision``: fp32, bf16 or int8 (``clueforge.model.inference``). Returns ``{task, template,
-    calibration, examples, seconds, examples_per_s, metric?}``."""
+    ``template="all"`` ensembles every template of the task. ``precision``: fp32, bf16 or int8 (``clueforge.model.inference``).
+    ``at_masks``: the encoder's last layer only at the [MASK] rows (``score.word_logprobs``; off: the
+    plain full forward, for comparison). Returns ``{task, template, calibration, examples, seconds,
+    examples_per_s, metric?}``."""
     from clueforge.finetune.loop import prepare_state, write_submission
 
     task = get_task(task_name)
@@ -101,8 +104,8 @@ def zeroshot(task_name: str, model_dir: str | Path, input_file: str, out_file: s
         if t.verbalizer is not None:  # candidates (CHID idioms) may hold rare characters: scored as [UNK]
             check_vocab(enc, sorted(set(t.verbalizer.values())))
         with torch.inference_mode():
-            s_t = score_examples(model, enc, slots, words, batch_size)
-            s_t = calibrate(model, enc, s_t, words, list(SLOTS[task.fmt]), calibration, batch_size)
+            s_t = score_examples(model, enc, slots, words, batch_size, at_masks=at_masks)
+            s_t = calibrate(model, enc, s_t, words, list(SLOTS[task.fmt]), calibration, batch_size, at_masks)
         s_t = [x - x.max() - np.log(np.exp(x - x.max()).sum()) for x in s_t]
         scores = s_t if scores is None else [a + b for a, b in zip(scores, s_t)]
     best = [int(np.argmax(s)) for s in scores]
