@@ -181,6 +181,15 @@ for _name, _ch in {"lr1e-3": {"train__lr": 1e-3}, "lr4e-3": {"train__lr": 4e-3},
                    "h256": {"model__hidden_size": 256, "model__num_heads": 4, "model__intermediate_size": 1024},
                    "4layers": {"model__num_layers": 4}, "batch4": {"train__batch_size": 4}}.items():
     VARIANTS[f"combo8-{_name}"] = _v(COMBO8, **_ch)
+# short sequences first (``train.short_seq_len``) on top of configs/small.yaml as it is (the empty
+# variant); "-seed1" repeats a variant with another seed (data order, masking, initialisation)
+SMALL: dict = {}
+for _name, _ch in {"small": {}, "small-short64-f0.3": {"train__short_seq_len": 64, "train__short_seq_fraction": 0.3},
+                   "small-short64-f0.5": {"train__short_seq_len": 64, "train__short_seq_fraction": 0.5},
+                   "small-short64-f0.5-b8": {"train__short_seq_len": 64, "train__short_seq_fraction": 0.5,
+                                             "train__short_batch_size": 8}}.items():
+    VARIANTS[_name] = _v(SMALL, **_ch)
+    VARIANTS[f"{_name}-seed1"] = _v(SMALL, **_ch, train__seed=1)
 
 
 def fixed_heldout(model_dir: str | Path, data: str | Path, seq_len: int = 128) -> dict:

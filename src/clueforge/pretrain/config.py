@@ -143,6 +143,18 @@ class TrainConfig:
     evaluation and checkpointing excluded). A fresh run converts it to ``max_steps`` by timing a few
     throw-away steps (``pretrain.loop.calibrate_steps``) and records both in ``out/budget.json`` and
     ``config.json``; a resume keeps the recorded step count, so it stays exact."""
+    short_seq_len: int = 0
+    """Short sequences first (cramming): the first ``short_seq_fraction`` of the steps train on
+    packed rows of this many tokens (4 ≤ it < ``seq_len``), the rest on ``seq_len`` rows; 0 = off.
+    Held-out evaluation always scores ``seq_len`` rows (the fixed protocol is unchanged), and the
+    structure/knowledge objectives keep their own ``seq_len`` examples in both phases."""
+    short_seq_fraction: float = 0.0
+    """Share of the optimizer steps (of ``max_steps``, budget included) on short rows, in (0, 1)
+    with ``short_seq_len``; the switch is step ``round(short_seq_fraction · max_steps)``."""
+    short_batch_size: int = 0
+    """Rows per micro-step in the short phase; 0 keeps the tokens per step of the long phase
+    (``batch_size · seq_len / short_seq_len``, rounded). With ``max_minutes`` both phases are
+    timed and the step count follows from their mean cost (``out/budget.json``)."""
 
 
 @dataclass
@@ -375,6 +387,27 @@ VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": 
 
 
 VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
+VALIDATION["TrainConfig"].update({"short_seq_len": _NONNEG, "short_batch_size": _NONNEG,  # issue 11: short first
+                                  "short_seq_fraction": Rule(0, 1, hi_open=True)})
+
+
+def _seq_schedule_checks(obj) -> list[tuple[str, object, str]]:
+    """``short_seq_*`` (issue 11): a short phase needs a length below ``seq_len`` and a share of the
+    steps in (0, 1); its settings without it are refused, never ignored."""
+    if type(obj).__name__ != "TrainConfig" or not all(isinstance(getattr(obj, k), (int, float)) for k in
+                                                      ("short_seq_len", "short_seq_fraction", "short_batch_size")):
+        return []
+    out = []
+    if obj.short_seq_len:
+        if not 4 <= obj.short_seq_len < obj.seq_len:
+            out.append(("short_seq_len", obj.short_seq_len, f"0 (off) or in [4, seq_len = {obj.seq_len})"))
+        if not 0 < obj.short_seq_fraction < 1:
+            out.append(("short_seq_fraction", obj.short_seq_fraction, "in (0, 1) with short_seq_len"))
+    else:
+        for key in ("short_seq_fraction", "short_batch_size"):
+            if getattr(obj, key):
+                out.append((key, getattr(obj, key), "0 unless short_seq_len > 0"))
+    return out
 
 # P-tuning (issue 13, ``prompts.ptuning``): a method of its own and its three settings
 VALIDATION["FinetuneConfig"].update({"method": Rule(choices=("finetune", "pet", "efl", "ptuning")),
@@ -486,7 +519,7 @@ def check(obj) -> list[tuple[str, object, str]]:
             bad.append((f.name, v, rule.describe()))
         elif rule is None and str(f.type).startswith("str") and not isinstance(v, str):
             bad.append((f.name, v, "a string"))
-    return bad + _cross_checks(obj) + _distill_checks(obj)
+    return bad + _cross_checks(obj) + _distill_checks(obj) + _seq_schedule_checks(obj)
 
 
 def validate(obj, where: str = "", *, section: str = "", overridden=frozenset()) -> None:

@@ -127,6 +127,20 @@ def split_heldout(index: RowIndex, corpus: Corpus, fraction: float = 0.05) -> tu
     return index.select(np.arange(cut)), index.select(np.arange(cut, len(index)))
 
 
+def outside(index: RowIndex, heldout: RowIndex) -> RowIndex:
+    """The rows of ``index`` (another packing of the same corpus, e.g. at another ``seq_len``) that
+    share no token with the ``heldout`` rows: those of the shards the held-out rows do not touch,
+    and in a shard they do touch, the rows that end before its first held-out token
+    (``split_heldout`` holds out a whole last shard or the last rows of the only one)."""
+    first = {}
+    for sh, start in zip(heldout.shard.tolist(), heldout.span[:, 0].tolist()):
+        first[sh] = min(start, first.get(sh, start))
+    limit = np.array([first.get(i, np.iinfo(np.int64).max) for i in range(int(index.shard.max(initial=-1)) + 1)],
+                     dtype=np.int64)
+    keep = index.span[:, 1] <= limit[index.shard] if len(index) else np.zeros(0, dtype=bool)
+    return index.select(np.flatnonzero(keep))
+
+
 class Sampler:
     """Which rows a (step, micro, rank) reads: epoch permutations over a global row cursor."""
 
@@ -154,6 +168,47 @@ class Sampler:
 
     def epoch_of(self, step: int) -> float:
         return (step * self.A * self.W * self.B) / self.n
+
+
+@dataclass
+class Phase:
+    """Steps ``[start, end)`` of a run read rows of ``seq_len`` tokens, ``batch_size`` per micro-step."""
+    start: int
+    end: int
+    seq_len: int
+    batch_size: int
+    rows: RowIndex
+    sampler: Sampler
+
+
+class SeqSchedule:
+    """Which rows a step reads when the sequence length changes during the run (``train.short_seq_len``:
+    short rows first). Each phase has its own packing and sampler, and reads its rows from the
+    start of its own order (step ``s`` of a phase starting at ``p`` is its sampler's step ``s - p``),
+    so the rows of a step are still a pure function of the step: exact resume on either side of
+    the switch. One phase from step 0 is the plain path (``Sampler.rows(step, …)``)."""
+
+    def __init__(self, phases: list[Phase]):
+        if not phases or phases[0].start != 0 or any(a.end != b.start for a, b in zip(phases, phases[1:])):
+            raise ValueError("phases must start at step 0 and follow each other")
+        self.phases = phases
+
+    def at(self, step: int) -> Phase:
+        for p in self.phases:
+            if step < p.end:
+                return p
+        return self.phases[-1]
+
+    def rows(self, step: int, micro: int, rank: int, phase: Phase | None = None) -> RowIndex:
+        """The rows of ``(step, micro, rank)``; ``phase`` forces one (the budget's calibration times each)."""
+        p = phase or self.at(step)
+        return p.rows.select(p.sampler.rows(step - p.start, micro, rank))
+
+    def epoch_of(self, steps_done: int) -> float:
+        """Epochs read after ``steps_done`` steps by the phase of the last of them, counted from
+        that phase's start."""
+        p = self.at(max(0, steps_done - 1))
+        return p.sampler.epoch_of(steps_done - p.start)
 
 
 class Collator:

@@ -34,6 +34,7 @@ from clueforge.pretrain import ar_mlm
 from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import PretrainConfig, TrainConfig, resolve_layers
 from clueforge.pretrain.data import Collator, Prefetcher, Sampler, batch_digest, build_row_index, split_heldout
+from clueforge.pretrain.data import Phase, SeqSchedule, outside
 from clueforge.pretrain.masking import DEFAULT_CONNECTIVES, Curriculum, MaskingConfig
 from clueforge.pretrain.model import PretrainingModel, mlm_objective
 from clueforge.utils import UserError, atomic_write
@@ -207,6 +208,38 @@ def calibrate_steps(model: PretrainingModel, make_batch, accelerator, t, sd_laye
 def budget_steps(max_minutes: float, cpu_s_per_step: float) -> int:
     """Optimizer steps that fit ``max_minutes`` CPU-minutes at the calibrated cost."""
     return max(1, int(max_minutes * 60.0 / cpu_s_per_step))
+
+
+def short_phase(t, corpus: Corpus, eval_rows, world: int) -> Phase | None:
+    """The short-rows phase of ``train.short_seq_len`` (None when off): the corpus packed at that
+    length, less every row that shares a token with the held-out rows, ``short_batch_size`` rows
+    per micro-step (0: the long phase's tokens per step). Its steps are set by ``seq_schedule``."""
+    if not t.short_seq_len:
+        return None
+    rows = outside(build_row_index(corpus, t.short_seq_len, t.pack_docs), eval_rows)
+    batch = t.short_batch_size or max(1, round(t.batch_size * t.seq_len / t.short_seq_len))
+    return Phase(0, 0, t.short_seq_len, batch, rows, Sampler(len(rows), batch, t.grad_accum, world, t.seed))
+
+
+def seq_schedule(t, short: Phase | None, long: Phase) -> SeqSchedule:
+    """Short rows for the first ``round(short_seq_fraction · max_steps)`` steps, then ``seq_len``
+    rows to the end; without a short phase, ``long`` for every step (the plain path)."""
+    if short is None:
+        return SeqSchedule([dataclasses.replace(long, start=0, end=t.max_steps)])
+    switch = min(t.max_steps, round(t.short_seq_fraction * t.max_steps))
+    return SeqSchedule([dataclasses.replace(short, start=0, end=switch),
+                        dataclasses.replace(long, start=switch, end=max(switch, t.max_steps))])
+
+
+def phase_budget(long_cal: dict, short_cal: dict, t, short: Phase) -> dict:
+    """One calibration for a run with short rows first: each phase timed on its own batches, the
+    cost of a step their mean weighted by the share of steps each phase gets."""
+    f = t.short_seq_fraction
+    return {"cpu_s_per_step": f * short_cal["cpu_s_per_step"] + (1 - f) * long_cal["cpu_s_per_step"],
+            "wall_s_per_step": f * short_cal["wall_s_per_step"] + (1 - f) * long_cal["wall_s_per_step"],
+            "threads": long_cal["threads"], "cost": f"{f:g} × short + {1 - f:g} × long (per-step CPU s)",
+            "phases": {"short": {**short_cal, "seq_len": short.seq_len, "batch_size": short.batch_size},
+                       "long": {**long_cal, "seq_len": t.seq_len, "batch_size": t.batch_size}}}
 
 
 def resumed_budget_steps(saved_train: dict, max_minutes: float) -> int | None:
@@ -458,6 +491,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     index = build_row_index(corpus, t.seq_len, t.pack_docs)
     train_rows, eval_rows = split_heldout(index, corpus)
     sampler = Sampler(len(train_rows), t.batch_size, t.grad_accum, world, t.seed)
+    long = Phase(0, t.max_steps, t.seq_len, t.batch_size, train_rows, sampler)
+    short = short_phase(t, corpus, eval_rows, world)  # issue 11: short rows first (None: off)
+    schedule = seq_schedule(t, None, long)  # the calibration times long rows; the run's schedule follows max_steps
     masking = masking_config(t)
     curriculum = Curriculum([dict(s) for s in t.curriculum]) if t.curriculum else None
     collate = Collator(corpus, specials, vocab_size, masking, doc_attention=t.doc_attention and t.pack_docs,
@@ -513,9 +549,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
 
         students = OnlineStudents(cfg, raw_model.mlm, device, world, resume=found[0] if found is not None else None)
 
-    def make_batch(step: int, micro: int):
-        idx = sampler.rows(step, micro, rank)
-        rows = train_rows.select(idx)
+    def make_batch(step: int, micro: int, phase: Phase | None = None):
+        rows = schedule.rows(step, micro, rank, phase)
         rng = np.random.default_rng([t.seed, 1, step, micro, rank])
         batch = collate(list(zip(rows.shard.tolist(), rows.span[:, 0].tolist(), rows.span[:, 1].tolist())), rng,
                         progress=step / max(1, t.max_steps))
@@ -530,6 +565,9 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     saved_train = found[1].get("config", {}).get("train", {}) if found is not None else {}
     if t.max_minutes and (found is None or not saved_train.get("max_minutes")):  # calibrate the budget
         cal = calibrate_steps(raw_model, make_batch, accelerator, t, sd_layers, objective=objective)
+        if short is not None:  # short rows first: both phases timed, the steps from their weighted cost
+            cal = phase_budget(cal, calibrate_steps(raw_model, lambda i, m: make_batch(i, m, short), accelerator,
+                                                    t, sd_layers, objective=objective), t, short)
         if world > 1:  # every process must run the same number of steps: the slowest one's cost decides
             cost = accelerator.gather(torch.tensor([cal["cpu_s_per_step"]], device=device))
             cal["cpu_s_per_step_per_process"] = [float(x) for x in cost.cpu()]
@@ -544,6 +582,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         log.info("budget %.3g CPU-minutes: %.3f CPU s/step measured → max_steps %d", t.max_minutes,
                  cal["cpu_s_per_step"], t.max_steps)
         _write_run_config(out, cfg, data, found, start_step, allow_config_change, write=main)
+    schedule = seq_schedule(t, short, long)
+    if short is not None and main:
+        log.info("short rows first: steps 0-%d on %d rows of %d tokens per micro-step (%d training rows), then "
+                 "%d rows of %d", schedule.phases[0].end, short.batch_size, short.seq_len, len(short.rows),
+                 t.batch_size, t.seq_len)
 
     def evaluate(mlm=None) -> dict:
         return evaluate_mlm(raw_model.mlm if mlm is None else mlm, {"eval": (collate, [t.seed, 2], None, None),
@@ -553,7 +596,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
 
     next_log = [time.perf_counter() + 30.0]
     def flops_tok(at_step: int) -> float:  # useful work: the head runs on the masked tokens only (curriculum: at this step)
-        return flops_per_token(cfg.model, t.seq_len, mlm_fraction=effective_mask_ratio(t, at_step / max(1, t.max_steps)))
+        return flops_per_token(cfg.model, schedule.at(max(0, at_step - 1)).seq_len, mlm_fraction=effective_mask_ratio(t, at_step / max(1, t.max_steps)))
     peak = (t.peak_tflops * 1e12) if t.peak_tflops else measure_peak_flops(
         device, torch.bfloat16 if accelerator.mixed_precision == "bf16" and device.type == "cuda" else torch.float32)
 
@@ -639,7 +682,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         "mfu": tps * flops_tok(step) / (peak * world),
                         "data_wait_share": window["wait"] / elapsed,
                         "padding_share": 1.0 - window["tokens"] / max(1, window["slots"]),  # this rank's batches
-                        "epoch": sampler.epoch_of(step),
+                        "epoch": schedule.epoch_of(step),
                         # this process's compute so far (evaluation, checkpoints excluded): ``CpuClock``
                         "cpu_min": clock.read()[0] / 60.0, "wall_min": clock.read()[1] / 60.0,
                     }
@@ -651,6 +694,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         st = collate.settings(step / max(1, t.max_steps))
                         rec["mask_ratio"] = st["ratio"]
                         rec.update({f"mask_w_{k}": v for k, v in st["weights"].items()})
+                    if short is not None:  # issue 11: the row length of the logged step
+                        rec["seq_len"] = schedule.at(step - 1).seq_len
                     if t.eval_every and step % t.eval_every == 0 or step == t.max_steps:
                         clock.pause()
                         last_eval = evaluate()

@@ -1,0 +1,57 @@
+"""Issue 11, a CPU-minute budget (``train.max_minutes``) under DDP: every process must train the
+same number of steps, so the calibrated cost is gathered and the slowest process decides
+(``pretrain.loop``, "every process must run the same number of steps")."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.slow
+TINY = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=2", "train.warmup_steps=1", "train.prefetch=1",
+        "train.peak_tflops=1.0", "model.hidden_size=32", "model.num_heads=2", "model.intermediate_size=64",
+        "train.batch_size=4", "train.seq_len=32", "train.max_minutes=0.05", "train.threads=1"]
+# each process's calibration reports its own cost (rank 0: 0.5 CPU s per step, rank 1: 1.0), as
+# two processes on unequal cores would; 0.05 CPU-minutes is 6 steps for rank 0 alone, 3 for rank 1
+LAUNCH = """import os
+from clueforge.pretrain import loop
+cost = (0.5, 1.0)[int(os.environ["RANK"])]
+loop.calibrate_steps = lambda *a, **kw: {"cpu_s_per_step": cost, "wall_s_per_step": cost, "warmup_steps": 0,
+                                         "steps": 0, "threads": 1, "cpu_s_steps": []}
+from clueforge.cli import app
+app()
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is unavailable in this torch build")
+def test_budget_under_ddp_stops_every_process_at_the_slowest_ones_step_count(tmp_path, sample_corpus):
+    launch = tmp_path / "launch.py"
+    launch.write_text(LAUNCH)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(launch), "pretrain", "--config", "tiny", "--data",
+           str(sample_corpus), "--out", str(out), "--no-progress"] + sum((["--set", s] for s in TINY), [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NCCL_BLOCKING_WAIT": "1"}
+    try:  # a process that trains more steps than the other waits for it in a collective: bounded here
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two processes did not finish: they disagree on the number of steps")
+    assert res.returncode == 0, res.stderr[-3000:]
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["calibration"]["cpu_s_per_step_per_process"] == [0.5, 1.0]
+    assert budget["max_steps"] == 3  # the slowest process's cost decides
+    steps = [[x["step"] for x in map(json.loads, (out / "logs" / f"rank{r}.jsonl").read_text().splitlines())
+              if "rows" in x] for r in (0, 1)]
+    assert steps[0] == steps[1] == [0, 1, 2]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
