@@ -555,6 +555,8 @@ def serve_cmd(
     for name, value, lo, hi in (("--port", port, 1, 65535), ("--threads", threads, 0, None)):  # serve() checks the rest
         if value < lo or hi is not None and value > hi:
             _fail(f"{name} {value} is not allowed: must be " + (f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"))
+    if overhead_tokens is not None and not 0 <= overhead_tokens < float("inf"):
+        _fail(f"--overhead-tokens {overhead_tokens} is not allowed: must be a finite number ≥ 0")
     try:
         backend = Backend.load(model, runtime, threads)
         serve(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
