@@ -3,6 +3,7 @@ vs off, and a plain transformers BertForSequenceClassification behind the same H
 
     python benchmarks/serve.py --out bench-out/serve.json
     python benchmarks/serve.py --config tiny --requests 200 --memory-requests 2000 --out bench-out/serve-quick.json
+    python benchmarks/serve.py --config mini --compute --out bench-out/serve-compute.json  # no HTTP: why batching pays or not
 
 The model: a random ``--config`` (mini: 6 layers, hidden 384) sentence-pair classifier with 3
 labels, saved as a fine-tuned OCNLI checkpoint with the Chinese BERT vocabulary (``--model DIR``
@@ -24,6 +25,12 @@ the same two on the ONNX export (``onnx_on``, ``onnx_off``: ``--runtime onnx``, 
 one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
 = requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
 server (from ``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
+
+``--compute`` measures, in one process and without HTTP, what a batch costs per request: groups
+of 32 requests (random OCNLI dev pairs) run one by one, as one batch padded to the longest, and
+split by ``plan_batch`` (the server's length-aware batching, with the overhead it measures at
+start-up), in alternating rounds; plus the one-request forward at a short and the full length (the
+server's overhead measurement).
 
 On a shared machine the load generator competes with the server for the same cores: read the
 figures as ratios within one run.
@@ -169,6 +176,48 @@ def summarise(parts: list[dict]) -> dict:
             "failed": sum(v for k, v in codes.items() if k != "200"), "status": codes}
 
 
+def compute(model_dir: Path, items: list[list[str]], threads: int, groups: int, max_batch: int) -> dict:
+    """Per-request compute of a group of ``max_batch`` requests: one by one, one padded batch, and
+    the batches ``plan_batch`` forms (the server's code: ``Backend.parse``/``infer``), interleaved."""
+    import random
+
+    from clueforge.deploy.serve import Backend, plan_batch
+
+    backend = Backend.load(model_dir, "torch", threads)
+    overhead = backend.overhead_tokens()
+    parsed = [backend.parse(json.dumps({"texts": t}, ensure_ascii=False).encode()) for t in items]
+    lens = [len(f["input_ids"]) for _, f in parsed]
+    rng = random.Random(0)
+    samples = [rng.sample(range(len(parsed)), max_batch) for _ in range(groups + 1)]
+
+    def planned(g: list[int]) -> list[list[int]]:
+        out, left = [], list(g)
+        while left:
+            take = plan_batch([lens[i] for i in left], max_batch, overhead)
+            out.append([left[k] for k in take])
+            left = [x for k, x in enumerate(left) if k not in take]
+        return out
+
+    ways = {"one_by_one": lambda g: [[i] for i in g], "padded": lambda g: [g], "by_length": planned}
+    times: dict = {k: [] for k in ways}
+    sizes = []
+    for n, g in enumerate(samples):
+        for k, way in ways.items():
+            t0 = time.perf_counter()
+            for b in way(g):
+                backend.infer([parsed[i][0] for i in b], [parsed[i][1] for i in b])
+            if n:  # the first group warms up
+                times[k].append((time.perf_counter() - t0) / len(g))
+        sizes.append([len(b) for b in planned(g)])
+    ms = {f"{k}_ms_per_request": round(1000 * statistics.median(v), 2) for k, v in times.items()}
+    return {**ms, "padded_speedup": round(ms["one_by_one_ms_per_request"] / ms["padded_ms_per_request"], 2),
+            "by_length_speedup": round(ms["one_by_one_ms_per_request"] / ms["by_length_ms_per_request"], 2),
+            "overhead_tokens": round(overhead, 1), "groups": groups, "group_size": max_batch,
+            "mean_tokens": round(statistics.fmean(lens), 1), "max_tokens": max(lens),
+            "mean_padded_tokens": round(statistics.fmean(max(lens[i] for i in g) for g in samples), 1),
+            "by_length_batch_sizes": sizes[:5]}
+
+
 def serve_transformers(model_dir: str, port: int, max_batch: int, threads: int) -> None:
     """Run the clueforge HTTP app with transformers' BertForSequenceClassification as the model."""
     from transformers import BertForSequenceClassification
@@ -198,6 +247,8 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5)
     ap.add_argument("--threads", type=int, default=1, help="Server compute threads.")
     ap.add_argument("--out", default="bench-out/serve.json")
+    ap.add_argument("--compute", action="store_true", help="Only the in-process per-request compute comparison.")
+    ap.add_argument("--groups", type=int, default=8, help="--compute: groups of --max-batch requests timed.")
     ap.add_argument("--serve-transformers", help=argparse.SUPPRESS)  # internal: the transformers server
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -206,6 +257,13 @@ def main() -> None:
 
     model = Path(args.model) if args.model else make_model(args.config, Path(tempfile.mkdtemp()) / "ocnli")
     items = pairs(500)
+    if args.compute:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        row = compute(model, items, args.threads, args.groups, args.max_batch)
+        print(json.dumps(row), flush=True)
+        return write_json(args.out, {"benchmark": "serve-compute", "threads": args.threads, **row, "machine": machine()})
     results: dict = {"benchmark": "serve", "model": str(model) if args.model else f"random {args.config} OCNLI",
                      "threads": args.threads, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "rows": [], "machine": machine()}
