@@ -28,10 +28,10 @@ where K (``--overhead-tokens``, measured at start-up unless given) is what a for
 its tokens; the waiting requests, sorted by length, are split into the batches of at most
 ``max_batch`` that minimise the summed cost, and the batch holding the oldest request runs next
 (so no request is passed over: the oldest is always in the next batch). The rest wait for the next
-round, where new arrivals may join them. Padding every batch to its longest request made a batch of
-32 OCNLI pairs (14-87 tokens) cost more than the same requests one by one on a CPU. ``--queue Q`` bounds
-the requests admitted and not yet answered (waiting or being computed); the next one gets 503 at
-once, so memory and latency stay bounded under overload. ``--max-batch 1`` turns batching off.
+round, where new arrivals may join them. (Padding every batch to its longest request made a batch
+of 32 OCNLI pairs, 14-87 tokens, cost as much as the same requests one by one on a CPU: see
+docs/benchmarks.md.) ``--queue Q`` bounds the requests admitted and not yet answered (waiting or
+being computed); the next one gets 503 at once, so memory and latency stay bounded under overload. ``--max-batch 1`` turns batching off.
 The answer for an example is the one ``clueforge predict`` writes for it (the same family
 ``encode``/``decode``), whatever else shares its batch.
 """
@@ -329,11 +329,14 @@ class Batcher:
 
 
 def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256,
-              overhead_tokens: float = 0.0):
-    """The FastAPI application (the caller runs it under Uvicorn)."""
+              overhead_tokens: float | None = None):
+    """The FastAPI application (the caller runs it under Uvicorn); ``overhead_tokens`` None: measured now."""
     if max_batch < 1 or queue < 1 or max_wait_ms < 0:
         raise ValueError(f"--max-batch {max_batch}, --queue {queue}, --max-wait-ms {max_wait_ms}: "
                          f"batch and queue must be ≥ 1, wait ≥ 0")
+    if overhead_tokens is None:
+        overhead_tokens = backend.overhead_tokens() if max_batch > 1 else 0.0
+        log.info("batching: a forward costs %.1f tokens beyond its tokens (measured)", overhead_tokens)
     if not 0 <= overhead_tokens < float("inf"):
         raise ValueError(f"--overhead-tokens {overhead_tokens}: must be a finite number ≥ 0")
     metrics = Metrics()
@@ -397,12 +400,10 @@ def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0
     import uvicorn
 
     backend = backend or Backend.load(model_dir, runtime, threads)
-    if overhead_tokens is None:
-        overhead_tokens = backend.overhead_tokens() if max_batch > 1 else 0.0
     app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
                     overhead_tokens=overhead_tokens)
-    log.info("serving %s (%s runtime, batch ≤ %d, wait ≤ %g ms, queue %d, overhead %.1f tokens) on http://%s:%d",
-             backend.task.name, backend.runtime, max_batch, max_wait_ms, queue, overhead_tokens, host, port)
+    log.info("serving %s (%s runtime, batch ≤ %d, wait ≤ %g ms, queue %d) on http://%s:%d", backend.task.name,
+             backend.runtime, max_batch, max_wait_ms, queue, host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5, lifespan="on")
     # Uvicorn answers SIGTERM/SIGINT with a graceful shutdown, then re-raises the signal to the
