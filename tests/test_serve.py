@@ -205,7 +205,7 @@ def test_mixed_length_batches_answer_what_each_request_alone_answers(afqmc):
 
     ft, pairs, _ = afqmc
     short = [[a[:3], b[:3]] for a, b in pairs[:4]] * 2
-    long_ = [[(a * 5)[:27], (b * 5)[:27]] for a, b in pairs[:4]] * 2  # 9 and 57 tokens
+    long_ = [[(a * 5)[:n], (b * 5)[:n]] for n in (27, 23) for a, b in pairs[:4]]  # 9 tokens; 57 and 49 tokens
     items = [x for pair in zip(short, long_) for x in pair]  # interleaved arrivals, 16 requests
     backend = Backend.load(ft, "torch", 1)
     alone = []
@@ -213,9 +213,10 @@ def test_mixed_length_batches_answer_what_each_request_alone_answers(afqmc):
         ex, feat = backend.parse(json.dumps({"texts": texts}).encode())
         alone.append(backend.infer([ex], [feat])[0])
     assert len({round(a["scores"]["1"], 4) for a in alone}) > 4  # the scores tell the requests apart
-    # 16 = max batch: planned at once; overhead 4 tokens: two batches of 8 (short, long) beat one padded one
-    with server(ft, "--max-batch", "16", "--max-wait-ms", "5000", "--overhead-tokens", "4") as (url, _):
-        assert httpx.get(url + "/health").json()["overhead_tokens"] == 4
+    # 16 = max batch: planned at once. Overhead 40 tokens: two batches of 8 (short; long, 49-57 tokens
+    # padded to 57) cost 2·40 + 8·9 + 8·57, less than one padded batch (40 + 16·57) or three (3·40 + 8·9 + 4·49 + 4·57)
+    with server(ft, "--max-batch", "16", "--max-wait-ms", "5000", "--overhead-tokens", "40") as (url, _):
+        assert httpx.get(url + "/health").json()["overhead_tokens"] == 40
         with ThreadPoolExecutor(len(items)) as pool:
             answers = list(pool.map(lambda p: httpx.post(url + "/predict", json={"texts": p}, timeout=60), items))
         assert httpx.get(url + "/metrics").json()["batch_size_histogram"] == {"8": 2}
