@@ -2,6 +2,7 @@
 
     python benchmarks/inference.py --out bench-out/inference.json
     python benchmarks/inference.py --configs mini --batches 1 --threads 1 --repeats 50
+    python benchmarks/inference.py --configs mini --batches 1 --threads 1 --students nano pico --no-onnx-teacher
 
 For each config (tiny, mini), batch size (1, 32) and thread count (1, all cores): the same random
 weights in both models (ours loaded from the transformers model through the HF key map, so the
@@ -18,6 +19,15 @@ count, their fp32 logits checked against transformers' first (skipped with ``--n
 transformers fp32; ``int8_vs_int8`` = clueforge int8 / transformers int8; ``ort_fp32_speedup`` =
 clueforge fp32 (PyTorch eager) / ORT fp32; ``ort_int8_vs_transformers`` = transformers fp32 / ORT
 int8 (speed-ups: higher is better).
+
+``--students nano pico`` (shipped student configs, ``configs/students/``, or YAML files) adds, for
+each student, a random-weight classifier of that shape built the same way (a transformers model
+loaded through the HF key map, outputs checked equal) and timed in the same rounds as the config's
+transformers fp32 model, its teacher: ``{student}_clueforge_fp32``, ``{student}_clueforge_int8``
+and ``{student}_ort_int8`` (the file ``clueforge export --int8`` writes), with
+``{student}_int8_vs_transformers`` / ``{student}_ort_int8_vs_transformers`` = transformers fp32 /
+student int8 (the issue's target: nano int8 ≥ 10× transformers mini fp32). ``--no-onnx-teacher``
+skips the teacher's own ONNX rows (the student's ORT row stays).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from common import BERT_VOCAB, SHARED, machine, timed, write_json  # noqa: E402
 
 from clueforge.deploy.export import write_onnx  # noqa: E402
 from clueforge.deploy.runtime import OnnxModel  # noqa: E402
+from clueforge.distill.student import student_config  # noqa: E402
+from clueforge.model.bert import ModelConfig  # noqa: E402
 from clueforge.model.hf import load_hf_classifier  # noqa: E402
 from clueforge.model.inference import optimize_for_inference  # noqa: E402
 from clueforge.pretrain.config import load_config  # noqa: E402
@@ -71,15 +83,17 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--no-onnx", action="store_true", help="Skip the ONNX Runtime rows.")
+    ap.add_argument("--no-onnx-teacher", action="store_true", help="Skip the config's own ONNX Runtime rows.")
+    ap.add_argument("--students", nargs="*", default=[], help="Student configs timed beside each config (nano, pico, YAML).")
     ap.add_argument("--out", default="bench-out/inference.json")
     args = ap.parse_args()
 
     import transformers
 
     tok = tokenizer()
-    results = []
-    for name in args.configs:
-        mc = load_config(name).model
+
+    def random_pair(mc):
+        """A random transformers classifier of ``mc``'s shape and ours loaded from it (same weights)."""
         hc = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=mc.hidden_size,
                                      num_hidden_layers=mc.num_layers, num_attention_heads=mc.num_heads,
                                      intermediate_size=mc.intermediate_size, max_position_embeddings=mc.max_position,
@@ -88,11 +102,22 @@ def main() -> None:
         hf = transformers.BertForSequenceClassification(hc).eval()
         d = Path(tempfile.mkdtemp())
         hf.save_pretrained(d)
-        ours = load_hf_classifier(d, 3).eval()
+        return hf, load_hf_classifier(d, 3).eval(), d
+
+    results = []
+    for name in args.configs:
+        hf, ours, d = random_pair(load_config(name).model)
         variants = {"clueforge_fp32": ours, "clueforge_bf16": optimize_for_inference(ours, "bf16"),
                     "clueforge_int8": optimize_for_inference(ours, "int8")}
         hf_int8 = torch.ao.quantization.quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
-        onnx_files = {} if args.no_onnx else write_onnx(ours.eval(), d / "onnx", int8=True)[0]
+        onnx_files = {} if args.no_onnx or args.no_onnx_teacher else write_onnx(ours.eval(), d / "onnx", int8=True)[0]
+        students = {}  # name → (transformers model, ours, ORT int8 file or None)
+        for s in args.students:
+            s_hf, s_ours, s_d = random_pair(student_config(s, ModelConfig(vocab_size=tok.vocab_size)))
+            s_onnx = None if args.no_onnx else s_d / "onnx" / write_onnx(s_ours, s_d / "onnx", int8=True)[0]["int8"]
+            students[s] = (s_hf, s_ours, s_onnx)
+            variants[f"{s}_clueforge_fp32"] = s_ours
+            variants[f"{s}_clueforge_int8"] = optimize_for_inference(s_ours, "int8")
         for bs in args.batches:
             a, b = zip(*pairs(bs))
             enc = tok(list(a), list(b), truncation=True, max_length=args.seq_len, padding="max_length", return_tensors="pt")
@@ -100,6 +125,10 @@ def main() -> None:
                 ref = hf(**enc).logits
                 got = ours(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[1]
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            for s, (s_hf, s_ours, _) in students.items():  # each student: ours = transformers of its shape
+                with torch.inference_mode():
+                    torch.testing.assert_close(s_ours(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])[1],
+                                               s_hf(**enc).logits, atol=1e-4, rtol=1e-4)
             feed = (enc["input_ids"].numpy(), enc["attention_mask"].numpy(), enc["token_type_ids"].numpy())
             for threads in args.threads:
                 torch.set_num_threads(threads)
@@ -111,6 +140,10 @@ def main() -> None:
                     if k == "fp32":
                         torch.testing.assert_close(torch.from_numpy(sess.run(*feed)), ref, atol=1e-4, rtol=1e-4)
                     fns[f"ort_{k}"] = lambda sess=sess: sess.run(*feed)
+                for s, (_, _, s_onnx) in students.items():
+                    if s_onnx is not None:
+                        sess = OnnxModel(s_onnx, threads)
+                        fns[f"{s}_ort_int8"] = lambda sess=sess: sess.run(*feed)
                 times: dict[str, list[float]] = {k: [] for k in fns}
                 with torch.inference_mode():
                     for fn in fns.values():
@@ -126,6 +159,11 @@ def main() -> None:
                 if onnx_files:
                     row["ort_fp32_speedup"] = round(row["clueforge_fp32_ms"] / row["ort_fp32_ms"], 3)
                     row["ort_int8_vs_transformers"] = round(row["transformers_fp32_ms"] / row["ort_int8_ms"], 3)
+                for s in students:
+                    for k in ("clueforge_int8", "ort_int8"):
+                        if f"{s}_{k}_ms" in row:
+                            short = "int8" if k == "clueforge_int8" else k
+                            row[f"{s}_{short}_vs_transformers"] = round(row["transformers_fp32_ms"] / row[f"{s}_{k}_ms"], 3)
                 results.append(row)
                 print(row, flush=True)
     write_json(args.out, {"benchmark": "inference", "rows": results, "machine": machine()})

@@ -3,6 +3,7 @@ vs off, and a plain transformers BertForSequenceClassification behind the same H
 
     python benchmarks/serve.py --out bench-out/serve.json
     python benchmarks/serve.py --config tiny --requests 200 --memory-requests 2000 --out bench-out/serve-quick.json
+    python benchmarks/serve.py --config mini --compute --out bench-out/serve-compute.json  # no HTTP: why batching pays or not
 
 The model: a random ``--config`` (mini: 6 layers, hidden 384) sentence-pair classifier with 3
 labels, saved as a fine-tuned OCNLI checkpoint with the Chinese BERT vocabulary (``--model DIR``
@@ -11,12 +12,25 @@ takes a real fine-tuned directory instead). Requests are real OCNLI dev pairs wh
 ``--threads``; the load generator (one process, asyncio streams, keep-alive connections) sends ``--requests`` requests per
 (variant, concurrency), stopping early after ``--max-seconds``; each variant gets a warm-up first.
 
-Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``), ``batch_off`` (``--max-batch 1``),
+All the variants' servers run at once; each concurrency's requests are split into ``--rounds``
+rounds and the variants take turns within a round (rotating who goes first), so a change in the
+machine's load reaches every variant alike.
+
+Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``, batches formed by length with the
+server's measured ``--overhead-tokens``), ``batch_pad`` (the same with ``--overhead-tokens 1e9``:
+every batch is all the waiting requests padded together, the server before length-aware batching),
+``batch_off`` (``--max-batch 1``),
 the same two on the ONNX export (``onnx_on``, ``onnx_off``: ``--runtime onnx``, fp32),
 ``transformers`` (the same checkpoint loaded by ``transformers.BertForSequenceClassification``,
 one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
 = requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
 server (from ``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
+
+``--compute`` measures, in one process and without HTTP, what a batch costs per request: groups
+of 32 requests (random OCNLI dev pairs) run one by one, as one batch padded to the longest, and
+split by ``plan_batch`` (the server's length-aware batching, with the overhead it measures at
+start-up), in alternating rounds; plus the one-request forward at a short and the full length (the
+server's overhead measurement).
 
 On a shared machine the load generator competes with the server for the same cores: read the
 figures as ratios within one run.
@@ -112,8 +126,9 @@ async def _post(reader, writer, request: bytes) -> int:
     return int(head.split(b" ", 2)[1])
 
 
-async def load(port: int, items: list[list[str]], concurrency: int, n: int, max_seconds: float) -> dict:
-    """``n`` requests from ``concurrency`` keep-alive connections (stopping after ``max_seconds``).
+async def load(port: int, items: list[list[str]], concurrency: int, n: int, max_seconds: float, offset: int = 0) -> dict:
+    """``n`` requests (``items`` from ``offset`` on) from ``concurrency`` keep-alive connections
+    (stopping after ``max_seconds``).
     A minimal HTTP/1.1 client on asyncio streams, requests pre-encoded: an httpx client costs
     about as much CPU per request as the server, and on a 2-core machine it would be the bottleneck."""
     bodies = [json.dumps({"texts": t}, ensure_ascii=False).encode() for t in items]
@@ -129,7 +144,7 @@ async def load(port: int, items: list[list[str]], concurrency: int, n: int, max_
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while sent < n and time.perf_counter() < t_end:
-                req = requests[sent % len(requests)]
+                req = requests[(offset + sent) % len(requests)]
                 sent += 1
                 t0 = time.perf_counter()
                 try:
@@ -144,12 +159,63 @@ async def load(port: int, items: list[list[str]], concurrency: int, n: int, max_
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    lat.sort()
+    return {"lat": lat, "codes": codes, "wall": time.perf_counter() - t0}
+
+
+def summarise(parts: list[dict]) -> dict:
+    """The rounds of one (variant, concurrency) cell as one row."""
+    lat = sorted(x for p in parts for x in p["lat"])
+    wall = sum(p["wall"] for p in parts)
+    codes: dict = {}
+    for p in parts:
+        for k, v in p["codes"].items():
+            codes[k] = codes.get(k, 0) + v
     q = lambda p: round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 2)  # noqa: E731
     return {"requests": len(lat), "seconds": round(wall, 2), "rps": round(len(lat) / wall, 1), "p50_ms": q(0.5),
             "p99_ms": q(0.99), "mean_ms": round(1000 * statistics.fmean(lat), 2),
             "failed": sum(v for k, v in codes.items() if k != "200"), "status": codes}
+
+
+def compute(model_dir: Path, items: list[list[str]], threads: int, groups: int, max_batch: int) -> dict:
+    """Per-request compute of a group of ``max_batch`` requests: one by one, one padded batch, and
+    the batches ``plan_batch`` forms (the server's code: ``Backend.parse``/``infer``), interleaved."""
+    import random
+
+    from clueforge.deploy.serve import Backend, plan_batch
+
+    backend = Backend.load(model_dir, "torch", threads)
+    overhead = backend.overhead_tokens()
+    parsed = [backend.parse(json.dumps({"texts": t}, ensure_ascii=False).encode()) for t in items]
+    lens = [len(f["input_ids"]) for _, f in parsed]
+    rng = random.Random(0)
+    samples = [rng.sample(range(len(parsed)), max_batch) for _ in range(groups + 1)]
+
+    def planned(g: list[int]) -> list[list[int]]:
+        out, left = [], list(g)
+        while left:
+            take = plan_batch([lens[i] for i in left], max_batch, overhead)
+            out.append([left[k] for k in take])
+            left = [x for k, x in enumerate(left) if k not in take]
+        return out
+
+    ways = {"one_by_one": lambda g: [[i] for i in g], "padded": lambda g: [g], "by_length": planned}
+    times: dict = {k: [] for k in ways}
+    sizes = []
+    for n, g in enumerate(samples):
+        for k, way in ways.items():
+            t0 = time.perf_counter()
+            for b in way(g):
+                backend.infer([parsed[i][0] for i in b], [parsed[i][1] for i in b])
+            if n:  # the first group warms up
+                times[k].append((time.perf_counter() - t0) / len(g))
+        sizes.append([len(b) for b in planned(g)])
+    ms = {f"{k}_ms_per_request": round(1000 * statistics.median(v), 2) for k, v in times.items()}
+    return {**ms, "padded_speedup": round(ms["one_by_one_ms_per_request"] / ms["padded_ms_per_request"], 2),
+            "by_length_speedup": round(ms["one_by_one_ms_per_request"] / ms["by_length_ms_per_request"], 2),
+            "overhead_tokens": round(overhead, 1), "groups": groups, "group_size": max_batch,
+            "mean_tokens": round(statistics.fmean(lens), 1), "max_tokens": max(lens),
+            "mean_padded_tokens": round(statistics.fmean(max(lens[i] for i in g) for g in samples), 1),
+            "by_length_batch_sizes": sizes[:5]}
 
 
 def serve_transformers(model_dir: str, port: int, max_batch: int, threads: int) -> None:
@@ -170,15 +236,19 @@ def main() -> None:
     ap.add_argument("--model", help="A fine-tuned sentence-pair checkpoint (default: a random --config one).")
     ap.add_argument("--config", default="mini")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--variants", nargs="+", default=["batch_on", "batch_off", "onnx_on", "onnx_off", "transformers"])
+    ap.add_argument("--variants", nargs="+",
+                    default=["batch_on", "batch_pad", "batch_off", "onnx_on", "onnx_off", "transformers"])
+    ap.add_argument("--rounds", type=int, default=3, help="Turns each variant takes per concurrency (interleaved).")
     ap.add_argument("--memory-variant", default="batch_on", help="The variant whose RSS is followed.")
     ap.add_argument("--requests", type=int, default=400, help="Requests per (variant, concurrency).")
-    ap.add_argument("--max-seconds", type=float, default=40, help="Time cap per (variant, concurrency).")
+    ap.add_argument("--max-seconds", type=float, default=40, help="Time cap per (variant, concurrency), all rounds.")
     ap.add_argument("--memory-requests", type=int, default=10_000, help="Requests for the memory check (0 = skip).")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5)
     ap.add_argument("--threads", type=int, default=1, help="Server compute threads.")
     ap.add_argument("--out", default="bench-out/serve.json")
+    ap.add_argument("--compute", action="store_true", help="Only the in-process per-request compute comparison.")
+    ap.add_argument("--groups", type=int, default=8, help="--compute: groups of --max-batch requests timed.")
     ap.add_argument("--serve-transformers", help=argparse.SUPPRESS)  # internal: the transformers server
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -187,6 +257,13 @@ def main() -> None:
 
     model = Path(args.model) if args.model else make_model(args.config, Path(tempfile.mkdtemp()) / "ocnli")
     items = pairs(500)
+    if args.compute:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        row = compute(model, items, args.threads, args.groups, args.max_batch)
+        print(json.dumps(row), flush=True)
+        return write_json(args.out, {"benchmark": "serve-compute", "threads": args.threads, **row, "machine": machine()})
     results: dict = {"benchmark": "serve", "model": str(model) if args.model else f"random {args.config} OCNLI",
                      "threads": args.threads, "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
                      "rows": [], "machine": machine()}
@@ -196,6 +273,9 @@ def main() -> None:
 
         onnx_dir = Path(tempfile.mkdtemp()) / "onnx"
         export_onnx(model, onnx_dir)
+    import httpx
+
+    servers = {}
     for variant in args.variants:
         port = free_port()
         if variant == "transformers":
@@ -205,33 +285,45 @@ def main() -> None:
             onnx = variant.startswith("onnx")
             cmd = [sys.executable, "-m", "clueforge", "serve", str(onnx_dir if onnx else model), "--runtime",
                    "onnx" if onnx else "torch", "--threads", str(args.threads), "--queue", "1024", "--port", str(port),
-                   "--max-batch", str(args.max_batch if variant.endswith("_on") else 1),
+                   "--max-batch", str(1 if variant.endswith("_off") else args.max_batch),
                    "--max-wait-ms", str(args.max_wait_ms)]
-        proc = start(cmd, port)
-        url = f"http://127.0.0.1:{port}"
+            if variant.endswith("_pad"):
+                cmd += ["--overhead-tokens", "1e9"]
+        servers[variant] = (start(cmd, port), port, f"http://127.0.0.1:{port}")
+        results.setdefault("overhead_tokens", {})[variant] = httpx.get(servers[variant][2] + "/health").json().get(
+            "overhead_tokens")
+    for variant, (_, port, _) in servers.items():
         asyncio.run(load(port, items, 8, 40, 30))  # warm-up
-        import httpx
-
-        for c in args.concurrency:
-            before = httpx.get(url + "/metrics").json()
-            row = {"variant": variant, "concurrency": c, **asyncio.run(load(port, items, c, args.requests, args.max_seconds))}
+    for c in args.concurrency:
+        parts: dict = {v: [] for v in servers}
+        before = {v: httpx.get(url + "/metrics").json() for v, (_, _, url) in servers.items()}
+        names = list(servers)
+        for r in range(args.rounds):
+            for variant in names[r % len(names):] + names[:r % len(names)]:
+                n = args.requests // args.rounds
+                parts[variant].append(asyncio.run(load(servers[variant][1], items, c, n, args.max_seconds / args.rounds,
+                                                       offset=r * n)))
+        for variant, (_, _, url) in servers.items():
             m = httpx.get(url + "/metrics").json()
-            batches = m["batches"] - before["batches"]  # this cell's batches (the server counts since start)
-            row["server_mean_batch"] = round((m["requests"] - before["requests"]) / max(1, batches), 2)
-            row["server_rss_mb"] = m["rss_mb"]
+            batches = m["batches"] - before[variant]["batches"]  # this cell's batches (the server counts since start)
+            row = {"variant": variant, "concurrency": c, **summarise(parts[variant]),
+                   "server_mean_batch": round((m["requests"] - before[variant]["requests"]) / max(1, batches), 2),
+                   "server_rss_mb": m["rss_mb"]}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-        if variant == args.memory_variant and args.memory_requests:
-            rss = [httpx.get(url + "/metrics").json()["rss_mb"]]
-            chunk = max(1, args.memory_requests // 5)
-            failed = 0
-            for _ in range(5):
-                r = asyncio.run(load(port, items, 32, chunk, 600))
-                failed += r["failed"]
-                rss.append(httpx.get(url + "/metrics").json()["rss_mb"])
-            results["memory"] = {"variant": variant, "requests": 5 * chunk, "rss_mb_after_each_fifth": rss, "failed": failed,
-                                 "growth_mb": round(rss[-1] - rss[1], 1)}
-            print(json.dumps(results["memory"]), flush=True)
+    if args.memory_variant in servers and args.memory_requests:
+        port, url = servers[args.memory_variant][1:]
+        rss = [httpx.get(url + "/metrics").json()["rss_mb"]]
+        chunk = max(1, args.memory_requests // 5)
+        failed = 0
+        for _ in range(5):
+            r = summarise([asyncio.run(load(port, items, 32, chunk, 600))])
+            failed += r["failed"]
+            rss.append(httpx.get(url + "/metrics").json()["rss_mb"])
+        results["memory"] = {"variant": args.memory_variant, "requests": 5 * chunk, "rss_mb_after_each_fifth": rss,
+                             "failed": failed, "growth_mb": round(rss[-1] - rss[1], 1)}
+        print(json.dumps(results["memory"]), flush=True)
+    for variant, (proc, _, _) in servers.items():
         results.setdefault("exit_codes", {})[variant] = stop(proc)
 
     def rps(v, c):
@@ -239,7 +331,8 @@ def main() -> None:
 
     for c in args.concurrency:
         hf = rps("transformers", c)
-        for rt, on, off in (("torch", "batch_on", "batch_off"), ("onnx", "onnx_on", "onnx_off")):
+        for rt, on, off in (("torch", "batch_on", "batch_off"), ("onnx", "onnx_on", "onnx_off"),
+                            ("torch_padded", "batch_pad", "batch_off"), ("onnx_padded", "onnx_pad", "onnx_off")):
             if rps(on, c) and rps(off, c):
                 results[f"batching_speedup_{rt}_c{c}"] = round(rps(on, c) / rps(off, c), 2)
             if rps(on, c) and hf:

@@ -608,6 +608,7 @@ def test_13_fewclue_report_is_written_atomically(tmp_path, monkeypatch):
     (["config", "show", "bogus"], ["config 'bogus'", "not a shipped config"]),
     (["serve", "X", "--threads", "-1"], ["--threads -1", "≥ 0"]),
     (["serve", "X", "--port", "99999"], ["--port 99999", "[1, 65535]"]),
+    (["serve", "X", "--overhead-tokens", "-1"], ["--overhead-tokens -1.0", "finite number ≥ 0"]),
     (["benchmark", "clue1.1", "--model", "/nonexist", "--data", FIXTURES, "--out", "OUT"], ["--model /nonexist"]),
     (["benchmark", "clue1.1", "--model", FIXTURES, "--data", "/nonexist", "--out", "OUT"], ["--data /nonexist"]),
     (["benchmark", "clue1.1", "--model", FIXTURES, "--data", FIXTURES, "--out", "OUT", "--seeds", "0"],

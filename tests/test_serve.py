@@ -163,3 +163,65 @@ def test_serve_refuses_other_families(tmp_path, sample_vocab):
     r = runner.invoke(app, ["serve", str(ft), "--port", str(_free_port()), "--queue", "0"])
     text = " ".join(r.output.split())
     assert r.exit_code == 2 and "c3 is a choice task" in text and "classify family" in text, r.output
+
+
+def _plan_cost(lengths, groups, overhead):
+    return sum(overhead + len(g) * max(lengths[i] for i in g) for g in groups)
+
+
+def test_plan_batch_groups_by_length_and_always_takes_the_oldest():
+    import itertools
+    import random
+
+    from clueforge.deploy.serve import plan_batch
+
+    assert plan_batch([10] * 8 + [60] * 8, 16, 4) == list(range(8))  # short ones apart from the long ones
+    assert plan_batch([60] + [10] * 8 + [60] * 7, 16, 4) == [0, *range(9, 16)]  # the oldest's group runs first
+    assert plan_batch([60] + [10] * 8 + [60] * 7, 16, 1e6) == list(range(16))  # large overhead: one padded batch
+    rng = random.Random(0)
+    for _ in range(300):
+        n, max_batch, overhead = rng.randint(1, 40), rng.randint(1, 12), rng.choice([0, 3, 25, 200])
+        lengths = [rng.randint(3, 128) for _ in range(n)]
+        got = plan_batch(lengths, max_batch, overhead)
+        assert 0 in got and got == sorted(set(got)) and len(got) <= max_batch and got[-1] < n
+        if n <= 7:  # the planned partition is the cheapest: brute force over the sorted split points
+            order = sorted(range(n), key=lambda i: (lengths[i], i))
+            best = min(_plan_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))], overhead)
+                       for k in range(n) for cuts in itertools.combinations(range(1, n), k)
+                       if all(b - a <= max_batch for a, b in zip((0, *cuts), (*cuts, n))))
+            rest = [i for i in order if i not in got]
+            cost_got = overhead + len(got) * max(lengths[i] for i in got)
+            # what remains, planned the same way, completes a partition of cost `best`
+            groups, left = [], rest
+            while left:
+                sub = plan_batch([lengths[i] for i in left], max_batch, overhead)
+                groups.append([left[i] for i in sub])
+                left = [x for k, x in enumerate(left) if k not in sub]
+            assert cost_got + _plan_cost(lengths, groups, overhead) <= best + 1e-9, (lengths, max_batch, overhead)
+
+
+def test_mixed_length_batches_answer_what_each_request_alone_answers(afqmc):
+    from clueforge.deploy.serve import Backend
+
+    ft, pairs, _ = afqmc
+    short = [[a[:3], b[:3]] for a, b in pairs[:4]] * 2
+    long_ = [[(a * 5)[:n], (b * 5)[:n]] for n in (27, 23) for a, b in pairs[:4]]  # 9 tokens; 57 and 49 tokens
+    items = [x for pair in zip(short, long_) for x in pair]  # interleaved arrivals, 16 requests
+    backend = Backend.load(ft, "torch", 1)
+    alone = []
+    for texts in items:
+        ex, feat = backend.parse(json.dumps({"texts": texts}).encode())
+        alone.append(backend.infer([ex], [feat])[0])
+    assert len({round(a["scores"]["1"], 4) for a in alone}) > 4  # the scores tell the requests apart
+    # 16 = max batch: planned at once. Overhead 40 tokens: two batches of 8 (short; long, 49-57 tokens
+    # padded to 57) cost 2·40 + 8·9 + 8·57, less than one padded batch (40 + 16·57) or three (3·40 + 8·9 + 4·49 + 4·57)
+    with server(ft, "--max-batch", "16", "--max-wait-ms", "5000", "--overhead-tokens", "40") as (url, _):
+        assert httpx.get(url + "/health").json()["overhead_tokens"] == 40
+        with ThreadPoolExecutor(len(items)) as pool:
+            answers = list(pool.map(lambda p: httpx.post(url + "/predict", json={"texts": p}, timeout=60), items))
+        assert httpx.get(url + "/metrics").json()["batch_size_histogram"] == {"8": 2}
+    for got, want in zip(answers, alone):
+        got = got.json()
+        assert got["label"] == want["label"]
+        assert got["scores"].keys() == want["scores"].keys()
+        assert all(abs(got["scores"][k] - want["scores"][k]) <= 2e-6 for k in want["scores"]), (got, want)

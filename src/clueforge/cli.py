@@ -550,6 +550,10 @@ def serve_cmd(
     max_wait_ms: Annotated[float, typer.Option(help="How long the oldest waiting request may wait for a batch to fill.")] = 5.0,
     queue: Annotated[int, typer.Option(help="Requests admitted and not yet answered at most; more get 503.")] = 256,
     threads: Annotated[int, typer.Option(help="Compute threads (0 = the runtime's default).")] = 0,
+    overhead_tokens: Annotated[Optional[float], typer.Option(
+        help="What one forward costs beyond its tokens, in tokens: waiting requests are split by length into the "
+             "batches minimising Σ(overhead + size·longest); larger = fuller batches, more padding "
+             "(default: measured at start-up).")] = None,
 ) -> None:
     """Serve the model over HTTP (POST /predict, GET /health, GET /metrics) with dynamic batching."""
     from clueforge.deploy.serve import Backend, serve
@@ -558,9 +562,12 @@ def serve_cmd(
     for name, value, lo, hi in (("--port", port, 1, 65535), ("--threads", threads, 0, None)):  # serve() checks the rest
         if value < lo or hi is not None and value > hi:
             _fail(f"{name} {value} is not allowed: must be " + (f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}"))
+    if overhead_tokens is not None and not 0 <= overhead_tokens < float("inf"):
+        _fail(f"--overhead-tokens {overhead_tokens} is not allowed: must be a finite number ≥ 0")
     try:
         backend = Backend.load(model, runtime, threads)
-        serve(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue, backend=backend)
+        serve(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
+              overhead_tokens=overhead_tokens, backend=backend)
     except (KeyError, FileNotFoundError, ValueError, ImportError) as exc:
         _fail(_message(exc))
 

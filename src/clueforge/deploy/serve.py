@@ -20,11 +20,18 @@ or missing fields, wrong types, wrong number of texts, empty text, or a text lon
 takes (no silent truncation: an entity or a clause cut off would be a wrong answer); 503 the queue
 is full; 500 the model failed.
 
-Batching: requests are tokenised on the event loop and wait in a queue; one worker takes up to
-``max_batch`` of them as soon as that many wait or the oldest has waited ``max_wait_ms``, and runs
-them as one padded batch in a worker thread (the event loop keeps accepting). ``--queue Q`` bounds
-the requests admitted and not yet answered (waiting or being computed); the next one gets 503 at
-once, so memory and latency stay bounded under overload. ``--max-batch 1`` turns batching off.
+Batching: requests are tokenised on the event loop and wait in a queue; as soon as ``max_batch``
+wait or the oldest has waited ``max_wait_ms``, one worker forms a batch and runs it, padded to its
+longest request, in a worker thread (the event loop keeps accepting). Batches are formed by length
+(``plan_batch``): a forward of B requests padded to T tokens costs about ``K + B·T`` token-units,
+where K (``--overhead-tokens``, measured at start-up unless given) is what a forward costs beyond
+its tokens; the waiting requests, sorted by length, are split into the batches of at most
+``max_batch`` that minimise the summed cost, and the batch holding the oldest request runs next
+(so no request is passed over: the oldest is always in the next batch). The rest wait for the next
+round, where new arrivals may join them. (Padding every batch to its longest request made a batch
+of 32 OCNLI pairs, 14-87 tokens, cost as much as the same requests one by one on a CPU: see
+docs/benchmarks.md.) ``--queue Q`` bounds the requests admitted and not yet answered (waiting or
+being computed); the next one gets 503 at once, so memory and latency stay bounded under overload. ``--max-batch 1`` turns batching off.
 The answer for an example is the one ``clueforge predict`` writes for it (the same family
 ``encode``/``decode``), whatever else shares its batch.
 """
@@ -128,6 +135,27 @@ class Backend:
                                     f"{task.max_length}")
         return ex, self.fam.encode(task, [ex], tok, task.max_length, self.state)[0]
 
+    def overhead_tokens(self, repeats: int = 5) -> float:
+        """K of the batch cost model ``K + B·T``: one-request forwards timed at a short and the
+        longest length (median of ``repeats``, alternating), K = the time at zero length in tokens."""
+        short, long_ = 8, self.task.max_length
+        feats = []
+        for n in (short, long_):
+            texts = ["中" * (n - 3 - n // 2), "文" * (n // 2)] if self.n_texts == 2 else ["中" * (n - 2)]
+            ex, feat = self.parse(json.dumps({"texts": texts}).encode())
+            feats.append(([ex], [feat], len(feat["input_ids"])))
+        times: list[list[float]] = [[], []]
+        for _ in range(repeats + 1):  # the first round warms up
+            for k, (ex, feat, _) in enumerate(feats):
+                t0 = time.perf_counter()
+                self.infer(ex, feat)
+                times[k].append(time.perf_counter() - t0)
+        (t_s, t_l), (n_s, n_l) = (float(np.median(t[1:])) for t in times), (f[2] for f in feats)
+        per_token = (t_l - t_s) / (n_l - n_s) if n_l > n_s else 0.0
+        if per_token <= 0:  # noise: a longer input did not take longer; batch as much as allowed
+            return float(4 * long_)
+        return float(min(4 * long_, max(0.0, t_s / per_token - n_s)))
+
     def infer(self, examples: list[dict], features: list[dict]) -> list[dict]:
         """One padded batch → one answer per example (runs in the worker thread)."""
         batch = self.fam.collate(features, self.tok.token_to_id("[PAD]"))
@@ -193,14 +221,40 @@ class _Item:
     feature: dict
     future: asyncio.Future
     t0: float
+    length: int  # tokens, [CLS]/[SEP] included
+
+
+def plan_batch(lengths: list[int], max_batch: int, overhead_tokens: float) -> list[int]:
+    """The next batch: indices into ``lengths`` (the waiting requests' token counts, oldest first).
+
+    The requests, sorted by length, are split into consecutive groups of at most ``max_batch``
+    minimising Σ (``overhead_tokens`` + size · longest) (dynamic programming over the split points);
+    the group holding request 0, the oldest, is returned, in arrival order. Only the first
+    ``4 · max_batch`` requests are planned (a bounded cost on the event loop; the oldest is among them).
+    """
+    n = min(len(lengths), 4 * max_batch)
+    order = sorted(range(n), key=lambda i: (lengths[i], i))
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = lengths[order[j - 1]]
+        for i in range(max(0, j - max_batch), j):
+            cost = best[i] + overhead_tokens + (j - i) * longest
+            if cost < best[j]:  # ties keep the earliest split: the larger group
+                best[j], cut[j] = cost, i
+    oldest, j = order.index(0), n
+    while not cut[j] <= oldest < j:
+        j = cut[j]
+    return sorted(order[cut[j]:j])
 
 
 class Batcher:
     """A bounded queue of requests and the one worker that runs them in batches."""
 
-    def __init__(self, backend: Backend, metrics: Metrics, max_batch: int, max_wait_ms: float, capacity: int):
+    def __init__(self, backend: Backend, metrics: Metrics, max_batch: int, max_wait_ms: float, capacity: int,
+                 overhead_tokens: float):
         self.backend, self.metrics = backend, metrics
         self.max_batch, self.max_wait, self.capacity = max_batch, max_wait_ms / 1000, capacity
+        self.overhead_tokens = overhead_tokens
         self.pending: deque[_Item] = deque()
         self.admitted = 0
         self.wake = asyncio.Event()
@@ -211,7 +265,7 @@ class Batcher:
         if self.admitted >= self.capacity:
             raise QueueFull
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append(_Item(example, feature, fut, time.perf_counter()))
+        self.pending.append(_Item(example, feature, fut, time.perf_counter(), len(feature["input_ids"])))
         self.admitted += 1
         self.wake.set()
         return fut
@@ -230,7 +284,12 @@ class Batcher:
                 await asyncio.wait_for(self.wake.wait(), left)
             except asyncio.TimeoutError:
                 break
-        return [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
+        if self.max_batch == 1:
+            return [self.pending.popleft()]
+        take = set(plan_batch([b.length for b in self.pending], self.max_batch, self.overhead_tokens))
+        batch = [b for i, b in enumerate(self.pending) if i in take]
+        self.pending = deque(b for i, b in enumerate(self.pending) if i not in take)
+        return batch
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,17 +328,23 @@ class Batcher:
         self.pool.shutdown(wait=True)
 
 
-def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256):
-    """The FastAPI application (the caller runs it under Uvicorn)."""
+def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256,
+              overhead_tokens: float | None = None):
+    """The FastAPI application (the caller runs it under Uvicorn); ``overhead_tokens`` None: measured now."""
     if max_batch < 1 or queue < 1 or max_wait_ms < 0:
         raise ValueError(f"--max-batch {max_batch}, --queue {queue}, --max-wait-ms {max_wait_ms}: "
                          f"batch and queue must be ≥ 1, wait ≥ 0")
+    if overhead_tokens is None:
+        overhead_tokens = backend.overhead_tokens() if max_batch > 1 else 0.0
+        log.info("batching: a forward costs %.1f tokens beyond its tokens (measured)", overhead_tokens)
+    if not 0 <= overhead_tokens < float("inf"):
+        raise ValueError(f"--overhead-tokens {overhead_tokens}: must be a finite number ≥ 0")
     metrics = Metrics()
     state: dict = {}
 
     @asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(backend, metrics, max_batch, max_wait_ms, queue)
+        state["batcher"] = Batcher(backend, metrics, max_batch, max_wait_ms, queue, overhead_tokens)
         state["batcher"].start()
         yield
         await state["batcher"].stop()
@@ -315,7 +380,8 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
     async def health():
         return {"status": "ok", "task": backend.task.name, "family": backend.task.family, "runtime": backend.runtime,
                 "texts_per_request": backend.n_texts, "max_length": backend.task.max_length,
-                "labels": backend.state["labels"], "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue": queue}
+                "labels": backend.state["labels"], "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue": queue,
+                "overhead_tokens": round(overhead_tokens, 1)}
 
     @app.get("/metrics")
     async def get_metrics():
@@ -328,13 +394,14 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
 
 def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256, threads: int = 0,
-          backend: Backend | None = None) -> None:
+          overhead_tokens: float | None = None, backend: Backend | None = None) -> None:
     """Load the model and serve until SIGTERM/SIGINT (Uvicorn's graceful shutdown: in-flight
-    requests are answered, then the process exits 0)."""
+    requests are answered, then the process exits 0). ``overhead_tokens`` None: measured now."""
     import uvicorn
 
     backend = backend or Backend.load(model_dir, runtime, threads)
-    app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue)
+    app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
+                    overhead_tokens=overhead_tokens)
     log.info("serving %s (%s runtime, batch ≤ %d, wait ≤ %g ms, queue %d) on http://%s:%d", backend.task.name,
              backend.runtime, max_batch, max_wait_ms, queue, host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
