@@ -125,15 +125,17 @@ def test_budget_times_both_phases(sample_corpus, tmp_path, monkeypatch, one_thre
     """``max_minutes`` with short rows first: each phase is timed on its own batches and the step
     count follows from their cost weighted by the steps each gets (budget.json records both)."""
     monkeypatch.setattr(loop, "calibrate_steps", _costs(0.25, 0.75))
-    # 0.5 · 0.25 + 0.5 · 0.75 = 0.5 CPU s per step: 0.05 min → 6 steps (long rows alone: 4)
-    s = _run(sample_corpus, tmp_path / "r", "train.max_minutes=0.05", *SHORT)
+    # fraction 0.75: 0.75 · 0.25 + 0.25 · 0.75 = 0.375 CPU s per step: 0.05 min → 8 steps (phase weights
+    # swapped: 0.625 s → 5 steps; long rows alone: 4; short rows alone: 12)
+    s = _run(sample_corpus, tmp_path / "r", "train.max_minutes=0.05", "train.short_seq_len=16",
+             "train.short_seq_fraction=0.75")
     budget = json.loads((tmp_path / "r" / "budget.json").read_text())
-    assert s["steps"] == budget["max_steps"] == 6
+    assert s["steps"] == budget["max_steps"] == 8
     cal = budget["calibration"]
-    assert cal["cpu_s_per_step"] == pytest.approx(0.5)
+    assert cal["cpu_s_per_step"] == pytest.approx(0.375)
     assert (cal["phases"]["short"]["cpu_s_per_step"], cal["phases"]["long"]["cpu_s_per_step"]) == (0.25, 0.75)
     assert (cal["phases"]["short"]["seq_len"], cal["phases"]["short"]["batch_size"]) == (16, 8)
-    assert [r["seq_len"] for r in run_metrics(tmp_path / "r")] == [16, 16, 16, 32, 32, 32]
+    assert [r["seq_len"] for r in run_metrics(tmp_path / "r")] == [16] * 6 + [32] * 2
 
 
 class Stop(Exception):
@@ -167,6 +169,18 @@ def test_stopped_and_resumed_before_or_after_the_switch_is_exact(sample_corpus, 
     m, r = run_metrics(tmp_path / "cut"), run_metrics(tmp_path / "ref")
     assert [x["loss"] for x in m] == [x["loss"] for x in r]
     assert [x["seq_len"] for x in m] == [16] * 4 + [32] * 4
+
+
+def test_extending_max_steps_on_resume_keeps_the_switch(sample_corpus, tmp_path, one_thread):
+    """``train.max_steps`` may grow on resume (a longer run); the switch stays at the step the run
+    started with, so a run never goes back to short rows (audit: recomputed, a 4-step run extended
+    to 8 read 16, 16, 32, 32 and then 16, 16 again — or re-read long rows of steps 2-3)."""
+    _run(sample_corpus, tmp_path / "r", "train.max_steps=4", "train.save_every=2", *SHORT)
+    s = _run(sample_corpus, tmp_path / "r", "train.max_steps=8", "train.save_every=2", *SHORT)
+    assert s["steps"] == 8
+    assert [r["seq_len"] for r in run_metrics(tmp_path / "r")] == [16, 16] + [32] * 6
+    state = json.loads((tmp_path / "r" / "checkpoints" / "step-8" / "trainer_state.json").read_text())
+    assert state["short_switch"] == 2
 
 
 def test_changed_schedule_on_resume_is_refused_or_recorded(sample_corpus, tmp_path, one_thread):

@@ -221,12 +221,14 @@ def short_phase(t, corpus: Corpus, eval_rows, world: int) -> Phase | None:
     return Phase(0, 0, t.short_seq_len, batch, rows, Sampler(len(rows), batch, t.grad_accum, world, t.seed))
 
 
-def seq_schedule(t, short: Phase | None, long: Phase) -> SeqSchedule:
+def seq_schedule(t, short: Phase | None, long: Phase, switch: int | None = None) -> SeqSchedule:
     """Short rows for the first ``round(short_seq_fraction · max_steps)`` steps, then ``seq_len``
-    rows to the end; without a short phase, ``long`` for every step (the plain path)."""
+    rows to the end; without a short phase, ``long`` for every step (the plain path). ``switch``:
+    the step recorded when the run started (a resume keeps it: extending ``max_steps`` must not
+    send a run back to short rows)."""
     if short is None:
         return SeqSchedule([dataclasses.replace(long, start=0, end=t.max_steps)])
-    switch = min(t.max_steps, round(t.short_seq_fraction * t.max_steps))
+    switch = min(t.max_steps, round(t.short_seq_fraction * t.max_steps) if switch is None else switch)
     return SeqSchedule([dataclasses.replace(short, start=0, end=switch),
                         dataclasses.replace(long, start=switch, end=max(switch, t.max_steps))])
 
@@ -582,7 +584,12 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         log.info("budget %.3g CPU-minutes: %.3f CPU s/step measured → max_steps %d", t.max_minutes,
                  cal["cpu_s_per_step"], t.max_steps)
         _write_run_config(out, cfg, data, found, start_step, allow_config_change, write=main)
-    schedule = seq_schedule(t, short, long)
+    # a resume keeps the switch step its run started with, unless the short-rows settings changed
+    # (allowed with --allow-config-change: then it is computed afresh and the change is recorded)
+    same_short = all(saved_train.get(k, getattr(TrainConfig, k)) == getattr(t, k)
+                     for k in ("short_seq_len", "short_seq_fraction"))
+    kept_switch = found[1].get("short_switch") if found is not None and same_short else None
+    schedule = seq_schedule(t, short, long, kept_switch)
     if short is not None and main:
         log.info("short rows first: steps 0-%d on %d rows of %d tokens per micro-step (%d training rows), then "
                  "%d rows of %d", schedule.phases[0].end, short.batch_size, short.seq_len, len(short.rows),
@@ -722,6 +729,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                              "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                              "config": cfg.to_dict(), "data": data_identity(data)}
                     state["cpu_s"], state["wall_s"] = clock.read()
+                    if short is not None:  # the switch step, kept on resume (seq_schedule)
+                        state["short_switch"] = schedule.phases[0].end
                     clock.pause()
                     ckpt.write_rank_rng(ckpt.tmp_dir(ck_root, step), rank)
                     if students is not None:  # issue 12: step-N/students/NAME/
