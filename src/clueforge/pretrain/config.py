@@ -375,6 +375,7 @@ VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": 
 
 
 VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
+VALIDATION["DistillConfig"]["narrow_layers"] = Rule(choices=("random", "slice", "magnitude"))  # issue 12: sliced blocks
 
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
