@@ -247,7 +247,7 @@ def run_seed(job: tuple, seed: int) -> tuple[dict, dict, float, dict]:
         start = random_student(student, teacher, Path(work) / f"baseline-random/seed{seed}", seed)
     b = finetune(task, data, start, Path(work) / f"no_teacher/seed{seed}", _finetune_cfg(common, seed),
                  show_progress=False)
-    init = a["distillation"]["student_init"] or a["distillation"]["init"]
+    init = a["distillation"]["student_init"]
     return a["metric"], b["metric"], time.process_time() - cpu, {"distilled_init": init, "baseline_dir": str(start)}
 
 
@@ -283,13 +283,17 @@ def agnostic_stage(args, work: Path) -> tuple[Path, dict]:
 def pretrained_baseline(args, work: Path) -> dict:
     """The no-teacher twin of the agnostic stage: the student's shape pretrained alone, same steps
     and ``train.``/``model.`` settings (the ``distill.`` ones do not apply)."""
+    from clueforge.distill.student import resolve_student
     from clueforge.pretrain.config import load_config
     from clueforge.pretrain.loop import pretrain
 
     if not (args.corpus and args.agnostic_steps):
         raise SystemExit("--baseline pretrained needs --corpus and --agnostic-steps (its steps and settings)")
+    path, kind = resolve_student(args.student)
+    if kind == "model":
+        raise SystemExit(f"--baseline pretrained needs a student config (a shape), not the directory {path}")
     items = [f"train.max_steps={args.agnostic_steps}"] + [x for x in args.agnostic_set if not x.startswith("distill.")]
-    summary = pretrain(load_config(args.student, items), args.corpus, work / "alone", show_progress=False)
+    summary = pretrain(load_config(path, items), args.corpus, work / "alone", show_progress=False)
     return {"dir": str(work / "alone" / "final"), "settings": items, "summary": summary}
 
 

@@ -259,8 +259,8 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
                        embeddings: str = "slice", narrow: str = "random"):
     """The student ``TaskModel``: from a directory (encoder; head too if it is this task's), or a
     student config built from the teacher's encoder; the teacher's head where widths match.
-    Returns ``(student, init, copied heads, record)``: ``record`` is ``init_from_teacher``'s (None
-    for a directory)."""
+    Returns ``(student, init, copied heads, record)``: ``record`` is ``init_from_teacher``'s (for a
+    directory: ``{"directory": path}``)."""
     from clueforge.finetune.loop import _num_labels
     from clueforge.model.bert import BertForMLM
     from clueforge.model.heads import TaskModel
@@ -275,7 +275,7 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
             raise UserError(f"the student {spec} and the teacher {teacher_dir} have different vocabularies: "
                             "task distillation feeds both the same token ids")
         student = load_hf_task(spec, fam.HEAD, n_labels)
-        init, record = f"directory {spec}", None
+        init, record = f"directory {spec}", {"directory": str(spec)}
     else:
         mlm = BertForMLM(teacher.cfg)  # the teacher's encoder under an MLM head init_from_teacher expects
         mlm.encoder.load_state_dict(teacher.encoder.state_dict())
