@@ -116,6 +116,12 @@ def describe_run(run: Path) -> dict:
                                    if k in summary}
             if "student_init" in summary:
                 out["student_init"] = summary["student_init"]
+        elif (run / "metrics.jsonl").is_file():  # a run started through the Python API: its last fixed eval
+            evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                     if "eval_fixed_loss" in r]
+            if evals:
+                out["run_reported"] = {k: evals[-1][k] for k in ("step", "eval_fixed_loss", "eval_fixed_mlm_acc")
+                                       if k in evals[-1]}
     elif cfg_file.is_file():
         h = json.loads(cfg_file.read_text())
         out["model"] = {k: h.get(k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
