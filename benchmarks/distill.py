@@ -176,7 +176,8 @@ def main() -> None:
     agnostic, alone = None, None
     if args.agnostic_steps:
         student, agnostic = agnostic_stage(args, work)
-        print(f"task-agnostic student {student}: held-out loss {agnostic['summary'].get('eval_fixed_loss')}", flush=True)
+        print(f"task-agnostic student {student}: held-out loss {agnostic['summary'].get('eval_fixed_loss')}",
+              flush=True)
     if args.baseline == "pretrained":
         alone = pretrained_baseline(args, work)
     common = [f"max_steps={args.student_steps}", "epochs=1", f"max_train={args.student_steps * args.batch_size}",
@@ -272,7 +273,8 @@ def agnostic_stage(args, work: Path) -> tuple[Path, dict]:
 
     mlm = args.mlm_teacher or args.teacher_init
     if not (mlm and args.corpus):
-        raise SystemExit("--agnostic-steps needs --corpus and a pretrained MLM teacher (--mlm-teacher or --teacher-init)")
+        raise SystemExit("--agnostic-steps needs --corpus and a pretrained MLM teacher "
+                         "(--mlm-teacher or --teacher-init)")
     cfg = load_distill_config(mlm, args.student, [f"train.max_steps={args.agnostic_steps}", *args.agnostic_set])
     summary = distill(cfg, args.corpus, work / "agnostic", show_progress=False)
     return work / "agnostic" / "final", {"teacher": str(mlm), "corpus": str(args.corpus),

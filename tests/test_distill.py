@@ -447,7 +447,8 @@ def test_narrow_layers_reach_the_student_through_the_distill_config(kd_setup):
         cfg = load_distill_config(teacher_dir, student, LOOP + [f"distill.narrow_layers={narrow}"])
         model, _ = build_distill_model(cfg, teacher, teacher.cfg.vocab_size)
         assert model.student_init["blocks"] == blocks
-        sliced = torch.equal(model.mlm.encoder.layers[0].mlp_in.weight, teacher.encoder.layers[1].mlp_in.weight[:32, :16])
+        first = teacher.encoder.layers[1].mlp_in.weight[:32, :16]  # student layer 1 = teacher layer 2, cut
+        sliced = torch.equal(model.mlm.encoder.layers[0].mlp_in.weight, first)
         assert sliced == (narrow == "slice")
 
 
@@ -458,7 +459,8 @@ def test_distill_settings_are_validated(kd_setup, tmp_path):
     teacher, student = kd_setup
     for bad, msg in ((["distill.temperature=0"], "temperature"), (["distill.init=[9, 1]"], "init"),
                      (["distill.embeddings=pad"], "embeddings"),
-                     (["distill.narrow_layers=first"], "narrow_layers"), (["distill.relation_layer=0"], "relation_layer"),
+                     (["distill.narrow_layers=first"], "narrow_layers"),
+                     (["distill.relation_layer=0"], "relation_layer"),
                      (["distill.mlm_weight=0", "distill.soft_weight=0", "distill.relation_weight=0"], "mlm_weight"),
                      (["distill.aux_layer=true"], "aux_layer"), (["train.self_distill_instance=0.5"], "self_distill")):
         with pytest.raises(UserError, match=msg):
