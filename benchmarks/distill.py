@@ -3,12 +3,26 @@
     nice -n 10 python benchmarks/distill.py --out docs/results/distill_msra_ner.json
     python benchmarks/distill.py --teacher runs/ft/msra-ner --student nano --student-init runs/agnostic-nano/final
 
+With the task-agnostic stage (issue 12: "task-agnostic + task distillation vs the same student
+fine-tuned without a teacher")::
+
+    python benchmarks/distill.py --teacher-init runs/teacher/final --corpus runs/corpus \
+        --agnostic-steps 300 --agnostic-set distill.narrow_layers=slice --baseline pretrained
+
 1. Teacher: a fine-tuned ``--teacher`` directory, or one fine-tuned here (``--teacher-init``: a
    pretrained directory, else a random encoder of ``--teacher-shape`` LxD) on the task.
-2. For each seed: (a) ``distill_task`` into ``--student`` (a shipped student config initialised
-   from the teacher, or ``--student-init``, e.g. a task-agnostically distilled student), then
-   (b) plain fine-tuning of the very same starting weights (``student-init/`` of run (a)) with the
-   same steps and hyper-parameters, no teacher. Dev scores mean ± std over seeds.
+2. Task-agnostic stage (``--agnostic-steps N`` > 0): ``clueforge distill`` of the pretrained MLM
+   teacher (``--mlm-teacher``, default ``--teacher-init``) into ``--student`` on the shards
+   ``--corpus`` for N steps (``--agnostic-set``: ``train.K=V`` / ``distill.K=V`` items); its
+   ``final/`` is the student the task stage starts from. Run once, shared by the seeds.
+3. For each seed: (a) ``distill_task`` into the student (a shipped student config initialised
+   from the teacher, ``--student-init``, or the agnostic stage's student), then (b) plain
+   fine-tuning without a teacher, same steps and hyper-parameters, from the start ``--baseline``
+   names, recorded in the JSON: ``random`` (the student's shape at BERT's random initialisation,
+   nothing from any teacher: the default), ``pretrained`` (the student's shape pretrained alone on
+   ``--corpus`` for the agnostic stage's steps and settings: the no-teacher twin of stage 2) or
+   ``same-start`` (run a's own starting weights, ``student-init/``: teacher-derived whenever run a
+   started from the teacher, e.g. its sliced embeddings). Dev scores mean ± std over seeds.
 3. Latency at batch 1, length 128, one thread (median of alternating rounds): teacher and student
    (PyTorch eager fp32, ONNX Runtime int8 of the student through the export path), and for the
    issue's shape target ``nano`` ONNX int8 against ``transformers`` ``mini`` fp32 (random weights:
@@ -37,6 +51,8 @@ from clueforge.model.bert import BertForMLM, ModelConfig  # noqa: E402
 from clueforge.model.hf import save_hf  # noqa: E402
 
 DATA_DIRS = {"msra-ner": "msra_ner", "kgclue": "kgclue", "ocnli": "ocnli"}
+BASELINES = ("random", "pretrained", "same-start")
+_RANDOM = {"teacher_layers": None, "blocks": "random", "embeddings": "random"}  # init_from_teacher's init=random
 
 
 def latency(models: dict, seq_len: int, repeats: int) -> dict[str, float]:
@@ -121,6 +137,14 @@ def main() -> None:
     ap.add_argument("--teacher-lr", type=float, default=1e-3)
     ap.add_argument("--student", default="pico", help="Student config (mini/micro/nano/pico/YAML) or directory.")
     ap.add_argument("--student-init", default=None, help="A task-agnostically distilled student directory.")
+    ap.add_argument("--corpus", default=None, help="Pretraining shards of the task-agnostic stage (and baseline).")
+    ap.add_argument("--agnostic-steps", type=int, default=0, help="Task-agnostic distillation steps (0: no stage).")
+    ap.add_argument("--agnostic-set", action="append", default=[],
+                    help="train.K=V / distill.K=V items of the task-agnostic stage (and of the pretrained baseline).")
+    ap.add_argument("--mlm-teacher", default=None, help="The pretrained MLM the agnostic stage distils "
+                    "(default: --teacher-init).")
+    ap.add_argument("--baseline", choices=BASELINES, default="random",
+                    help="What the no-teacher student starts from (see the module docstring).")
     ap.add_argument("--student-steps", type=int, default=100)
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -148,13 +172,22 @@ def main() -> None:
     t_teacher = time.perf_counter() - t0 if not args.teacher else teacher_res["seconds"]
     print(f"teacher {metric} {teacher_res['metric'][metric]:.2f} ({t_teacher:.0f} s)", flush=True)
 
+    student = args.student_init or args.student
+    agnostic, alone = None, None
+    if args.agnostic_steps:
+        student, agnostic = agnostic_stage(args, work)
+        print(f"task-agnostic student {student}: held-out loss {agnostic['summary'].get('eval_fixed_loss')}",
+              flush=True)
+    if args.baseline == "pretrained":
+        alone = pretrained_baseline(args, work)
     common = [f"max_steps={args.student_steps}", "epochs=1", f"max_train={args.student_steps * args.batch_size}",
               f"max_eval={args.max_eval}", f"max_length={args.max_length}", f"lr={args.student_lr}",
               f"batch_size={args.batch_size}", "warmup_ratio=0.06"]
     distill_set = ["soft_weight=1", "hard_weight=1", "temperature=2", *args.distill_set]
     runs = {"distilled": [], "no_teacher": []}
     t1 = time.perf_counter()
-    job = (task, str(teacher), args.student_init or args.student, str(data), str(work), common, distill_set)
+    job = (task, str(teacher), str(student), str(data), str(work), common, distill_set, args.baseline,
+           alone["dir"] if alone else None)
     if args.jobs > 1:  # one process per seed (each single-threaded): the same CPU time, less wall time
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -163,7 +196,7 @@ def main() -> None:
             done = list(pool.map(run_seed, [job] * len(args.seeds), args.seeds))
     else:
         done = [run_seed(job, seed) for seed in args.seeds]
-    for seed, (a, b, cpu) in zip(args.seeds, done):
+    for seed, (a, b, cpu, _) in zip(args.seeds, done):
         runs["distilled"].append(a[metric])
         runs["no_teacher"].append(b[metric])
         print(f"seed {seed}: distilled {a[metric]:.2f}, no teacher {b[metric]:.2f} ({cpu:.0f} CPU s)", flush=True)
@@ -183,30 +216,87 @@ def main() -> None:
         "benchmark": "task_distillation", "task": task, "metric": metric, "data": str(data),
         "teacher": {"dir": str(teacher), "score": round(teacher_score, 2), "config": t_model.cfg.__dict__,
                     "steps": teacher_res["steps"], "train_examples": teacher_res["train_examples"]},
-        "student": {"spec": args.student_init or args.student, "config": s_model.cfg.__dict__},
+        "student": {"spec": str(student), "config": s_model.cfg.__dict__,
+                    "init": done[0][3]["distilled_init"]},
+        "agnostic_stage": agnostic,
+        "baseline": {"start": args.baseline, "dir_seed0": done[0][3]["baseline_dir"],
+                     "teacher_derived": args.baseline == "same-start" and done[0][3]["distilled_init"] != _RANDOM,
+                     "pretrained_alone": alone},
         "seeds": args.seeds, "settings": {"common": common, "distill": distill_set},
         "distilled": distilled, "no_teacher": no_teacher,
         "student_share_of_teacher": round(distilled["mean"] / teacher_score, 3) if teacher_score else None,
         "latency_ms_batch1_len128_1thread": lat, "shape_latency_ms": shapes,
         "seconds": {"teacher_wall": round(t_teacher), "students_wall": round(t_students),
-                    "students_cpu": round(sum(c for _, _, c in done)), "this_run_wall": round(time.perf_counter() - t0)},
+                    "students_cpu": round(sum(c for _, _, c, _ in done)),
+                    "this_run_wall": round(time.perf_counter() - t0)},
         "machine": machine(),
     }
     write_json(args.out, out)
 
 
-def run_seed(job: tuple, seed: int) -> tuple[dict, dict, float]:
-    """(a) task distillation and (b) plain fine-tuning from the same start, for one seed; the dev
-    metrics of both and the CPU seconds spent."""
-    task, teacher, student, data, work, common, distill_set = job
+def run_seed(job: tuple, seed: int) -> tuple[dict, dict, float, dict]:
+    """(a) task distillation and (b) plain fine-tuning from the ``baseline`` start, for one seed;
+    the dev metrics of both, the CPU seconds spent and where each started."""
+    task, teacher, student, data, work, common, distill_set, baseline, alone = job
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {seed}: %(message)s")
     torch.set_num_threads(1)
     cpu = time.process_time()
     out_a = Path(work) / f"distilled/seed{seed}"
     a = distill_task(task, teacher, student, data, out_a, common + distill_set, seed=seed, show_progress=False)
-    b = finetune(task, data, out_a / "student-init", Path(work) / f"no_teacher/seed{seed}", _finetune_cfg(common, seed),
+    start = {"same-start": out_a / "student-init", "pretrained": alone}.get(baseline)
+    if baseline == "random":
+        start = random_student(student, teacher, Path(work) / f"baseline-random/seed{seed}", seed)
+    b = finetune(task, data, start, Path(work) / f"no_teacher/seed{seed}", _finetune_cfg(common, seed),
                  show_progress=False)
-    return a["metric"], b["metric"], time.process_time() - cpu
+    init = a["distillation"]["student_init"]
+    return a["metric"], b["metric"], time.process_time() - cpu, {"distilled_init": init, "baseline_dir": str(start)}
+
+
+def random_student(student: str, teacher: str, out: Path, seed: int) -> Path:
+    """The student's shape at BERT's random initialisation (torch seed ``seed``), nothing from a
+    teacher, in the HF layout with the teacher's vocabulary."""
+    from clueforge.distill.student import resolve_student, student_config
+    from clueforge.model.hf import read_hf_config
+    from clueforge.text.tokenizer import resolve_vocab
+
+    vocab = resolve_vocab(checkpoint_dir(teacher))
+    n = len(vocab.read_text(encoding="utf-8").splitlines())
+    path, kind = resolve_student(student)
+    cfg = read_hf_config(path)[0] if kind == "model" else student_config(path, ModelConfig(vocab_size=n))
+    torch.manual_seed(seed)
+    return save_hf(BertForMLM(cfg), out, vocab=vocab)
+
+
+def agnostic_stage(args, work: Path) -> tuple[Path, dict]:
+    """``clueforge distill`` of the pretrained MLM teacher into ``--student`` on ``--corpus``."""
+    from clueforge.distill.agnostic import distill, load_distill_config
+
+    mlm = args.mlm_teacher or args.teacher_init
+    if not (mlm and args.corpus):
+        raise SystemExit("--agnostic-steps needs --corpus and a pretrained MLM teacher "
+                         "(--mlm-teacher or --teacher-init)")
+    cfg = load_distill_config(mlm, args.student, [f"train.max_steps={args.agnostic_steps}", *args.agnostic_set])
+    summary = distill(cfg, args.corpus, work / "agnostic", show_progress=False)
+    return work / "agnostic" / "final", {"teacher": str(mlm), "corpus": str(args.corpus),
+                                         "steps": args.agnostic_steps, "settings": args.agnostic_set,
+                                         "distill": cfg.distill.__dict__, "summary": summary}
+
+
+def pretrained_baseline(args, work: Path) -> dict:
+    """The no-teacher twin of the agnostic stage: the student's shape pretrained alone, same steps
+    and ``train.``/``model.`` settings (the ``distill.`` ones do not apply)."""
+    from clueforge.distill.student import resolve_student
+    from clueforge.pretrain.config import load_config
+    from clueforge.pretrain.loop import pretrain
+
+    if not (args.corpus and args.agnostic_steps):
+        raise SystemExit("--baseline pretrained needs --corpus and --agnostic-steps (its steps and settings)")
+    path, kind = resolve_student(args.student)
+    if kind == "model":
+        raise SystemExit(f"--baseline pretrained needs a student config (a shape), not the directory {path}")
+    items = [f"train.max_steps={args.agnostic_steps}"] + [x for x in args.agnostic_set if not x.startswith("distill.")]
+    summary = pretrain(load_config(path, items), args.corpus, work / "alone", show_progress=False)
+    return {"dir": str(work / "alone" / "final"), "settings": items, "summary": summary}
 
 
 def _finetune_cfg(items: list[str], seed: int) -> FinetuneConfig:

@@ -109,6 +109,10 @@ def test_a_teacher_shaped_student_from_the_teacher_gives_the_teachers_outputs(tm
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(student(ids).logits, teacher(ids).logits)
+    for narrow in ("slice", "magnitude"):  # at the teacher's shape slicing keeps everything: the same model
+        sliced = build_student(yml, teacher, init="teacher", narrow=narrow).eval()
+        with torch.no_grad():
+            assert torch.equal(sliced(ids).logits, teacher(ids).logits)
     torch.manual_seed(5)
     random = build_student(yml, teacher, init="random").eval()
     with torch.no_grad():
@@ -164,6 +168,141 @@ def test_layers_that_cannot_be_copied_are_refused_when_asked_for_and_warned_abou
     with pytest.raises(UserError, match="init=random") as exc:
         init_from_teacher(deep, teacher, "teacher", "slice", lists=False)
     assert "list" not in str(exc.value)
+
+
+def _qkv_rows(W: torch.Tensor, Dt: int, dh_t: int, heads, dh_s: int, q_scale: float = 1.0) -> torch.Tensor:
+    """The fused QKV rows of ``heads`` (each cut to its first ``dh_s`` dims), Q rows scaled, by hand."""
+    rows = []
+    for part in range(3):
+        for h in heads:
+            start = part * Dt + h * dh_t
+            rows.append(W[start:start + dh_s] * (q_scale if part == 0 else 1.0))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_sliced_blocks_are_the_teachers_sub_blocks_by_hand(pre_ln):
+    teacher = _teacher(pre_ln=pre_ln)  # 4 layers, 32 wide, 4 heads of 8, ffn 64
+    student = BertForMLM(_cfg(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, pre_ln=pre_ln))
+    record = init_from_teacher(student, teacher, "teacher", "slice", narrow="slice")
+    assert record == {"teacher_layers": [2, 4], "blocks": "slice", "embeddings": "slice", "heads": [[0, 1], [0, 1]]}
+    d = 16
+    for i, j in enumerate([2, 4]):
+        s, t = student.encoder.layers[i], teacher.encoder.layers[j - 1]
+        # residual dims 0..15 (the sliced embeddings'), heads 0 and 1 (all 8 dims each), ffn units 0..31
+        assert torch.equal(s.attn.qkv.weight, _qkv_rows(t.attn.qkv.weight, 32, 8, [0, 1], 8)[:, :d])
+        assert torch.equal(s.attn.qkv.bias, _qkv_rows(t.attn.qkv.bias, 32, 8, [0, 1], 8))
+        assert torch.equal(s.attn.out.weight, t.attn.out.weight[:d, :16])
+        assert torch.equal(s.attn.out.bias, t.attn.out.bias[:d])
+        assert torch.equal(s.mlp_in.weight, t.mlp_in.weight[:32, :d])
+        assert torch.equal(s.mlp_in.bias, t.mlp_in.bias[:32])
+        assert torch.equal(s.mlp_out.weight, t.mlp_out.weight[:d, :32])
+        assert torch.equal(s.mlp_out.bias, t.mlp_out.bias[:d])
+        for ln in ("ln1", "ln2"):
+            assert torch.equal(getattr(s, ln).weight, getattr(t, ln).weight[:d])
+            assert torch.equal(getattr(s, ln).bias, getattr(t, ln).bias[:d])
+    assert torch.equal(student.head.dense.weight, teacher.head.dense.weight[:d, :d])
+    assert torch.equal(student.head.dense.bias, teacher.head.dense.bias[:d])
+    assert torch.equal(student.head.ln.weight, teacher.head.ln.weight[:d])
+    if pre_ln:
+        assert torch.equal(student.encoder.final_ln.weight, teacher.encoder.final_ln.weight[:d])
+    assert torch.equal(student.encoder.embeddings.position.weight, teacher.encoder.embeddings.position.weight[:, :d])
+
+
+def test_narrower_heads_keep_their_first_dims_and_the_teachers_score_scale():
+    teacher = _teacher()  # heads of 8
+    student = BertForMLM(_cfg(hidden_size=16, num_layers=1, num_heads=4, intermediate_size=64))  # 4 heads of 4
+    init_from_teacher(student, teacher, [3], "slice", narrow="slice")
+    t = teacher.encoder.layers[2]
+    W = _qkv_rows(t.attn.qkv.weight, 32, 8, [0, 1, 2, 3], 4, q_scale=math.sqrt(4 / 8))
+    assert_close(student.encoder.layers[0].attn.qkv.weight, W[:, :16], rtol=0, atol=0)
+    cols = [h * 8 + k for h in range(4) for k in range(4)]
+    assert torch.equal(student.encoder.layers[0].attn.out.weight, t.attn.out.weight[:16][:, cols])
+    assert torch.equal(student.encoder.layers[0].mlp_in.weight, t.mlp_in.weight[:, :16])  # ffn at full width
+
+
+def test_magnitude_keeps_the_heads_and_units_of_largest_weight_norm():
+    teacher = _teacher()
+    with torch.no_grad():
+        for layer in teacher.encoder.layers:
+            qkv = layer.attn.qkv.weight.view(3, 4, 8, 32)
+            qkv[:, 1].mul_(3)
+            qkv[:, 3].mul_(3)  # heads 1 and 3 dominate
+            layer.mlp_in.weight[32:].mul_(3)  # units 32..63 dominate
+    student = BertForMLM(_cfg(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32))
+    record = init_from_teacher(student, teacher, "teacher", "slice", narrow="magnitude")
+    assert record["heads"] == [[1, 3], [1, 3]]
+    s, t = student.encoder.layers[1], teacher.encoder.layers[3]
+    assert torch.equal(s.attn.qkv.weight, _qkv_rows(t.attn.qkv.weight, 32, 8, [1, 3], 8)[:, :16])
+    assert torch.equal(s.attn.out.weight, t.attn.out.weight[:16][:, list(range(8, 16)) + list(range(24, 32))])
+    assert torch.equal(s.mlp_in.weight, t.mlp_in.weight[32:, :16])
+    assert torch.equal(s.mlp_out.weight, t.mlp_out.weight[:16, 32:])
+
+
+def _mlm_kl(student: BertForMLM, teacher: BertForMLM, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(soft_kl(student(ids).logits.flatten(0, 1), teacher(ids).logits.flatten(0, 1)))
+
+
+def _mostly_narrow_teacher(pre_ln: bool) -> BertForMLM:
+    """A random teacher (std 0.2) whose weights beyond a 16-wide, 2-head, 32-unit sub-model are
+    scaled by 0.1: its function lives mostly where a first-dimensions slice looks (a random
+    teacher has no such structure, and halving it is then no better than random layers)."""
+    teacher = _teacher(pre_ln=pre_ln, initializer_range=0.2)
+    with torch.no_grad():
+        emb = teacher.encoder.embeddings
+        for table in (emb.word, emb.position, emb.token_type):
+            table.weight[:, 16:].mul_(0.1)
+        for layer in teacher.encoder.layers:
+            qkv = layer.attn.qkv.weight.view(3, 4, 8, 32)
+            qkv[:, 2:].mul_(0.1)
+            qkv[..., 16:].mul_(0.1)
+            layer.attn.out.weight[16:].mul_(0.1)
+            layer.attn.out.weight[:, 16:].mul_(0.1)
+            layer.mlp_in.weight[32:].mul_(0.1)
+            layer.mlp_in.weight[:, 16:].mul_(0.1)
+            layer.mlp_out.weight[16:].mul_(0.1)
+    return teacher
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_a_sliced_narrow_student_is_closer_to_its_teacher_than_a_random_one(pre_ln):
+    """On a fixed batch, KL(teacher ‖ student) of the MLM predictions at every position: the
+    sliced student beats, for every seed, (a) the same student with only its blocks re-drawn at
+    random (everything else sliced alike) and (b) a ``narrow_layers=random`` student."""
+    from clueforge.model.bert import init_weights
+
+    teacher = _mostly_narrow_teacher(pre_ln)
+    ids = _ids(B=4, T=16)
+    for seed in range(3):
+        kl = {}
+        for narrow in ("slice", "random"):
+            torch.manual_seed(seed)
+            student = BertForMLM(_cfg(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+                                      pre_ln=pre_ln)).eval()
+            init_from_teacher(student, teacher, "teacher", "slice", narrow=narrow)
+            kl[narrow] = _mlm_kl(student, teacher, ids)
+            if narrow == "slice":
+                torch.manual_seed(seed)
+                init_weights(student.encoder.layers, student.cfg.initializer_range)
+                kl["blocks_redrawn"] = _mlm_kl(student, teacher, ids)
+        assert kl["slice"] < 0.7 * kl["random"] and kl["slice"] < 0.7 * kl["blocks_redrawn"], kl
+
+
+def test_a_slicing_that_cannot_apply_is_refused_in_one_line():
+    teacher = _teacher()  # 32 wide, 4 heads of 8, ffn 64, post-LN
+    cases = [(dict(hidden_size=16, num_heads=1), "1 heads of 16 do not fit in the teacher's 4 heads of 8"),
+             (dict(hidden_size=48, num_heads=6), "hidden size 48 exceeds"),
+             (dict(hidden_size=16, num_heads=2, intermediate_size=128), "feed-forward width 128 exceeds"),
+             (dict(hidden_size=16, num_heads=2, pre_ln=True), "pre-LN, the teacher post-LN")]
+    for kw, msg in cases:
+        student = BertForMLM(_cfg(num_layers=2, intermediate_size=kw.pop("intermediate_size", 32), **kw))
+        with pytest.raises(UserError, match=msg) as exc:
+            init_from_teacher(student, teacher, "teacher", "slice", narrow="slice")
+        assert "\n" not in str(exc.value) and "narrow_layers=random" in str(exc.value)
+    student = BertForMLM(_cfg(hidden_size=16, num_heads=2, intermediate_size=32, num_layers=2))
+    with pytest.raises(UserError, match="embeddings=project rotates"):
+        init_from_teacher(student, teacher, "teacher", "project", narrow="magnitude")
 
 
 @pytest.mark.parametrize("name", ["mini", "micro", "nano", "pico"])
@@ -298,13 +437,30 @@ def test_distillation_resumes_exactly_and_refuses_a_changed_setting(kd_setup, sa
     assert any("distill" in h["changes"] for h in history)
 
 
+def test_narrow_layers_reach_the_student_through_the_distill_config(kd_setup):
+    from clueforge.distill.agnostic import build_distill_model, load_distill_config
+    from clueforge.model.hf import load_hf
+
+    teacher_dir, student = kd_setup
+    teacher = load_hf(teacher_dir)
+    for narrow, blocks in (("slice", "slice"), ("random", "random")):
+        cfg = load_distill_config(teacher_dir, student, LOOP + [f"distill.narrow_layers={narrow}"])
+        model, _ = build_distill_model(cfg, teacher, teacher.cfg.vocab_size)
+        assert model.student_init["blocks"] == blocks
+        first = teacher.encoder.layers[1].mlp_in.weight[:32, :16]  # student layer 1 = teacher layer 2, cut
+        sliced = torch.equal(model.mlm.encoder.layers[0].mlp_in.weight, first)
+        assert sliced == (narrow == "slice")
+
+
 def test_distill_settings_are_validated(kd_setup, tmp_path):
     from clueforge.distill.agnostic import load_distill_config
     from clueforge.pretrain.config import load_config
 
     teacher, student = kd_setup
     for bad, msg in ((["distill.temperature=0"], "temperature"), (["distill.init=[9, 1]"], "init"),
-                     (["distill.embeddings=pad"], "embeddings"), (["distill.relation_layer=0"], "relation_layer"),
+                     (["distill.embeddings=pad"], "embeddings"),
+                     (["distill.narrow_layers=first"], "narrow_layers"),
+                     (["distill.relation_layer=0"], "relation_layer"),
                      (["distill.mlm_weight=0", "distill.soft_weight=0", "distill.relation_weight=0"], "mlm_weight"),
                      (["distill.aux_layer=true"], "aux_layer"), (["train.self_distill_instance=0.5"], "self_distill")):
         with pytest.raises(UserError, match=msg):
@@ -410,10 +566,14 @@ def test_distill_command_writes_a_student_and_reports_user_errors_in_one_line(kd
     teacher, student = kd_setup
     args = ["distill", "--teacher", str(teacher), "--data", str(sample_corpus), "--out", str(tmp_path / "kd"),
             "--no-progress", "--max-steps", "2"] + sum((["--set", s] for s in LOOP), [])
-    r = CliRunner().invoke(app, args + ["--student", str(student)])
+    r = CliRunner().invoke(app, args + ["--student", str(student), "--set", "distill.narrow_layers=slice"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "kd" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["final"].endswith("final")
+    assert summary["student_init"] == {"teacher_layers": [2, 4], "blocks": "slice", "embeddings": "slice",
+                                       "heads": [[0, 1], [0, 1]]}
+    cfg = json.loads((tmp_path / "kd" / "config.json").read_text())["config"]
+    assert cfg["distill"]["narrow_layers"] == "slice"
     r = CliRunner().invoke(app, args + ["--student", "femto"])
     assert r.exit_code == 2 and "femto" in r.output and "pico" in r.output and "Traceback" not in r.output
     fresh = [str(tmp_path / "ar") if a == str(tmp_path / "kd") else a for a in args]  # not a resume of kd

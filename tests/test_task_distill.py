@@ -135,10 +135,26 @@ def test_a_narrower_student_gets_sliced_embeddings_and_a_fresh_head(tmp_path, sa
     _, fam, state, teacher, _ = load_finetuned(teacher_dir, "afqmc")
     (tmp_path / "narrow.yaml").write_text("model: {hidden_size: 16, num_layers: 1, num_heads: 2, "
                                           "intermediate_size: 32, max_position: 128}\n")
-    student, init, copied = build_task_student(tmp_path / "narrow.yaml", teacher, teacher_dir, fam, state,
-                                               "teacher")
-    assert copied == [] and student.cfg.hidden_size == 16
+    student, init, copied, record = build_task_student(tmp_path / "narrow.yaml", teacher, teacher_dir, fam, state,
+                                                       "teacher")
+    assert copied == [] and student.cfg.hidden_size == 16 and record["blocks"] == "random"
     assert_close(student.encoder.embeddings.word.weight, teacher.encoder.embeddings.word.weight[:, :16])
+    # narrow_layers=slice: the student's layer is the teacher's top layer cut to 16 dims, 2 heads, 32 units
+    _, dcfg = split_overrides(["narrow_layers=slice"])
+    sliced, _, _, record = build_task_student(tmp_path / "narrow.yaml", teacher, teacher_dir, fam, state, "teacher",
+                                              dcfg.embeddings, dcfg.narrow_layers)
+    top = teacher.encoder.layers[-1]
+    assert record == {"teacher_layers": [teacher.cfg.num_layers], "blocks": "slice", "embeddings": "slice",
+                      "heads": [[0, 1]]}
+    assert torch.equal(sliced.encoder.layers[0].mlp_in.weight, top.mlp_in.weight[:32, :16])
+    assert torch.equal(sliced.encoder.layers[0].attn.out.weight, top.attn.out.weight[:16, :16])
+    assert torch.equal(sliced.encoder.layers[0].ln2.bias, top.ln2.bias[:16])
+    res = distill_task("afqmc", teacher_dir, tmp_path / "narrow.yaml", FIXTURES / "afqmc", tmp_path / "out",
+                       ["max_steps=1", "batch_size=2", "narrow_layers=slice"], show_progress=False)
+    assert res["distillation"]["student_init"]["blocks"] == "slice"
+    assert json.loads((tmp_path / "out/results.json").read_text())["distillation"]["narrow_layers"] == "slice"
+    start = load_file(tmp_path / "out/student-init/model.safetensors")
+    assert any(torch.equal(v, top.mlp_in.weight[:32, :16]) for v in start.values())  # the saved start is sliced
     # a deeper student: the message names what the task path accepts (no layer list)
     (tmp_path / "deep.yaml").write_text(f"model: {{hidden_size: 16, num_layers: {teacher.cfg.num_layers + 1}, "
                                         "num_heads: 2, intermediate_size: 32, max_position: 128}\n")
@@ -356,7 +372,7 @@ def test_settings_are_validated_and_split_between_the_loop_and_distillation(tmp_
     assert (cfg.lr, cfg.seed, d.temperature, d.augment_top_k, d.augment_corpus, d.augment_mlm, d.embeddings,
             d.init) == (1e-3, 3, 2.0, 5, "c.txt", "m", "project", "random")
     for bad in ("temperature=0", "augment_rate=1.5", "init=half", "soft_weight=-1", "embeddings=pca",
-                "augment_top_k=0"):
+                "augment_top_k=0", "narrow_layers=first"):
         with pytest.raises(UserError, match=bad.split("=")[0]):
             split_overrides([bad])
     with pytest.raises(UserError, match="nothing to train"):

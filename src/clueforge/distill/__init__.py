@@ -40,6 +40,12 @@ class DistillConfig:
     embeddings: str = "slice"
     """When the widths differ: ``slice`` (the teacher's first dimensions) or ``project`` (its top
     principal directions)."""
+    narrow_layers: str = "random"
+    """When the student's blocks are narrower than the teacher's (width, heads, head width or
+    feed-forward): ``slice`` cuts each chosen teacher layer down to the student's shape (the first
+    residual dimensions, heads, head dimensions and feed-forward units), ``magnitude`` likewise
+    but keeps the heads and feed-forward units of largest weight norm, ``random`` leaves the layers
+    random (only the embeddings and the MLM head's bias come from the teacher)."""
     relation_weight: float = 1.0
     """Weight of the MiniLMv2 Q-Q/K-K/V-V relation KL (student's top layer vs ``relation_layer``)."""
     relation_layer: float = -1

@@ -201,15 +201,18 @@ def build_distill_model(cfg: DistillRunConfig, teacher: BertForMLM, vocab_size: 
     if resolve_student(d.student)[1] == "config":  # cfg.model: the YAML's model section + --set model.K=V
         student = BertForMLM(replace(cfg.model, vocab_size=teacher.cfg.vocab_size,
                                      pad_token_id=teacher.cfg.pad_token_id))
-        init_from_teacher(student, teacher, d.init, d.embeddings)
+        record = init_from_teacher(student, teacher, d.init, d.embeddings, narrow=d.narrow_layers)
     else:
-        student = build_student(d.student, teacher, d.init, d.embeddings)
+        student = build_student(d.student, teacher, d.init, d.embeddings, narrow=d.narrow_layers)
+        record = {"directory": str(d.student)}
     cfg.model = student.cfg
     for who, m in (("student", student.cfg), ("teacher", teacher.cfg)):
         if t.seq_len > m.max_position:
             raise UserError(f"train.seq_len {t.seq_len} exceeds the {who}'s max_position {m.max_position}")
     student.encoder.gradient_checkpointing = t.gradient_checkpointing
     model = DistillModel(student, teacher, d)
+    model.student_init = record
+    log.info("student initialisation: %s", record)
     log.info("distilling %s (%d layers, hidden %d) into a student of %d layers, hidden %d; relations: teacher layer "
              "%d, %d heads", cfg.teacher, teacher.cfg.num_layers, teacher.cfg.hidden_size, student.cfg.num_layers,
              student.cfg.hidden_size, model.layer, model.heads)
@@ -280,7 +283,13 @@ def distill(cfg: DistillRunConfig, data: str | Path, out: str | Path, *, show_pr
     from clueforge.pretrain.loop import pretrain
 
     teacher = load_hf(cfg.teacher)
+    built = {}
+
+    def build(c, vocab_size):
+        model, objective = build_distill_model(c, teacher, vocab_size)
+        built["student_init"] = model.student_init
+        return model, objective
+
     summary = pretrain(cfg, data, out, show_progress=show_progress, log_progress=log_progress,
-                       allow_config_change=allow_config_change,
-                       build=lambda c, vocab_size: build_distill_model(c, teacher, vocab_size))
-    return {**summary, "teacher": cfg.teacher}
+                       allow_config_change=allow_config_change, build=build)
+    return {**summary, "teacher": cfg.teacher, **built}

@@ -79,7 +79,7 @@ class OnlineStudents:
             for i, name in enumerate(sorted(t.students)):
                 d = build_dataclass(DistillConfig, dict(t.students[name]), f"train.students.{name}")
                 torch.manual_seed(t.seed + 7919 * (i + 1))
-                mlm = build_student(d.student, teacher, d.init, d.embeddings)
+                mlm = build_student(d.student, teacher, d.init, d.embeddings, narrow=d.narrow_layers)
                 if d.aux_layer:
                     mlm = with_aux_layer(mlm)
                 model = Student(mlm, hidden_projection(d, mlm.cfg, teacher.cfg)).to(device).train()

@@ -66,6 +66,11 @@ class TaskDistillConfig:
     embeddings: str = "slice"
     """Student narrower than the teacher: its embeddings are the teacher's first dimensions
     (``slice``) or their top principal directions (``project``)."""
+    narrow_layers: str = "random"
+    """Student narrower than the teacher (width, heads, head width or feed-forward): ``slice`` cuts
+    the teacher's layers down to the student's shape, ``magnitude`` keeps the heads and
+    feed-forward units of largest weight norm instead of the first ones, ``random`` leaves the
+    layers random (``distill.student.init_from_teacher``)."""
     augment_copies: int = 0
     """Augmented copies of each training example (0 = no augmentation)."""
     augment_rate: float = 0.4
@@ -93,6 +98,9 @@ class TaskDistillConfig:
             raise ValueError(f"init={self.init!r} is not allowed: must be one of teacher, random")
         if self.embeddings not in ("slice", "project"):
             raise ValueError(f"embeddings={self.embeddings!r} is not allowed: must be one of slice, project")
+        if self.narrow_layers not in ("random", "slice", "magnitude"):
+            raise ValueError(f"narrow_layers={self.narrow_layers!r} is not allowed: must be one of random, slice, "
+                             f"magnitude")
         unused = [f"augment_{k}" for k, v, d in (("rate", self.augment_rate, 0.4), ("mlm", self.augment_mlm, None),
                                                  ("corpus", self.augment_corpus, None), ("top_k", self.augment_top_k, 15))
                   if v != d]
@@ -248,15 +256,17 @@ def _vocab(path: Path) -> list[str]:
 
 
 def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam, state: dict, init: str,
-                       embeddings: str = "slice"):
+                       embeddings: str = "slice", narrow: str = "random"):
     """The student ``TaskModel``: from a directory (encoder; head too if it is this task's), or a
-    student config built from the teacher's encoder; the teacher's head where widths match."""
+    student config built from the teacher's encoder; the teacher's head where widths match.
+    Returns ``(student, init, copied heads, record)``: ``record`` is ``init_from_teacher``'s (for a
+    directory: ``{"directory": path}``)."""
     from clueforge.finetune.loop import _num_labels
     from clueforge.model.bert import BertForMLM
     from clueforge.model.heads import TaskModel
     from clueforge.model.hf import load_hf_task
 
-    from clueforge.distill.student import build_student, resolve_student
+    from clueforge.distill.student import init_from_teacher, resolve_student, student_config
 
     n_labels = _num_labels(fam, state)
     spec, kind = resolve_student(student_spec)
@@ -265,20 +275,21 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
             raise UserError(f"the student {spec} and the teacher {teacher_dir} have different vocabularies: "
                             "task distillation feeds both the same token ids")
         student = load_hf_task(spec, fam.HEAD, n_labels)
-        init = f"directory {spec}"
+        init, record = f"directory {spec}", {"directory": str(spec)}
     else:
-        mlm = BertForMLM(teacher.cfg)  # the teacher's encoder under an MLM head build_student expects
+        mlm = BertForMLM(teacher.cfg)  # the teacher's encoder under an MLM head init_from_teacher expects
         mlm.encoder.load_state_dict(teacher.encoder.state_dict())
-        encoder = build_student(spec, mlm, init, embeddings, lists=False).encoder
+        encoder = BertForMLM(student_config(spec, teacher.cfg))
+        record = init_from_teacher(encoder, mlm, init, embeddings, lists=False, narrow=narrow)
         student = TaskModel(encoder.cfg, fam.HEAD, n_labels)
-        student.encoder.load_state_dict(encoder.state_dict())
+        student.encoder.load_state_dict(encoder.encoder.state_dict())
     copied = []
     if init == "teacher" and student.cfg.hidden_size == teacher.cfg.hidden_size:
         for name in ("pooler", "classifier"):
             if hasattr(student, name) and getattr(student, name).weight.shape == getattr(teacher, name).weight.shape:
                 getattr(student, name).load_state_dict(getattr(teacher, name).state_dict())
                 copied.append(name)
-    return student, init, copied
+    return student, init, copied, record
 
 
 def distill_task(task: str, teacher_dir: str | Path, student_spec: str | Path, data_dir: str | Path,
@@ -304,8 +315,8 @@ def distill_task(task: str, teacher_dir: str | Path, student_spec: str | Path, d
     if cfg.max_length is None:  # the length the teacher was trained at
         cfg.max_length = task_obj.max_length
     torch.manual_seed(cfg.seed)
-    student, init, copied = build_task_student(student_spec, teacher, teacher_dir, fam, state, dcfg.init,
-                                               dcfg.embeddings)
+    student, init, copied, record = build_task_student(student_spec, teacher, teacher_dir, fam, state, dcfg.init,
+                                                       dcfg.embeddings, dcfg.narrow_layers)
     init_dir = out_dir / "student-init"
     save_checkpoint(student, init_dir, teacher_dir, task_obj, state, fam=fam)
     augmenter = None
@@ -325,6 +336,7 @@ def distill_task(task: str, teacher_dir: str | Path, student_spec: str | Path, d
     teacher_res = teacher_dir.parent / "results.json"
     res["distillation"] = {
         "teacher": str(teacher_dir), "student": str(student_spec), "init": init, "head_from_teacher": copied,
+        "student_init": record,
         "teacher_metric": json.loads(teacher_res.read_text())["metric"] if teacher_res.is_file() else None,
         **asdict(dcfg)}
     atomic_write(out_dir / "results.json", json.dumps(res, indent=2, ensure_ascii=False))

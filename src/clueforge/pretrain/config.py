@@ -413,6 +413,7 @@ def _seq_schedule_checks(obj) -> list[tuple[str, object, str]]:
 VALIDATION["FinetuneConfig"].update({"method": Rule(choices=("finetune", "pet", "efl", "ptuning")),
                                      "ptuning_tokens": _NONNEG,
                                      "ptuning_encoder": Rule(choices=("lstm", "mlp", "none"))})
+VALIDATION["DistillConfig"]["narrow_layers"] = Rule(choices=("random", "slice", "magnitude"))  # issue 12: sliced blocks
 
 
 def _cross_checks(obj) -> list[tuple[str, object, str]]:
