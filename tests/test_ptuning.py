@@ -198,7 +198,9 @@ def test_ptuning_settings_are_validated():
                        (FinetuneConfig(method="efl", ptuning_encoder="mlp"), "ptuning_encoder"),
                        (FinetuneConfig(method="ptuning", ptuning_tokens=0, ptuning_freeze=True), "ptuning_freeze"),
                        (FinetuneConfig(method="ptuning", template="all"), "template"),
-                       (FinetuneConfig(method="ptuning", pet_mlm=0.5), "pet_mlm")):
+                       (FinetuneConfig(method="ptuning", pet_mlm=0.5), "pet_mlm"),
+                       (FinetuneConfig(method="ptuning", ptuning_freeze=True, fgm=1.0), "fgm"),
+                       (FinetuneConfig(method="ptuning", ptuning_freeze=True, llrd=0.9), "llrd")):
         with pytest.raises(UserError, match=field):
             validate(cfg)
 
@@ -213,6 +215,19 @@ def test_cli_bad_ptuning_setting_exits_2_in_one_line(tmp_path, item):
                                    "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--set", item])
     lines = [x for x in res.output.splitlines() if x.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and item.split("=")[0] in lines[0], res.output
+
+
+@pytest.mark.parametrize("method", ["pet", "finetune"])
+def test_cli_ptuning_setting_at_its_default_under_another_method_is_refused(tmp_path, method):
+    """``--method pet --set ptuning_tokens=4`` (the default value) would be silently ignored: refused."""
+    from typer.testing import CliRunner
+
+    from clueforge.cli import app
+
+    res = CliRunner().invoke(app, ["finetune", "fewclue-eprstmt", "--method", method, "--data", str(tmp_path),
+                                   "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "ptuning_tokens=4"])
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and "ptuning_tokens" in lines[0], res.output
 
 
 def test_too_many_prompt_tokens_for_max_length_is_refused(tmp_path):

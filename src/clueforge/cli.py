@@ -435,6 +435,10 @@ def _finetune_config(items: list[str] | None, seed: int | None = None, method: s
         if key in raw and raw[key] != given:
             _fail(f"--{key} {given} and --set {key}={raw[key]} disagree; give one of them")
         raw[key] = given
+    given_pt = sorted(k for k in raw if k.startswith("ptuning_"))
+    if given_pt and raw.get("method", FinetuneConfig.method) != "ptuning":  # even at its default: it would do nothing
+        _fail(f"--set {given_pt[0]}: a P-tuning setting; it needs --method ptuning "
+              f"(method is {raw.get('method', FinetuneConfig.method)})")
     try:
         return build_dataclass(FinetuneConfig, raw, "--set", overridden=set(raw))
     except ValueError as exc:

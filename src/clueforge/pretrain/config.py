@@ -437,6 +437,10 @@ def _cross_checks(obj) -> list[tuple[str, object, str]]:
             out.append(("ptuning_freeze", obj.ptuning_freeze, "false with ptuning_tokens=0 (nothing would train)"))
         if obj.template == "all":
             out.append(("template", obj.template, "one template's name with method=ptuning (it learns one prompt)"))
+        if obj.ptuning_freeze and obj.fgm:  # FGM perturbs the word embeddings, which a frozen body never updates
+            out.append(("fgm", obj.fgm, "0 with ptuning_freeze=true (the frozen word embeddings get no adversarial step)"))
+        if obj.ptuning_freeze and obj.llrd != 1.0:  # only the prompt encoder trains: no layers to decay over
+            out.append(("llrd", obj.llrd, "1.0 with ptuning_freeze=true (only the prompt encoder trains)"))
     if name == "TrainConfig" and obj.curriculum is not None:
         keys = {"at", *CURRICULUM_OVERRIDES}
         if not isinstance(obj.curriculum, list) or not all(isinstance(st, dict) and set(st) <= keys
