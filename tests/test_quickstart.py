@@ -13,7 +13,10 @@ from clueforge import cli
 
 pytestmark = pytest.mark.slow
 STEPS = 1500  # the quickstart's default: the model leaves the unigram plateau after ~800 steps at full LR
-MARGIN = 8  # model top-5 hits ≥ unigram top-5 hits + MARGIN over the 16 probes (measured: 15 vs 2)
+MARGIN = 8  # model top-5 hits ≥ unigram top-5 hits + MARGIN over the 16 probes (measured: 15 vs 2; the
+# settings were chosen on these probes, so this is a tuning-set figure)
+FRESH_MARGIN = 4  # on the 10 probes written after the settings were chosen (measured: 6 vs 0)
+CONTROL_SLACK = 2  # an untrained model gets at most this many more hits than the unigram answer
 
 
 def _filled(text: str, answer: str) -> str:
@@ -25,8 +28,8 @@ def test_probes_are_held_out_sentences_whose_word_the_training_text_holds():
     the training or the held-out shards); the masked character's word (the answer with its
     neighbour on either side) occurs in the text at least 3 times."""
     text = "".join(Path(p).read_text(encoding="utf-8") for p in cli.QUICKSTART_TEXTS)
-    assert len(cli.FILL_MASK_PROBES) >= 12
-    for probe, answer in cli.FILL_MASK_PROBES:
+    assert len(cli.FILL_MASK_PROBES) >= 12 and len(cli.FRESH_PROBES) >= 10
+    for probe, answer in cli.FILL_MASK_PROBES + cli.FRESH_PROBES:
         assert probe.count("[MASK]") == 1 and len(answer) == 1
         s, i = _filled(probe, answer), probe.index("[MASK]")
         seen = [s[x:x + 7] for x in range(len(s) - 6) if s[x:x + 7] in text]
@@ -46,8 +49,9 @@ def _untrained_copy(final: Path, out: Path) -> Path:
 
 def test_quickstart_model_beats_the_unigram_distribution_on_held_out_probes(tmp_path, fresh_accelerate):
     """The quickstart's run (``STEPS`` steps of the small recipe, fixed seed): the model's top-5
-    hits on the held-out probes exceed the unigram distribution's by ``MARGIN``; an untrained model
-    of the same shape scored the same way does not. The held-out shard holds a fifth of the
+    hits on the held-out probes exceed the unigram distribution's by ``MARGIN`` (tuning set) and
+    ``FRESH_MARGIN`` (the fresh set); an untrained model of the same shape scored the same way is
+    within ``CONTROL_SLACK`` of the unigram answer on both. The held-out shard holds a fifth of the
     documents and none of them were trained on (the unigram counts exclude it)."""
     out = tmp_path / "qs"
     (out / "corpus").mkdir(parents=True)
@@ -56,6 +60,8 @@ def test_quickstart_model_beats_the_unigram_distribution_on_held_out_probes(tmp_
     demo = json.loads((out / "demo.json").read_text())
     assert demo["n"] == len(cli.FILL_MASK_PROBES)
     assert demo["hits"] >= demo["unigram_hits"] + MARGIN, demo
+    fresh = demo["fresh"]
+    assert fresh["n"] == len(cli.FRESH_PROBES) and fresh["hits"] >= fresh["unigram_hits"] + FRESH_MARGIN, fresh
 
     docs = [sh["docs"] for sh in json.loads((out / "corpus" / "manifest.json").read_text())["shards"]]
     assert len(docs) == cli.QUICKSTART_SHARDS and docs[-1] >= sum(docs) / 8, docs
@@ -64,4 +70,5 @@ def test_quickstart_model_beats_the_unigram_distribution_on_held_out_probes(tmp_
 
     control = cli._fill_mask_demo(_untrained_copy(out / "run" / "final", tmp_path / "untrained"), out / "corpus")
     assert control["unigram_hits"] == demo["unigram_hits"]
-    assert control["hits"] < control["unigram_hits"] + MARGIN, control
+    for got in (control, control["fresh"]):  # the probes cannot be solved by the initialisation or the vocab
+        assert got["hits"] <= got["unigram_hits"] + CONTROL_SLACK, got

@@ -736,11 +736,12 @@ time per step than two on a busy 2-core machine."""
 QUICKSTART_SHARDS = 5
 """Shards of the quickstart corpus; the last (the end of EVERYDAY, about a fifth) is held out."""
 
-# Held-out probes, written before the quickstart corpus and its settings were tuned: sentences
-# that occur in none of the embedded text, each with one character of a common word masked, a word
-# the embedded text holds at least 3 times (tests/test_quickstart.py checks both). Two answers
-# (一, 了) are frequent characters the unigram baseline can guess; the rest need the word's other
-# character.
+# Held-out probes: sentences that occur in none of the embedded text, each with one character of a
+# common word masked, a word the embedded text holds at least 3 times (tests/test_quickstart.py
+# checks both). Two answers (一, 了) are frequent characters the unigram baseline can guess; the
+# rest need the word's other character. These 16 were written before the quickstart corpus, but the
+# corpus (their words recur in it) and the quickstart's settings and step count were chosen by
+# their score: a tuning set. FRESH_PROBES below were written afterwards and never used for a choice.
 FILL_MASK_PROBES = (
     ("因[MASK]路上堵车，他上班迟到了十分钟。", "为"),
     ("周末我们[MASK]起去看电影吧。", "一"),
@@ -758,6 +759,20 @@ FILL_MASK_PROBES = (
     ("每个人都应该学会照顾自[MASK]。", "己"),
     ("老[MASK]耐心地回答了同学们的问题。", "师"),
     ("这个城[MASK]的交通越来越方便了。", "市"),
+)
+# Written after every setting was chosen (by the independent audit, the same rules) and never used
+# to choose anything: the figure to trust. Measured on the README's run: 6/10 vs unigram 0/10.
+FRESH_PROBES = (
+    ("他每天晚上都会看一会儿[MASK]。", "书"),
+    ("外面下着大雨，我们只好待在家[MASK]。", "里"),
+    ("他的工[MASK]越来越忙了。", "作"),
+    ("我昨天晚上睡得很[MASK]。", "晚"),
+    ("小狗在门口等主人回[MASK]。", "家"),
+    ("这道题太难了，我不知[MASK]怎么做。", "道"),
+    ("明年我想去南方旅[MASK]。", "游"),
+    ("下课以[MASK]，同学们都跑到操场上。", "后"),
+    ("我们应该多吃水[MASK]和蔬菜。", "果"),
+    ("电影马上就要开[MASK]了。", "始"),
 )
 
 
@@ -802,21 +817,28 @@ def _fill_mask_demo(final: Path, corpus_dir: Path) -> dict:
             return model(torch.tensor([ids])).logits[0, ids.index(cf_tok.token_to_id("[MASK]"))]
     console.print(f"[4/4] {final} loaded with {loader}; held-out sentences, one character masked "
                   f"(unigram top-5: {''.join(uni_top)}):", highlight=False)
-    rows = []
-    with torch.no_grad():
-        for text, answer in FILL_MASK_PROBES:
-            logp = torch.log_softmax(scores(text).float(), -1)
-            gold = cf_tok.token_to_id(answer)
-            top = [cf_tok.id_to_token(i) for i in logp.topk(5).indices.tolist()]
-            rows.append({"text": text, "answer": answer, "top5": top, "hit": answer in top, "loss": -logp[gold].item(),
-                         "unigram_hit": answer in uni_top, "unigram_loss": -unigram[gold].item()})
-            console.print(f"  {text.replace('[MASK]', '＿')} → {' '.join(top)} {'✓' if answer in top else '✗ ' + answer}",
-                          highlight=False)
-    demo = {"n": len(rows), "hits": sum(r["hit"] for r in rows), "unigram_hits": sum(r["unigram_hit"] for r in rows),
-            "loss": float(np.mean([r["loss"] for r in rows])), "unigram_loss": float(np.mean([r["unigram_loss"] for r in rows])),
-            "probes": rows}
-    console.print(f"  answer in the top 5: model {demo['hits']}/{len(rows)}, unigram {demo['unigram_hits']}/{len(rows)}; "
-                  f"mean loss on the answers: model {demo['loss']:.2f}, unigram {demo['unigram_loss']:.2f}", highlight=False)
+    def score(probes, label: str) -> dict:
+        rows = []
+        with torch.no_grad():
+            for text, answer in probes:
+                logp = torch.log_softmax(scores(text).float(), -1)
+                gold = cf_tok.token_to_id(answer)
+                top = [cf_tok.id_to_token(i) for i in logp.topk(5).indices.tolist()]
+                rows.append({"text": text, "answer": answer, "top5": top, "hit": answer in top,
+                             "loss": -logp[gold].item(), "unigram_hit": answer in uni_top,
+                             "unigram_loss": -unigram[gold].item()})
+                console.print(f"  {text.replace('[MASK]', '＿')} → {' '.join(top)} "
+                              f"{'✓' if answer in top else '✗ ' + answer}", highlight=False)
+        got = {"n": len(rows), "hits": sum(r["hit"] for r in rows), "unigram_hits": sum(r["unigram_hit"] for r in rows),
+               "loss": float(np.mean([r["loss"] for r in rows])),
+               "unigram_loss": float(np.mean([r["unigram_loss"] for r in rows])), "probes": rows}
+        console.print(f"  {label}: answer in the top 5: model {got['hits']}/{len(rows)}, unigram "
+                      f"{got['unigram_hits']}/{len(rows)}; mean loss on the answers: model {got['loss']:.2f}, "
+                      f"unigram {got['unigram_loss']:.2f}", highlight=False)
+        return got
+
+    demo = score(FILL_MASK_PROBES, "tuning set (the settings were chosen on these)")
+    demo["fresh"] = score(FRESH_PROBES, "fresh set (never used for a choice)")
     return demo
 
 
