@@ -22,13 +22,7 @@ from clueforge.text.tokenizer import load_tokenizer
 from clueforge.utils import UserError
 from test_prompts import FILL, PROMPTS, _synthetic, _tiny_vocab, synthetic_mlm  # noqa: F401 (fixture)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread is several times faster than two contended."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread
 
 
 ENSEMBLE = ("tasks: [fewclue-eprstmt]\ntemplates:\n"

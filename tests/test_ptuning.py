@@ -28,13 +28,7 @@ EXAMPLES = [{"a": "今天好", "b": "东西很不好", "label": "1"}, {"a": "一
             {"a": "个人说是", "b": "坏的东西", "label": "1"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one thread is several times faster than two contended."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one thread
 
 
 def _random_mlm(tmp_path):
