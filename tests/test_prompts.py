@@ -164,6 +164,28 @@ def test_scores_equal_a_dense_forward(tmp_path):
             np.testing.assert_allclose(c, np.log(np.exp(g) / np.exp(g).sum()) - np.log(p_cf), atol=1e-5)
 
 
+def test_batch_calibration_removes_the_bias_the_inputs_show():
+    """Batch calibration (Zhou et al. 2024): log p(y|x) − log mean_x p(y|x), p normalised over the
+    classes, computed by hand. On scores where every example prefers label 0 (a constant answer: 50 %
+    of a balanced set) but label 1 gains on the label-1 examples, it recovers every answer; the
+    uncalibrated scores and PMI/contextual (which never see the inputs' bias) cannot be this test."""
+    rng = np.random.default_rng(0)
+    gold = np.array([0, 1] * 20)
+    scores = [np.array([2.0, 0.0 + 1.5 * g]) + rng.normal(0, 0.1, 2) for g in gold]  # label 0 always ahead
+    assert all(np.argmax(s) == 0 for s in scores)
+    got = calibrate(None, None, scores, [["不", "很"]] * len(scores), ["sentence"], "batch")
+    p = np.array([np.exp(s) / np.exp(s).sum() for s in scores])
+    for s, g in zip(p, got):
+        np.testing.assert_allclose(g, np.log(s) - np.log(p.mean(0)), atol=1e-12)
+    assert (np.array([np.argmax(g) for g in got]) == gold).all()
+    chid = [np.array([0.1, 0.5, 0.2]), np.array([0.3, 0.0, 0.2])]  # candidates: the classes are positions
+    got = calibrate(None, None, chid, [["甲", "乙", "丙"], ["丁", "戊", "己"]], ["before", "after"], "batch")
+    q = np.array([np.exp(s) / np.exp(s).sum() for s in chid])
+    np.testing.assert_allclose(got[1], np.log(q[1]) - np.log(q.mean(0)), atol=1e-12)
+    with pytest.raises(ValueError, match="same number of classes"):
+        calibrate(None, None, [np.zeros(2), np.zeros(3)], [["a", "b"], ["a", "b", "c"]], ["sentence"], "batch")
+
+
 def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
     """PET's PromptModel ((B, R, T) rows → (B, C) label scores, one row per word length) gives the
     log-softmax of the zero-shot scorer's scores on the same weights, template and examples."""
@@ -268,7 +290,7 @@ def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(synthetic_mlm, t
     mlm, data, prompts = synthetic_mlm
     acc = {}
     for name in ("right", "swapped"):
-        for cal in ("none", "pmi", "contextual"):
+        for cal in ("none", "pmi", "contextual", "batch"):
             res = zeroshot("fewclue-eprstmt", mlm, str(data / "dev.json"), tmp_path / f"{name}.json",
                            template=name, calibration=cal, prompts=prompts)
             acc[name, cal] = res["metric"]["accuracy"]
@@ -283,7 +305,7 @@ def test_zeroshot_mechanism_on_a_tiny_mlm_that_knows_the_answer(synthetic_mlm, t
     res = zeroshot("fewclue-eprstmt", mlm, str(data / "dev.json"), None, template="all", prompts=both)
     assert res["template"] == "right,sum" and res["metric"]["accuracy"] >= 90, res
     print(acc)
-    for cal in ("none", "pmi", "contextual"):
+    for cal in ("none", "pmi", "contextual", "batch"):
         assert acc["right", cal] >= 90, acc
         assert acc["swapped", cal] <= 10, acc
     rows = [json.loads(x) for x in (tmp_path / "right.json").read_text().splitlines()]

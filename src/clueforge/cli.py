@@ -583,7 +583,7 @@ def zeroshot(
     input: Annotated[str, typer.Option(help="The task's file in its official format (comma-separated for several).")],
     out: Annotated[Path, typer.Option(help="Prediction file in the leaderboard format.")],
     template: Annotated[Optional[str], typer.Option(help="Template name (default: the first for the task); 'all' ensembles them.")] = None,
-    calibration: Annotated[str, typer.Option(help="none, pmi (÷ P(word | empty input)) or contextual (Zhao et al. 2021).")] = "none",
+    calibration: Annotated[str, typer.Option(help="none, pmi (÷ P(word | empty input)), contextual (Zhao et al. 2021) or batch (÷ the mean p(y|x) over the input file; Zhou et al. 2024).")] = "none",
     prompts: Annotated[Optional[Path], typer.Option(help="A prompt YAML file to use instead of the shipped prompts.")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per forward.")] = 64,
     precision: Annotated[str, typer.Option(help="fp32, bf16 or int8 (CPU inference paths).")] = "fp32",
@@ -650,7 +650,7 @@ def benchmark(
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per task (default 3; with --method: one run per split, --set seed=S).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="FinetuneConfig override for every task.")] = None,
     method: Annotated[Optional[str], typer.Option(help="fewclue only: finetune, pet, efl, ptuning or zeroshot over the official splits train_k → dev_k.")] = None,
-    calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi or contextual.")] = "none",
+    calibration: Annotated[str, typer.Option(help="--method zeroshot: none, pmi, contextual or batch.")] = "none",
     splits: Annotated[Optional[str], typer.Option(help="--method: the official splits k to run, comma-separated (0-4; default all).")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="--method: only these FewCLUE tasks, comma-separated (default: all nine).")] = None,
 ) -> None:

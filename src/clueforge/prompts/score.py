@@ -12,7 +12,13 @@ Calibration (zero-shot):
 - ``contextual``: Zhao et al. 2021: p(y|x) normalised over the labels, divided by the mean of the
   same distribution on the paper's three content-free inputs "N/A", "" and "[MASK]" (every slot
   filled with it; "[MASK]" is the real mask token here, the MLM's own "no content") — the diagonal
-  correction W = diag(p_cf)⁻¹, applied as log p − log p_cf (renormalised by the caller: argmax unchanged).
+  correction W = diag(p_cf)⁻¹, applied as log p − log p_cf (renormalised by the caller: argmax unchanged);
+- ``batch``: batch calibration (Zhou et al. 2024, "Batch Calibration"): the prior is estimated from the
+  inputs being scored themselves, p̂(y) = mean over the examples of p(y|x) normalised over the labels,
+  and each example ranks by log p(y|x) − log p̂(y). No extra forward and no content-free guess: the
+  bias removed is the one the model actually shows on this input set (unlabelled; the gold labels are
+  never read). For per-example candidates (CHID) the classes are the candidate positions. It needs the
+  whole set: the answers depend on which inputs are scored together.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch.nn.functional as F
 from clueforge.prompts.spec import Template
 from clueforge.tasks.registry import Task
 
-CALIBRATIONS = ("none", "pmi", "contextual")
+CALIBRATIONS = ("none", "pmi", "contextual", "batch")
 CONTENT_FREE = ("N/A", "", "[MASK]")
 
 
@@ -184,6 +190,8 @@ def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[l
         return scores
     if method not in CALIBRATIONS:
         raise ValueError(f"calibration {method!r}: expected one of {', '.join(CALIBRATIONS)}")
+    if method == "batch":
+        return batch_calibrate(scores)
     vocab = sorted({w for ws in words for w in ws})
     fills = ("",) if method == "pmi" else CONTENT_FREE
     prior = {}
@@ -198,6 +206,17 @@ def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[l
         p_cf = np.mean([_softmax(np.array([prior[f][w] for w in ws])) for f in fills], axis=0)
         out.append(s - s.max() - np.log(np.exp(s - s.max()).sum()) - np.log(p_cf))
     return out
+
+
+def batch_calibrate(scores: list[np.ndarray]) -> list[np.ndarray]:
+    """Batch calibration: log p(y|x) − log mean_x' p(y|x'), p normalised over each example's classes."""
+    if not scores:
+        return scores
+    if len({len(s) for s in scores}) != 1:
+        raise ValueError("batch calibration needs the same number of classes in every example")
+    logp = [s - s.max() - np.log(np.exp(s - s.max()).sum()) for s in scores]
+    prior = np.mean([np.exp(lp) for lp in logp], axis=0)
+    return [lp - np.log(prior) for lp in logp]
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     clueforge zeroshot fewclue-eprstmt --model runs/mini/final \\
         --input ../shared/data/tasks/fewclue/eprstmt/test.json --out sub/eprstmt_predict.json \\
-        [--template satisfied] [--calibration none|pmi|contextual] [--prompts my_prompts.yaml]
+        [--template satisfied] [--calibration none|pmi|contextual|batch] [--prompts my_prompts.yaml]
 
 Works on any clueforge or local Hugging Face BERT masked-LM directory. Writes the task's official
 submission rows (the task family's own writer, so ``clueforge submit`` accepts the file) and, when
