@@ -4,13 +4,19 @@
 
 For each FewCLUE task, all five official dev splits pooled (``dev_0..4``: the sets the protocol
 scores), the task's first shipped template, ``--max-length`` as in the protocol command: accuracy
-under no calibration, PMI and contextual calibration (``clueforge.prompts.score.calibrate``), with
+under no calibration, PMI, contextual and batch calibration (``clueforge.prompts.score.calibrate``), with
 its binomial standard error; the share of the most-predicted label under each (a model that
 answers one label whatever the input has share 1.0); and the model's label-word prior on the
 content-free inputs — per input ("N/A", "", "[MASK]") the label distribution's largest share and
 its label, and the total-variation distance between the three inputs' distributions (calibration
 divides by their mean: when they disagree, the mean is not "the" prior). CHID has per-example
 candidates and no label prior: accuracy only.
+
+For the two-label tasks every calibration is a threshold on one number, the margin
+s(label 1) − s(label 0) (each subtracts a per-label constant from the scores), so the ROC AUC of the
+uncalibrated margin against the gold labels (``margin_auc``) bounds what any of them can do: 0.5 is
+no signal, below 0.5 a signal pointing the wrong way, which a calibration that moves the threshold off
+the constant answer turns into below-chance accuracy.
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def margin_auc(margin: list[float], gold: list[int]) -> float:
+    """ROC AUC of ``margin`` for gold label 1 (Mann-Whitney: the share of (1, 0) pairs ranked right, ties ½)."""
+    m, g = np.asarray(margin, dtype=float), np.asarray(gold)
+    pos, neg = m[g == 1], m[g == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
+
+
 def task_row(name: str, model, tok, max_length: int) -> dict:
     task = get_task(name)
     fam = importlib.import_module(f"clueforge.tasks.{task.family}")
@@ -56,7 +71,7 @@ def task_row(name: str, model, tok, max_length: int) -> dict:
     gold = [e["label"] for e in examples]
     with torch.inference_mode():
         none = score_examples(model, enc, slots, words)
-        methods = {m: calibrate(model, enc, none, words, list(SLOTS[task.fmt]), m) for m in ("none", "pmi", "contextual")}
+        methods = {m: calibrate(model, enc, none, words, list(SLOTS[task.fmt]), m) for m in ("none", "pmi", "contextual", "batch")}
     row = {"task": name, "template": t.name, "examples": len(examples), "labels": len(words[0])}
     for m, scores in methods.items():
         pred = [int(np.argmax(s)) for s in scores]
@@ -67,6 +82,8 @@ def task_row(name: str, model, tok, max_length: int) -> dict:
     if task.family == "choice":
         return row
     row["gold_majority_share"] = round(Counter(gold).most_common(1)[0][1] / len(gold), 3)
+    if len(labels) == 2:
+        row["margin_auc"] = round(margin_auc([s[1] - s[0] for s in none], [labels.index(g) for g in gold]), 3)
     vocab = words[0]
     with torch.inference_mode():
         priors = {f: _softmax(score_examples(model, enc, [{k: f for k in SLOTS[task.fmt]}], [vocab], keep_masks=True)[0])
@@ -92,7 +109,7 @@ def main() -> None:
     for name in SUITES["fewclue"]:
         rows.append(task_row(name, model, tok, args.max_length))
         print(rows[-1], file=sys.stderr, flush=True)
-    avg = {m: round(float(np.mean([r[m]["accuracy"] for r in rows])), 2) for m in ("none", "pmi", "contextual")}
+    avg = {m: round(float(np.mean([r[m]["accuracy"] for r in rows])), 2) for m in ("none", "pmi", "contextual", "batch")}
     write_json(args.out, {"benchmark": "zeroshot_calibration", "machine": machine(), "model": args.model,
                           "splits": "dev_0..4 pooled", "max_length": args.max_length, "content_free": list(CONTENT_FREE),
                           "average": avg, "tasks": rows})
