@@ -72,3 +72,19 @@ def test_quickstart_model_beats_the_unigram_distribution_on_held_out_probes(tmp_
     assert control["unigram_hits"] == demo["unigram_hits"]
     for got in (control, control["fresh"]):  # the probes cannot be solved by the initialisation or the vocab
         assert got["hits"] <= got["unigram_hits"] + CONTROL_SLACK, got
+
+
+def test_quickstart_seed_reaches_the_run_and_a_bad_one_exits_2(tmp_path, fresh_accelerate):
+    """``clueforge quickstart --seed N`` trains with ``train.seed=N`` (recorded in the run's config);
+    without it the recipe's seed; a negative seed is refused in one line, exit 2."""
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    for seed, want in ((7, 7), (None, 1234)):
+        out = tmp_path / f"qs-{seed}"
+        args = ["quickstart", "--out", str(out), "--steps", "2"] + (["--seed", str(seed)] if seed is not None else [])
+        res = runner.invoke(cli.app, args)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "run" / "config.json").read_text())["config"]["train"]["seed"] == want
+    res = runner.invoke(cli.app, ["quickstart", "--out", str(tmp_path / "bad"), "--steps", "2", "--seed", "-1"])
+    assert res.exit_code == 2 and "seed" in res.output and "Traceback" not in res.output, res.output

@@ -357,6 +357,7 @@ def distill(
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where to put the vocab, corpus and run.")] = Path("runs/quickstart"),
     steps: Annotated[int, typer.Option(help="Pretraining steps of the small recipe (configs/small.yaml).")] = 1500,
+    seed: Annotated[Optional[int], typer.Option(help="Pretraining seed (default: the recipe's, 1234).")] = None,
 ) -> None:
     """The whole spine on the embedded sample corpus: vocab → shards → pretrain → HF checkpoint."""
     import shutil
@@ -377,10 +378,10 @@ def quickstart(
     with ExitStack() as locks:
         locks.enter_context(run_lock(corpus_dir, "quickstart"))
         locks.enter_context(run_lock(run_dir, "quickstart"))
-        _quickstart(out, steps, corpus_dir, run_dir, clear)
+        _quickstart(out, steps, corpus_dir, run_dir, clear, seed)
 
 
-def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear) -> None:
+def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear, seed: int | None = None) -> None:
     from clueforge.corpus.build import BuildConfig, build_corpus, iter_texts
     from clueforge.pretrain.config import load_config
     from clueforge.pretrain.loop import pretrain as run
@@ -399,7 +400,8 @@ def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear) -
     console.print(f"[2/4] corpus: {m['docs_kept']} docs, {m['tokens']:,} tokens, {len(m['shards'])} shards → {corpus_dir}")
     clear(run_dir)
     pcfg = load_config("small", QUICKSTART_SETTINGS + [f"train.max_steps={steps}",
-                                                      f"train.warmup_steps={max(1, min(20, steps // 10))}"])
+                                                      f"train.warmup_steps={max(1, min(20, steps // 10))}"]
+                       + ([f"train.seed={seed}"] if seed is not None else []))
     summary = run(pcfg, corpus_dir, run_dir, show_progress=sys.stderr.isatty())
     console.print(f"[3/4] pretrained {summary['steps']} steps: held-out MLM loss {summary.get('eval_loss', float('nan')):.3f}, "
                   f"accuracy {summary.get('eval_mlm_acc', float('nan')):.3f} → {summary['final']}")
