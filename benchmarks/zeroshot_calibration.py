@@ -13,10 +13,13 @@ divides by their mean: when they disagree, the mean is not "the" prior). CHID ha
 candidates and no label prior: accuracy only.
 
 For the two-label tasks every calibration is a threshold on one number, the margin
-s(label 1) − s(label 0) (each subtracts a per-label constant from the scores), so the ROC AUC of the
-uncalibrated margin against the gold labels (``margin_auc``) bounds what any of them can do: 0.5 is
-no signal, below 0.5 a signal pointing the wrong way, which a calibration that moves the threshold off
-the constant answer turns into below-chance accuracy.
+s(label 1) − s(label 0) (PMI and contextual subtract a per-label constant from the scores; batch, after
+normalising each example, too), so none of them can beat the best accuracy any threshold on the
+uncalibrated margin reaches (``margin_best_accuracy``: the threshold chosen on these gold labels, an
+in-sample ceiling, not a method). ``margin_auc``, the ROC AUC of the margin for label 1, gives the
+signal's direction and strength: 0.5 none, below 0.5 pointing the wrong way. For two-sentence tasks,
+``overlap_auc``: the same AUC for the Jaccard overlap of the two texts' character sets, a surface cue
+that needs no model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def margin_auc(margin: list[float], gold: list[int]) -> float:
     return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
 
 
+def best_threshold_accuracy(margin: list[float], gold: list[int]) -> float:
+    """The highest accuracy of ``margin > t`` → label 1 over every threshold t (both constant answers included)."""
+    m, g = np.asarray(margin, dtype=float), np.asarray(gold)
+    cuts = np.concatenate([[-np.inf], np.unique(m)])
+    return float(max(((m > t).astype(int) == g).mean() for t in cuts))
+
+
 def task_row(name: str, model, tok, max_length: int) -> dict:
     task = get_task(name)
     fam = importlib.import_module(f"clueforge.tasks.{task.family}")
@@ -83,7 +93,12 @@ def task_row(name: str, model, tok, max_length: int) -> dict:
         return row
     row["gold_majority_share"] = round(Counter(gold).most_common(1)[0][1] / len(gold), 3)
     if len(labels) == 2:
-        row["margin_auc"] = round(margin_auc([s[1] - s[0] for s in none], [labels.index(g) for g in gold]), 3)
+        margin, y = [s[1] - s[0] for s in none], [labels.index(g) for g in gold]
+        row["margin_auc"] = round(margin_auc(margin, y), 3)
+        row["margin_best_accuracy"] = round(100 * best_threshold_accuracy(margin, y), 2)
+        if task.fmt == "pair":
+            jac = [len(set(e["a"]) & set(e["b"])) / max(1, len(set(e["a"]) | set(e["b"]))) for e in examples]
+            row["overlap_auc"] = round(margin_auc(jac, y), 3)
     vocab = words[0]
     with torch.inference_mode():
         priors = {f: _softmax(score_examples(model, enc, [{k: f for k in SLOTS[task.fmt]}], [vocab], keep_masks=True)[0])

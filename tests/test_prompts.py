@@ -164,7 +164,7 @@ def test_scores_equal_a_dense_forward(tmp_path):
             np.testing.assert_allclose(c, np.log(np.exp(g) / np.exp(g).sum()) - np.log(p_cf), atol=1e-5)
 
 
-def test_batch_calibration_removes_the_bias_the_inputs_show():
+def test_batch_calibration_removes_the_bias_the_inputs_show(caplog):
     """Batch calibration (Zhou et al. 2024): log p(y|x) − log mean_x p(y|x), p normalised over the
     classes, computed by hand. On scores where every example prefers label 0 (a constant answer: 50 %
     of a balanced set) but label 1 gains on the label-1 examples, it recovers every answer; the
@@ -184,6 +184,12 @@ def test_batch_calibration_removes_the_bias_the_inputs_show():
     np.testing.assert_allclose(got[1], np.log(q[1]) - np.log(q.mean(0)), atol=1e-12)
     with pytest.raises(ValueError, match="same number of classes"):
         calibrate(None, None, [np.zeros(2), np.zeros(3)], [["a", "b"], ["a", "b", "c"]], ["sentence"], "batch")
+
+    # one example: the prior is that example's own distribution, every calibrated score 0 — warned
+    with caplog.at_level("WARNING", logger="clueforge.prompts"):
+        one = calibrate(None, None, scores[:1], [["不", "很"]], ["sentence"], "batch")
+    np.testing.assert_allclose(one[0], 0.0, atol=1e-12)
+    assert "batch calibration on 1 examples for 2 classes" in caplog.text
 
 
 def test_pet_model_scores_equal_the_zeroshot_path(tmp_path):
@@ -373,6 +379,8 @@ def test_fewclue_protocol_over_splits(synthetic_mlm, tmp_path):
         if method != "finetune":  # a new head after one epoch on 32 examples knows nothing yet
             assert row["mean"] >= 80, report  # chance: 50
         assert "± " in (out / "report.md").read_text()
+        run = report["run"]  # the conditions the figures were measured under
+        assert run["wall_seconds"] > 0 and run["cpu_seconds"] >= 0 and len(run["load_average_end"]) == 3, run
         if method in ("pet", "finetune"):  # no model selection on the split that is reported
             assert report["config"]["select"] == "last", report["config"]
         if method == "pet":

@@ -2,19 +2,26 @@
 ``dev_k`` (k = 0..4), mean ± std over the splits per task and the average, for one method:
 
     clueforge benchmark fewclue --method finetune|pet|efl|ptuning|zeroshot --model runs/mini/final \\
-        --data ../shared/data/tasks --out runs/fewclue-pet [--calibration pmi] [--set epochs=20] [--splits 0,1]
+        --data ../shared/data/tasks --out runs/fewclue-pet [--set epochs=20] [--splits 0,1]
+        [--calibration pmi|contextual|batch: zeroshot only]
 
 ``finetune``, ``pet``, ``efl`` and ``ptuning`` train with the fine-tuning loop (``--set`` applies); ``zeroshot``
 trains nothing and scores each ``dev_k`` (the same five sets, so the methods share one table shape;
 ``--set max_length`` applies to it too). Tasks without data, and CHID under PET/EFL/P-tuning (no fixed label
-set), are listed as skipped with the reason.
+set), are listed as skipped with the reason. The report also records the run's conditions (wall and
+process CPU seconds, the load average at start and end, torch threads): figures on a shared machine
+mean little without them.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from clueforge.finetune.loop import FinetuneConfig, finetune
 from clueforge.prompts.zeroshot import load_mlm, zeroshot
@@ -23,6 +30,13 @@ from clueforge.tasks.submit import task_dir
 from clueforge.tasks.suite import write_report
 
 METHODS = ("finetune", "pet", "efl", "ptuning", "zeroshot")
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str | Path,
@@ -35,6 +49,7 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
     if unknown:
         raise ValueError(f"--tasks: {unknown[0]!r} is not a FewCLUE task ({', '.join(SUITES['fewclue'])})")
     out = Path(out)
+    t0, cpu0, load0 = time.perf_counter(), time.process_time(), _load()
     mlm = load_mlm(model) if method == "zeroshot" else None
     rows, skipped = [], []
     for name in SUITES["fewclue"]:
@@ -65,7 +80,9 @@ def run_fewclue(method: str, model: str | Path, data_root: str | Path, out: str 
               "calibration": calibration if method == "zeroshot" else None, "splits": list(splits), "tasks_run": tasks or "all",
               "tasks": rows, "skipped": skipped,
               "average": statistics.fmean(r["mean"] for r in rows) if rows else None,
-              "config": {k: v for k, v in vars(cfg).items()}}
+              "config": {k: v for k, v in vars(cfg).items()},
+              "run": {"wall_seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2),
+                      "load_average_start": load0, "load_average_end": _load(), "torch_threads": torch.get_num_threads()}}
     write_report(out, report, report_markdown(report))
     return report
 

@@ -23,6 +23,8 @@ Calibration (zero-shot):
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from clueforge.prompts.spec import Template
 from clueforge.tasks.registry import Task
 
+log = logging.getLogger("clueforge.prompts")
 CALIBRATIONS = ("none", "pmi", "contextual", "batch")
 CONTENT_FREE = ("N/A", "", "[MASK]")
 
@@ -214,6 +217,10 @@ def batch_calibrate(scores: list[np.ndarray]) -> list[np.ndarray]:
         return scores
     if len({len(s) for s in scores}) != 1:
         raise ValueError("batch calibration needs the same number of classes in every example")
+    if len(scores) < 2 * len(scores[0]):  # one example: every calibrated score is 0, the first class wins
+        log.warning("batch calibration on %d examples for %d classes: the prior is estimated from the inputs "
+                    "scored together, too few here to mean much; use pmi or contextual, or score the whole file at once",
+                    len(scores), len(scores[0]))
     logp = [s - s.max() - np.log(np.exp(s - s.max()).sum()) for s in scores]
     prior = np.mean([np.exp(lp) for lp in logp], axis=0)
     return [lp - np.log(prior) for lp in logp]
