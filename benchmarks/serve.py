@@ -4,6 +4,8 @@ vs off, and a plain transformers BertForSequenceClassification behind the same H
     python benchmarks/serve.py --out bench-out/serve.json
     python benchmarks/serve.py --config tiny --requests 200 --memory-requests 2000 --out bench-out/serve-quick.json
     python benchmarks/serve.py --config mini --compute --out bench-out/serve-compute.json  # no HTTP: why batching pays or not
+    nice -n 5 python benchmarks/serve.py --config tiny --memory --variants batch_on batch_exact onnx_on onnx_exact \
+        --memory-requests 10000 --out bench-out/serve-memory.json  # RSS every 1,000 requests at concurrency 32
 
 The model: a random ``--config`` (mini: 6 layers, hidden 384) sentence-pair classifier with 3
 labels, saved as a fine-tuned OCNLI checkpoint with the Chinese BERT vocabulary (``--model DIR``
@@ -19,12 +21,16 @@ machine's load reaches every variant alike.
 Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``, batches formed by length with the
 server's measured ``--overhead-tokens``), ``batch_pad`` (the same with ``--overhead-tokens 1e9``:
 every batch is all the waiting requests padded together, the server before length-aware batching),
-``batch_off`` (``--max-batch 1``),
-the same two on the ONNX export (``onnx_on``, ``onnx_off``: ``--runtime onnx``, fp32),
+``batch_exact`` (``batch_on`` with ``--pad-multiple 1``: batches padded to their longest request
+only, the server before length buckets), ``batch_off`` (``--max-batch 1 --pad-multiple 1``),
+the same on the ONNX export (``onnx_on``, ``onnx_exact``, ``onnx_off``: ``--runtime onnx``, fp32),
 ``transformers`` (the same checkpoint loaded by ``transformers.BertForSequenceClassification``,
 one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
 = requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
-server (from ``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
+server sampled over ``--memory-requests`` more requests at concurrency 32. ``--memory``: only
+that check, on every ``--variants`` server, with the 10,000 OCNLI train+dev pairs (7-128 tokens):
+each server process's RSS (from /proc) and distinct shapes after every ``--memory-every`` requests,
+the variants taking turns, and the failed requests.
 
 ``--compute`` measures, in one process and without HTTP, what a batch costs per request: groups
 of 32 requests (random OCNLI dev pairs) run one by one, as one batch padded to the longest, and

@@ -12,8 +12,9 @@ Endpoints (FastAPI on Uvicorn, bound to 127.0.0.1 unless ``--host`` says otherwi
   description where the task has one); NER answers ``{"tags": [one per character], "entities":
   [{"type", "text", "start", "end"}]}`` (``end`` inclusive, as in CLUENER). Labels are the task's.
 - ``GET /health``: task, runtime, labels, batching settings.
-- ``GET /metrics``: requests by status, batch-size histogram, latency p50/p90/p99 over the last
-  10,000 answered requests (submission to answer, in ms), queue depth, resident memory.
+- ``GET /metrics``: requests by status, batch-size and padded-length histograms, distinct (batch,
+  length) shapes run, latency p50/p90/p99 over the last 10,000 answered requests (submission to
+  answer, in ms), queue depth, resident memory.
 
 Errors are ``{"error": message}``: 400 body is not a JSON object; 413 body over 1 MiB; 422 unknown
 or missing fields, wrong types, wrong number of texts, empty text, or a text longer than the model
@@ -22,7 +23,11 @@ is full; 500 the model failed.
 
 Batching: requests are tokenised on the event loop and wait in a queue; as soon as ``max_batch``
 wait or the oldest has waited ``max_wait_ms``, one worker forms a batch and runs it, padded to its
-longest request, in a worker thread (the event loop keeps accepting). Batches are formed by length
+longest request rounded up to a multiple of ``--pad-multiple`` tokens (16; ``bucket_length``), in a
+worker thread (the event loop keeps accepting). The buckets bound the set of (batch, length) shapes
+the model sees: PyTorch's oneDNN keeps a JIT-compiled primitive per shape (up to 1,024), and with
+exact lengths a `mini` server's memory grew by hundreds of MB over thousands of requests
+(docs/benchmarks.md, "Memory over 10,000 requests"). Batches are formed by length
 (``plan_batch``): a forward of B requests padded to T tokens costs about ``K + B·T`` token-units,
 where K (``--overhead-tokens``, measured at start-up unless given) is what a forward costs beyond
 its tokens; the waiting requests, sorted by length, are split into the batches of at most
