@@ -249,7 +249,7 @@ def memory(servers: dict, items: list[list[str]], requests: int, every: int, con
     def sample(variant: str, done: int, part: dict | None) -> None:
         proc, _, url = servers[variant]
         m = httpx.get(url + "/metrics").json()
-        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "distinct_shapes": m.get("distinct_shapes"),
+        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "distinct_shapes": m.get("distinct_shapes"), "memory_trims": m.get("memory_trims"),
                                 "failed": part["failed"] if part else 0, "rps": part["rps"] if part else None})
 
     for v in servers:

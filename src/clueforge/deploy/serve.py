@@ -44,6 +44,9 @@ The answer for an example is the one ``clueforge predict`` writes for it (the sa
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import signal
@@ -211,6 +214,27 @@ def pad_batch(batch: dict, length: int, pad_id: int) -> dict:
                         for k in MODEL_INPUTS if k in batch}}
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the pages of free heap memory back to the OS (glibc ``malloc_trim(0)``); False where
+    there is no glibc. Called after the first batch of each new shape: PyTorch's oneDNN caches a
+    small primitive per shape, and allocated among a batch's freed activations it keeps glibc from
+    returning them, so without a trim RSS grows by about a batch's activations per new shape."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def bucket_length(n: int, multiple: int, max_length: int) -> int:
     """The length a batch whose longest request has ``n`` tokens is padded to: ``n`` rounded up to
     a multiple of ``multiple``, at most ``max_length`` (``multiple`` 1: ``n``). Bounds the set of
@@ -224,6 +248,7 @@ class Metrics:
     batch_sizes: Counter = field(default_factory=Counter)
     lengths: Counter = field(default_factory=Counter)  # the padded length of each batch
     shapes: set = field(default_factory=set)  # (batch, padded length) run so far: bounded by max_batch · lengths
+    trims: int = 0  # release_free_memory calls (one after each new shape's first batch)
     latency: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     started: float = field(default_factory=time.time)
 
@@ -236,7 +261,7 @@ class Metrics:
             "batches": batches, "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mean_batch_size": round(sum(k * v for k, v in self.batch_sizes.items()) / batches, 3) if batches else None,
             "batch_length_histogram": {str(k): v for k, v in sorted(self.lengths.items())},
-            "distinct_shapes": len(self.shapes),
+            "distinct_shapes": len(self.shapes), "memory_trims": self.trims,
             "latency_ms": {**pct, "window": len(self.latency)}, "uptime_s": round(time.time() - self.started, 1),
             "rss_mb": rss_mb(),
         }
@@ -334,9 +359,10 @@ class Batcher:
         while True:
             batch = await self._next_batch()
             length = max(b.length for b in batch)
+            new_shape = (len(batch), length) not in self.metrics.shapes
             try:
-                answers = await loop.run_in_executor(self.pool, self.backend.infer, [b.example for b in batch],
-                                                     [b.feature for b in batch], length)
+                answers = await loop.run_in_executor(self.pool, self._infer, [b.example for b in batch],
+                                                     [b.feature for b in batch], length, new_shape)
             except Exception as exc:  # the model failed: every request of the batch gets a 500
                 log.exception("inference failed")
                 for b in batch:
@@ -351,6 +377,14 @@ class Batcher:
                 self.metrics.batch_sizes[len(batch)] += 1
                 self.metrics.lengths[length] += 1
                 self.metrics.shapes.add((len(batch), length))
+
+    def _infer(self, examples: list[dict], features: list[dict], length: int, new_shape: bool) -> list[dict]:
+        """The worker thread's job: a batch, then, after a shape's first batch, a heap trim."""
+        try:
+            return self.backend.infer(examples, features, length)
+        finally:
+            if new_shape and release_free_memory():
+                self.metrics.trims += 1
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
