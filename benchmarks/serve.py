@@ -230,18 +230,21 @@ def compute(model_dir: Path, items: list[list[str]], threads: int, groups: int, 
 
 def proc_rss_mb(pid: int) -> dict:
     """Resident memory of process ``pid`` in MB: total, anonymous (heap, arenas, caches) and file-backed."""
+    names = {"VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
     out = {}
     for line in open(f"/proc/{pid}/status"):
         key = line.split(":")[0]
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            out[{"VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}[key]] = round(int(line.split()[1]) / 1024, 1)
+        if key in names:
+            out[names[key]] = round(int(line.split()[1]) / 1024, 1)
     return out
 
 
-def memory(servers: dict, items: list[list[str]], requests: int, every: int, concurrency: int) -> dict:
+def memory(servers: dict, items: list[list[str]], requests: int, every: int, concurrency: int,
+           on_step=None) -> dict:
     """RSS of every server process after each ``every`` requests (at ``concurrency``), the variants
     taking turns chunk by chunk; the flatness figure is the growth from the sample at ``requests / 5``
-    to the end, over the value at ``requests / 5`` (after warm-up)."""
+    to the end, over the value at ``requests / 5`` (after warm-up). ``on_step(result so far)`` after
+    each chunk (a run cut short keeps its curve)."""
     import httpx
 
     curves: dict = {v: [] for v in servers}
@@ -249,8 +252,9 @@ def memory(servers: dict, items: list[list[str]], requests: int, every: int, con
     def sample(variant: str, done: int, part: dict | None) -> None:
         proc, _, url = servers[variant]
         m = httpx.get(url + "/metrics").json()
-        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "distinct_shapes": m.get("distinct_shapes"), "memory_trims": m.get("memory_trims"),
-                                "failed": part["failed"] if part else 0, "rps": part["rps"] if part else None})
+        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "distinct_shapes": m.get("distinct_shapes"),
+                                "memory_trims": m.get("memory_trims"), "failed": part["failed"] if part else 0,
+                                "rps": part["rps"] if part else None})
 
     for v in servers:
         sample(v, 0, None)
@@ -262,9 +266,23 @@ def memory(servers: dict, items: list[list[str]], requests: int, every: int, con
             sample(v, done + n, part)
         done += n
         print(json.dumps({"requests": done, **{v: c[-1]["rss_mb"] for v, c in curves.items()}}), flush=True)
-    out = {"requests": requests, "every": every, "concurrency": concurrency, "seconds": round(time.time() - t0, 1),
-           "distinct_texts": len(items), "variants": {}}
-    warm = max(1, round(requests / 5 / every))  # the sample at 1/5 of the run (2,000 of 10,000)
+        out = _memory_summary(curves, requests, every, concurrency, time.time() - t0, len(items), done)
+        if on_step is not None:
+            on_step(out)
+    return out
+
+
+def save_partial(path: str, obj: dict) -> None:
+    """``obj`` to ``path`` without printing it (the result so far of a long run)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _memory_summary(curves: dict, requests: int, every: int, concurrency: int, seconds: float, texts: int,
+                    done: int) -> dict:
+    out = {"requests": done, "planned_requests": requests, "every": every, "concurrency": concurrency,
+           "seconds": round(seconds, 1), "distinct_texts": texts, "variants": {}}
+    warm = min(len(next(iter(curves.values()))) - 1, max(1, round(requests / 5 / every)))  # 2,000 of 10,000
     for v, c in curves.items():
         rss = [x["rss_mb"] for x in c]
         out["variants"][v] = {
@@ -358,7 +376,8 @@ def main() -> None:
             "overhead_tokens")
     if args.memory:
         results["benchmark"] = "serve-memory"
-        results["memory"] = memory(servers, items, args.memory_requests, args.memory_every, 32)
+        results["memory"] = memory(servers, items, args.memory_requests, args.memory_every, 32,
+                                   on_step=lambda m: save_partial(args.out, {**results, "memory": m}))
         results["exit_codes"] = {v: stop(proc) for v, (proc, _, _) in servers.items()}
         return write_json(args.out, results)
     for variant, (_, port, _) in servers.items():

@@ -469,7 +469,8 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
 
 def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256, threads: int = 0,
-          overhead_tokens: float | None = None, pad_multiple: int = PAD_MULTIPLE, backend: Backend | None = None) -> None:
+          overhead_tokens: float | None = None, pad_multiple: int = PAD_MULTIPLE,
+          backend: Backend | None = None) -> None:
     """Load the model and serve until SIGTERM/SIGINT (Uvicorn's graceful shutdown: in-flight
     requests are answered, then the process exits 0). ``overhead_tokens`` None: measured now."""
     import uvicorn
