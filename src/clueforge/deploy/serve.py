@@ -214,13 +214,27 @@ def pad_batch(batch: dict, length: int, pad_id: int) -> dict:
                         for k in MODEL_INPUTS if k in batch}}
 
 
+MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves an allocation by mmap, set fixed by ``tune_allocator``."""
+
+
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
+def _glibc(name: str):
+    """A glibc function (None elsewhere: musl, macOS)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
+
+
+def tune_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (``mallopt(M_MMAP_THRESHOLD)``; False
+    where there is no glibc). By default glibc raises the threshold, up to 32 MiB, to the size of
+    each mmapped block freed, after which a batch's large activations come from the heap and stay
+    resident until a trim: a server's RSS then follows the largest batch since the last trim. Fixed,
+    every allocation of ≥ ``threshold`` bytes is mmapped and returned to the OS when freed."""
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD
 
 
 def release_free_memory() -> bool:
@@ -228,7 +242,7 @@ def release_free_memory() -> bool:
     there is no glibc. Called after the first batch of each new shape: PyTorch's oneDNN caches a
     small primitive per shape, and allocated among a batch's freed activations it keeps glibc from
     returning them, so without a trim RSS grows by about a batch's activations per new shape."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is None:
         return False
     trim(0)
@@ -475,6 +489,7 @@ def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0
     requests are answered, then the process exits 0). ``overhead_tokens`` None: measured now."""
     import uvicorn
 
+    tune_allocator()  # before the first batch; the process is the server's alone
     backend = backend or Backend.load(model_dir, runtime, threads)
     app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
                     overhead_tokens=overhead_tokens, pad_multiple=pad_multiple)
