@@ -251,9 +251,13 @@ def memory(servers: dict, items: list[list[str]], requests: int, every: int, con
 
     def sample(variant: str, done: int, part: dict | None) -> None:
         proc, _, url = servers[variant]
+        busy = proc_rss_mb(proc.pid)["rss_mb"]  # as the last batch left it
+        time.sleep(1.5)  # idle for 1 s, the server trims its heap: the RSS it keeps
         m = httpx.get(url + "/metrics").json()
-        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "distinct_shapes": m.get("distinct_shapes"),
-                                "memory_trims": m.get("memory_trims"), "failed": part["failed"] if part else 0,
+        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "rss_busy_mb": busy,
+                                "distinct_shapes": m.get("distinct_shapes"),
+                                "memory_trims": m.get("memory_trims"), "idle_trims": m.get("idle_trims"),
+                                "failed": part["failed"] if part else 0,
                                 "rps": part["rps"] if part else None})
 
     for v in servers:
@@ -284,13 +288,14 @@ def _memory_summary(curves: dict, requests: int, every: int, concurrency: int, s
            "seconds": round(seconds, 1), "distinct_texts": texts, "variants": {}}
     warm = min(len(next(iter(curves.values()))) - 1, max(1, round(requests / 5 / every)))  # 2,000 of 10,000
     for v, c in curves.items():
-        rss = [x["rss_mb"] for x in c]
+        rss, busy = [x["rss_mb"] for x in c], [x["rss_busy_mb"] for x in c]
         out["variants"][v] = {
             "curve": c, "failed": sum(x["failed"] for x in c), "rss_start_mb": rss[0], "rss_end_mb": rss[-1],
             "after_warmup_requests": c[warm]["requests"],
             "growth_after_warmup_mb": round(rss[-1] - rss[warm], 1),
             "growth_after_warmup_pct": round(100 * (rss[-1] - rss[warm]) / rss[warm], 2),
-            "max_step_after_warmup_mb": round(max((b - a for a, b in zip(rss[warm:], rss[warm + 1:])), default=0), 1)}
+            "max_step_after_warmup_mb": round(max((b - a for a, b in zip(rss[warm:], rss[warm + 1:])), default=0), 1),
+            "busy_max_until_warmup_mb": max(busy[:warm + 1]), "busy_max_after_warmup_mb": max(busy[warm + 1:], default=None)}
     return out
 
 

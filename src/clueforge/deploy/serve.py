@@ -68,6 +68,8 @@ from clueforge.text.normalize import normalize
 log = logging.getLogger("clueforge.serve")
 MAX_BODY = 1 << 20
 LATENCY_WINDOW = 10_000
+IDLE_TRIM_S = 1.0
+"""A server idle this many seconds after some batches trims its heap (``release_free_memory``)."""
 PAD_MULTIPLE = 16
 """Default ``--pad-multiple``: batches are padded to a multiple of 16 tokens (see ``bucket_length``)."""
 
@@ -262,7 +264,8 @@ class Metrics:
     batch_sizes: Counter = field(default_factory=Counter)
     lengths: Counter = field(default_factory=Counter)  # the padded length of each batch
     shapes: set = field(default_factory=set)  # (batch, padded length) run so far: bounded by max_batch · lengths
-    trims: int = 0  # release_free_memory calls (one after each new shape's first batch)
+    trims: int = 0  # release_free_memory calls after a new shape's first batch (one per shape)
+    idle_trims: int = 0  # ... after the server was idle for IDLE_TRIM_S (no request waiting or running)
     latency: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     started: float = field(default_factory=time.time)
 
@@ -275,7 +278,7 @@ class Metrics:
             "batches": batches, "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mean_batch_size": round(sum(k * v for k, v in self.batch_sizes.items()) / batches, 3) if batches else None,
             "batch_length_histogram": {str(k): v for k, v in sorted(self.lengths.items())},
-            "distinct_shapes": len(self.shapes), "memory_trims": self.trims,
+            "distinct_shapes": len(self.shapes), "memory_trims": self.trims, "idle_trims": self.idle_trims,
             "latency_ms": {**pct, "window": len(self.latency)}, "uptime_s": round(time.time() - self.started, 1),
             "rss_mb": rss_mb(),
         }
@@ -333,6 +336,7 @@ class Batcher:
         self.overhead_tokens, self.pad_multiple = overhead_tokens, pad_multiple
         self.pending: deque[_Item] = deque()
         self.admitted = 0
+        self.ran_since_trim = False
         self.wake = asyncio.Event()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="clueforge-infer")
         self.task: asyncio.Task | None = None
@@ -350,7 +354,15 @@ class Batcher:
     async def _next_batch(self) -> list[_Item]:
         while not self.pending:
             self.wake.clear()
-            await self.wake.wait()
+            if not self.ran_since_trim:
+                await self.wake.wait()
+                continue
+            try:  # idle for IDLE_TRIM_S after some batches: give back what they freed
+                await asyncio.wait_for(self.wake.wait(), IDLE_TRIM_S)
+            except asyncio.TimeoutError:
+                self.ran_since_trim = False
+                if await asyncio.get_running_loop().run_in_executor(self.pool, release_free_memory):
+                    self.metrics.idle_trims += 1
         deadline = self.pending[0].t0 + self.max_wait
         while len(self.pending) < self.max_batch:
             left = deadline - time.perf_counter()
@@ -391,6 +403,7 @@ class Batcher:
                 self.metrics.batch_sizes[len(batch)] += 1
                 self.metrics.lengths[length] += 1
                 self.metrics.shapes.add((len(batch), length))
+                self.ran_since_trim = True
 
     def _infer(self, examples: list[dict], features: list[dict], length: int, new_shape: bool) -> list[dict]:
         """The worker thread's job: a batch, then, after a shape's first batch, a heap trim."""
