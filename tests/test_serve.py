@@ -246,11 +246,13 @@ def test_bucket_length_and_pad_batch():
 def test_padded_batches_answer_what_unpadded_ones_do(afqmc, exported):
     """The bucketing switch's equivalence: a batch padded to the model's full length answers what the
     same batch padded only to its longest request answers (classification on torch, NER on ONNX)."""
-    from clueforge.deploy.serve import Backend
+    from clueforge.deploy.serve import Backend, build_app
 
     ft, pairs, _ = afqmc
     cls = Backend.load(ft, "torch", 1)
     ner = Backend.load(exported["cluener"][1], "onnx", 1)
+    with pytest.raises(ValueError, match="--pad-multiple 0"):
+        build_app(cls, pad_multiple=0, overhead_tokens=0)
     ner_texts = [[a[:30]] for a, _ in pairs] + [["北京市朝阳区的张三去了上海。"]]
     for backend, items in ((cls, [list(p) for p in pairs]), (ner, ner_texts)):
         parsed = [backend.parse(json.dumps({"texts": t}).encode()) for t in items]

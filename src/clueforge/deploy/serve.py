@@ -24,11 +24,14 @@ is full; 500 the model failed.
 Batching: requests are tokenised on the event loop and wait in a queue; as soon as ``max_batch``
 wait or the oldest has waited ``max_wait_ms``, one worker forms a batch and runs it, padded to its
 longest request rounded up to a multiple of ``--pad-multiple`` tokens (16; ``bucket_length``), in a
-worker thread (the event loop keeps accepting). The buckets bound the set of (batch, length) shapes
-the model sees: PyTorch's oneDNN keeps a JIT-compiled primitive per shape (up to 1,024), and with
-exact lengths a `mini` server's memory grew by hundreds of MB over thousands of requests
-(docs/benchmarks.md, "Memory over 10,000 requests"). Batches are formed by length
-(``plan_batch``): a forward of B requests padded to T tokens costs about ``K + B·T`` token-units,
+worker thread (the event loop keeps accepting). Memory stays flat by three means (docs/benchmarks.md,
+"Memory over 10,000 requests"): the buckets bound the set of (batch, length) shapes the model sees
+(PyTorch's oneDNN caches a small primitive per shape, and each new one kept ~1 MB of a `mini`
+batch's freed activations in the heap: +90 MB over 5,000 requests with exact lengths); glibc's mmap
+threshold is fixed at 1 MiB (``tune_allocator``); and the heap is trimmed after each new shape's
+first batch and when the server has been idle for a second (``release_free_memory``).
+
+Batches are formed by length (``plan_batch``, on the rounded lengths): a forward of B requests padded to T tokens costs about ``K + B·T`` token-units,
 where K (``--overhead-tokens``, measured at start-up unless given) is what a forward costs beyond
 its tokens; the waiting requests, sorted by length, are split into the batches of at most
 ``max_batch`` that minimise the summed cost, and the batch holding the oldest request runs next
