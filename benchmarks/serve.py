@@ -28,7 +28,7 @@ the same on the ONNX export (``onnx_on``, ``onnx_exact``, ``onnx_off``: ``--runt
 one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
 = requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
 server sampled over ``--memory-requests`` more requests at concurrency 32. ``--memory``: only
-that check, on every ``--variants`` server, with the 10,000 OCNLI train+dev pairs (7-128 tokens):
+that check, on every ``--variants`` server, with the 10,000 OCNLI train+dev pairs (14-107 tokens):
 each server process's RSS (from /proc) and distinct shapes after every ``--memory-every`` requests,
 the variants taking turns, and the failed requests.
 
@@ -242,8 +242,9 @@ def proc_rss_mb(pid: int) -> dict:
 def memory(servers: dict, items: list[list[str]], requests: int, every: int, concurrency: int,
            on_step=None) -> dict:
     """RSS of every server process after each ``every`` requests (at ``concurrency``), the variants
-    taking turns chunk by chunk; the flatness figure is the growth from the sample at ``requests / 5``
-    to the end, over the value at ``requests / 5`` (after warm-up). ``on_step(result so far)`` after
+    taking turns chunk by chunk: at the end of the chunk (``rss_busy_mb``) and after 1.5 s idle, once
+    the server has trimmed its heap (``rss_mb``, the memory it keeps). The flatness figure is the
+    growth of ``rss_mb`` from the sample at ``requests / 5`` (after warm-up) to the end. ``on_step(result so far)`` after
     each chunk (a run cut short keeps its curve)."""
     import httpx
 
