@@ -244,8 +244,8 @@ def memory(servers: dict, items: list[list[str]], requests: int, every: int, con
     """RSS of every server process after each ``every`` requests (at ``concurrency``), the variants
     taking turns chunk by chunk: at the end of the chunk (``rss_busy_mb``) and after 1.5 s idle, once
     the server has trimmed its heap (``rss_mb``, the memory it keeps). The flatness figure is the
-    growth of ``rss_mb`` from the sample at ``requests / 5`` (after warm-up) to the end. ``on_step(result so far)`` after
-    each chunk (a run cut short keeps its curve)."""
+    growth of ``rss_mb`` from the sample at ``requests / 5`` (after warm-up) to the end.
+    ``on_step(result so far)`` after each chunk (a run cut short keeps its curve)."""
     import httpx
 
     curves: dict = {v: [] for v in servers}
@@ -296,7 +296,8 @@ def _memory_summary(curves: dict, requests: int, every: int, concurrency: int, s
             "growth_after_warmup_mb": round(rss[-1] - rss[warm], 1),
             "growth_after_warmup_pct": round(100 * (rss[-1] - rss[warm]) / rss[warm], 2),
             "max_step_after_warmup_mb": round(max((b - a for a, b in zip(rss[warm:], rss[warm + 1:])), default=0), 1),
-            "busy_max_until_warmup_mb": max(busy[:warm + 1]), "busy_max_after_warmup_mb": max(busy[warm + 1:], default=None)}
+            "busy_max_until_warmup_mb": max(busy[:warm + 1]),
+            "busy_max_after_warmup_mb": max(busy[warm + 1:], default=None)}
     return out
 
 

@@ -31,9 +31,9 @@ batch's freed activations in the heap: +90 MB over 5,000 requests with exact len
 threshold is fixed at 1 MiB (``tune_allocator``); and the heap is trimmed after each new shape's
 first batch and when the server has been idle for a second (``release_free_memory``).
 
-Batches are formed by length (``plan_batch``, on the rounded lengths): a forward of B requests padded to T tokens costs about ``K + B·T`` token-units,
-where K (``--overhead-tokens``, measured at start-up unless given) is what a forward costs beyond
-its tokens; the waiting requests, sorted by length, are split into the batches of at most
+Batches are formed by length (``plan_batch``, on the rounded lengths): a forward of B requests
+padded to T tokens costs about ``K + B·T`` token-units, where K (``--overhead-tokens``, measured
+at start-up unless given) is what a forward costs beyond its tokens; the waiting requests, sorted by length, are split into the batches of at most
 ``max_batch`` that minimise the summed cost, and the batch holding the oldest request runs next
 (so no request is passed over: the oldest is always in the next batch). The rest wait for the next
 round, where new arrivals may join them. (Padding every batch to its longest request made a batch
