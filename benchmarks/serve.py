@@ -4,6 +4,8 @@ vs off, and a plain transformers BertForSequenceClassification behind the same H
     python benchmarks/serve.py --out bench-out/serve.json
     python benchmarks/serve.py --config tiny --requests 200 --memory-requests 2000 --out bench-out/serve-quick.json
     python benchmarks/serve.py --config mini --compute --out bench-out/serve-compute.json  # no HTTP: why batching pays or not
+    nice -n 5 python benchmarks/serve.py --config tiny --memory --variants batch_on batch_exact onnx_on onnx_exact \
+        --memory-requests 10000 --out bench-out/serve-memory.json  # RSS every 1,000 requests at concurrency 32
 
 The model: a random ``--config`` (mini: 6 layers, hidden 384) sentence-pair classifier with 3
 labels, saved as a fine-tuned OCNLI checkpoint with the Chinese BERT vocabulary (``--model DIR``
@@ -19,12 +21,16 @@ machine's load reaches every variant alike.
 Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``, batches formed by length with the
 server's measured ``--overhead-tokens``), ``batch_pad`` (the same with ``--overhead-tokens 1e9``:
 every batch is all the waiting requests padded together, the server before length-aware batching),
-``batch_off`` (``--max-batch 1``),
-the same two on the ONNX export (``onnx_on``, ``onnx_off``: ``--runtime onnx``, fp32),
+``batch_exact`` (``batch_on`` with ``--pad-multiple 1``: batches padded to their longest request
+only, the server before length buckets), ``batch_off`` (``--max-batch 1 --pad-multiple 1``),
+the same on the ONNX export (``onnx_on``, ``onnx_exact``, ``onnx_off``: ``--runtime onnx``, fp32),
 ``transformers`` (the same checkpoint loaded by ``transformers.BertForSequenceClassification``,
 one request per forward, served by the same FastAPI/Uvicorn app). ``batching_speedup_{torch,onnx}_c32``
 = requests/s with batching / without at concurrency 32. Memory: RSS of the ``--memory-variant``
-server (from ``/metrics``) sampled over ``--memory-requests`` more requests at concurrency 32.
+server sampled over ``--memory-requests`` more requests at concurrency 32. ``--memory``: only
+that check, on every ``--variants`` server, with the 10,000 OCNLI train+dev pairs (14-107 tokens):
+each server process's RSS (from /proc) and distinct shapes after every ``--memory-every`` requests,
+the variants taking turns, and the failed requests.
 
 ``--compute`` measures, in one process and without HTTP, what a batch costs per request: groups
 of 32 requests (random OCNLI dev pairs) run one by one, as one batch padded to the longest, and
@@ -54,11 +60,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BERT_VOCAB, ROOT, SHARED, machine, write_json  # noqa: E402
 
 
-def pairs(n: int) -> list[list[str]]:
-    f = SHARED / "tasks" / "ocnli" / "dev.json"
-    if f.is_file():
-        rows = [json.loads(line) for line in f.open(encoding="utf-8")][:n]
-        return [[r["sentence1"], r["sentence2"]] for r in rows]
+def pairs(n: int, splits: tuple[str, ...] = ("dev",)) -> list[list[str]]:
+    """The first ``n`` OCNLI sentence pairs of ``splits`` (a fixed pair without the shared data)."""
+    rows = []
+    for split in splits:
+        f = SHARED / "tasks" / "ocnli" / f"{split}.json"
+        if f.is_file():
+            rows += [json.loads(line) for line in f.open(encoding="utf-8")]
+    if rows:
+        return [[r["sentence1"], r["sentence2"]] for r in rows[:n]]
     return [["今天天气很好，我们一起去公园散步吧。", "天气不错，适合出门。"]] * n
 
 
@@ -218,6 +228,79 @@ def compute(model_dir: Path, items: list[list[str]], threads: int, groups: int, 
             "by_length_batch_sizes": sizes[:5]}
 
 
+def proc_rss_mb(pid: int) -> dict:
+    """Resident memory of process ``pid`` in MB: total, anonymous (heap, arenas, caches) and file-backed."""
+    names = {"VmRSS": "rss_mb", "RssAnon": "anon_mb", "RssFile": "file_mb"}
+    out = {}
+    for line in open(f"/proc/{pid}/status"):
+        key = line.split(":")[0]
+        if key in names:
+            out[names[key]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
+def memory(servers: dict, items: list[list[str]], requests: int, every: int, concurrency: int,
+           on_step=None) -> dict:
+    """RSS of every server process after each ``every`` requests (at ``concurrency``), the variants
+    taking turns chunk by chunk: at the end of the chunk (``rss_busy_mb``) and after 1.5 s idle, once
+    the server has trimmed its heap (``rss_mb``, the memory it keeps). The flatness figure is the
+    growth of ``rss_mb`` from the sample at ``requests / 5`` (after warm-up) to the end.
+    ``on_step(result so far)`` after each chunk (a run cut short keeps its curve)."""
+    import httpx
+
+    curves: dict = {v: [] for v in servers}
+
+    def sample(variant: str, done: int, part: dict | None) -> None:
+        proc, _, url = servers[variant]
+        busy = proc_rss_mb(proc.pid)["rss_mb"]  # as the last batch left it
+        time.sleep(1.5)  # idle for 1 s, the server trims its heap: the RSS it keeps
+        m = httpx.get(url + "/metrics").json()
+        curves[variant].append({"requests": done, **proc_rss_mb(proc.pid), "rss_busy_mb": busy,
+                                "distinct_shapes": m.get("distinct_shapes"),
+                                "memory_trims": m.get("memory_trims"), "idle_trims": m.get("idle_trims"),
+                                "failed": part["failed"] if part else 0,
+                                "rps": part["rps"] if part else None})
+
+    for v in servers:
+        sample(v, 0, None)
+    done, t0 = 0, time.time()
+    while done < requests:
+        n = min(every, requests - done)
+        for v in servers:
+            part = summarise([asyncio.run(load(servers[v][1], items, concurrency, n, 600, offset=done))])
+            sample(v, done + n, part)
+        done += n
+        print(json.dumps({"requests": done, **{v: c[-1]["rss_mb"] for v, c in curves.items()}}), flush=True)
+        out = _memory_summary(curves, requests, every, concurrency, time.time() - t0, len(items), done)
+        if on_step is not None:
+            on_step(out)
+    return out
+
+
+def save_partial(path: str, obj: dict) -> None:
+    """``obj`` to ``path`` without printing it (the result so far of a long run)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _memory_summary(curves: dict, requests: int, every: int, concurrency: int, seconds: float, texts: int,
+                    done: int) -> dict:
+    out = {"requests": done, "planned_requests": requests, "every": every, "concurrency": concurrency,
+           "seconds": round(seconds, 1), "distinct_texts": texts, "variants": {}}
+    warm = min(len(next(iter(curves.values()))) - 1, max(1, round(requests / 5 / every)))  # 2,000 of 10,000
+    for v, c in curves.items():
+        rss, busy = [x["rss_mb"] for x in c], [x["rss_busy_mb"] for x in c]
+        out["variants"][v] = {
+            "curve": c, "failed": sum(x["failed"] for x in c), "rss_start_mb": rss[0], "rss_end_mb": rss[-1],
+            "after_warmup_requests": c[warm]["requests"],
+            "growth_after_warmup_mb": round(rss[-1] - rss[warm], 1),
+            "growth_after_warmup_pct": round(100 * (rss[-1] - rss[warm]) / rss[warm], 2),
+            "max_step_after_warmup_mb": round(max((b - a for a, b in zip(rss[warm:], rss[warm + 1:])), default=0), 1),
+            "busy_max_until_warmup_mb": max(busy[:warm + 1]),
+            "busy_max_after_warmup_mb": max(busy[warm + 1:], default=None)}
+    return out
+
+
 def serve_transformers(model_dir: str, port: int, max_batch: int, threads: int) -> None:
     """Run the clueforge HTTP app with transformers' BertForSequenceClassification as the model."""
     from transformers import BertForSequenceClassification
@@ -243,6 +326,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="Requests per (variant, concurrency).")
     ap.add_argument("--max-seconds", type=float, default=40, help="Time cap per (variant, concurrency), all rounds.")
     ap.add_argument("--memory-requests", type=int, default=10_000, help="Requests for the memory check (0 = skip).")
+    ap.add_argument("--memory-every", type=int, default=1000, help="Requests between two RSS samples.")
+    ap.add_argument("--memory", action="store_true",
+                    help="Only the memory check, on every --variants server (taking turns every --memory-every "
+                         "requests), with OCNLI train+dev pairs (10,000 distinct texts of varied length).")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5)
     ap.add_argument("--threads", type=int, default=1, help="Server compute threads.")
@@ -256,7 +343,7 @@ def main() -> None:
         return serve_transformers(args.serve_transformers, args.port, 1, args.threads)
 
     model = Path(args.model) if args.model else make_model(args.config, Path(tempfile.mkdtemp()) / "ocnli")
-    items = pairs(500)
+    items = pairs(20_000, ("train", "dev")) if args.memory else pairs(500)
     if args.compute:
         import torch
 
@@ -289,9 +376,17 @@ def main() -> None:
                    "--max-wait-ms", str(args.max_wait_ms)]
             if variant.endswith("_pad"):
                 cmd += ["--overhead-tokens", "1e9"]
+            if variant.endswith(("_exact", "_off")):  # one request per forward: at most max_length shapes anyway
+                cmd += ["--pad-multiple", "1"]
         servers[variant] = (start(cmd, port), port, f"http://127.0.0.1:{port}")
         results.setdefault("overhead_tokens", {})[variant] = httpx.get(servers[variant][2] + "/health").json().get(
             "overhead_tokens")
+    if args.memory:
+        results["benchmark"] = "serve-memory"
+        results["memory"] = memory(servers, items, args.memory_requests, args.memory_every, 32,
+                                   on_step=lambda m: save_partial(args.out, {**results, "memory": m}))
+        results["exit_codes"] = {v: stop(proc) for v, (proc, _, _) in servers.items()}
+        return write_json(args.out, results)
     for variant, (_, port, _) in servers.items():
         asyncio.run(load(port, items, 8, 40, 30))  # warm-up
     for c in args.concurrency:
@@ -312,17 +407,8 @@ def main() -> None:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     if args.memory_variant in servers and args.memory_requests:
-        port, url = servers[args.memory_variant][1:]
-        rss = [httpx.get(url + "/metrics").json()["rss_mb"]]
-        chunk = max(1, args.memory_requests // 5)
-        failed = 0
-        for _ in range(5):
-            r = summarise([asyncio.run(load(port, items, 32, chunk, 600))])
-            failed += r["failed"]
-            rss.append(httpx.get(url + "/metrics").json()["rss_mb"])
-        results["memory"] = {"variant": args.memory_variant, "requests": 5 * chunk, "rss_mb_after_each_fifth": rss,
-                             "failed": failed, "growth_mb": round(rss[-1] - rss[1], 1)}
-        print(json.dumps(results["memory"]), flush=True)
+        results["memory"] = memory({args.memory_variant: servers[args.memory_variant]}, items,
+                                   args.memory_requests, args.memory_every, 32)
     for variant, (proc, _, _) in servers.items():
         results.setdefault("exit_codes", {})[variant] = stop(proc)
 

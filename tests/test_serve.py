@@ -225,3 +225,107 @@ def test_mixed_length_batches_answer_what_each_request_alone_answers(afqmc):
         assert got["label"] == want["label"]
         assert got["scores"].keys() == want["scores"].keys()
         assert all(abs(got["scores"][k] - want["scores"][k]) <= 2e-6 for k in want["scores"]), (got, want)
+
+
+def test_bucket_length_and_pad_batch():
+    import torch
+
+    from clueforge.deploy.serve import bucket_length, pad_batch
+
+    assert [bucket_length(n, 16, 64) for n in (1, 16, 17, 33, 64)] == [16, 16, 32, 48, 64]
+    assert {bucket_length(n, 16, 64) for n in range(1, 65)} == {16, 32, 48, 64}
+    assert [bucket_length(n, 16, 100) for n in (96, 97, 100)] == [96, 100, 100]  # never past the model's length
+    assert all(bucket_length(n, 1, 64) == n for n in range(1, 65))  # --pad-multiple 1: no padding
+    batch = {"input_ids": torch.tensor([[2, 5, 3]]), "attention_mask": torch.tensor([[1, 1, 1]]),
+             "token_type_ids": torch.tensor([[0, 0, 1]]), "labels": torch.tensor([1])}
+    got = pad_batch(batch, 5, 0)
+    assert got["input_ids"].tolist() == [[2, 5, 3, 0, 0]] and got["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
+    assert got["token_type_ids"].tolist() == [[0, 0, 1, 0, 0]] and got["labels"].tolist() == [1]
+
+
+def test_padded_batches_answer_what_unpadded_ones_do(afqmc, exported):
+    """The bucketing switch's equivalence: a batch padded to the model's full length answers what the
+    same batch padded only to its longest request answers (classification on torch, NER on ONNX)."""
+    from clueforge.deploy.serve import Backend, build_app
+
+    ft, pairs, _ = afqmc
+    cls = Backend.load(ft, "torch", 1)
+    ner = Backend.load(exported["cluener"][1], "onnx", 1)
+    with pytest.raises(ValueError, match="--pad-multiple 0"):
+        build_app(cls, pad_multiple=0, overhead_tokens=0)
+    ner_texts = [[a[:30]] for a, _ in pairs] + [["北京市朝阳区的张三去了上海。"]]
+    for backend, items in ((cls, [list(p) for p in pairs]), (ner, ner_texts)):
+        parsed = [backend.parse(json.dumps({"texts": t}).encode()) for t in items]
+        ex, feats = [p[0] for p in parsed], [p[1] for p in parsed]
+        assert max(len(f["input_ids"]) for f in feats) < backend.task.max_length  # the padding is real
+        plain, padded = backend.infer(ex, feats), backend.infer(ex, feats, backend.task.max_length)
+        if backend is ner:
+            assert plain == padded and any(a["entities"] for a in plain)
+        else:
+            for got, want in zip(padded, plain):
+                assert got["label"] == want["label"]
+                assert all(abs(got["scores"][k] - want["scores"][k]) <= 2e-6 for k in want["scores"]), (got, want)
+
+
+def test_server_runs_a_bounded_set_of_shapes(afqmc):
+    """Every batch is padded to a multiple of --pad-multiple (16, the default) tokens: requests of 29
+    different lengths give at most ⌈64 / 16⌉ lengths and shapes, and the answers are unchanged.
+    (Each new shape costs memory: docs/benchmarks.md, "Memory over 10,000 requests".)"""
+    from clueforge.deploy.serve import Backend, release_free_memory
+
+    ft, pairs, _ = afqmc
+    a, b = pairs[0]
+    items = [[(a * 9)[:n], (b * 9)[:n]] for n in range(2, 31)]  # 7-63 tokens: 29 lengths
+    backend = Backend.load(ft, "torch", 1)
+    parsed = [backend.parse(json.dumps({"texts": t}).encode()) for t in items]
+    lengths = {len(f["input_ids"]) for _, f in parsed}
+    assert len(lengths) == 29 and max(lengths) <= 64
+    alone = [backend.infer([ex], [f])[0] for ex, f in parsed]
+    with server(ft, "--max-batch", "1") as (url, _):
+        assert httpx.get(url + "/health").json()["pad_multiple"] == 16
+        answers = [httpx.post(url + "/predict", json={"texts": t}, timeout=30).json() for t in items]
+        m = httpx.get(url + "/metrics").json()
+        if release_free_memory():  # idle 1 s after batches, the server trims its heap, once
+            deadline = time.monotonic() + 30
+            while httpx.get(url + "/metrics").json()["idle_trims"] < 1:
+                assert time.monotonic() < deadline, "no trim while idle"
+                time.sleep(0.2)
+    assert set(m["batch_length_histogram"]) <= {"16", "32", "48", "64"} and m["distinct_shapes"] <= 4, m
+    assert sum(m["batch_length_histogram"].values()) == 29
+    if release_free_memory():  # glibc: the heap is trimmed once after each new shape's first batch
+        assert m["memory_trims"] == m["distinct_shapes"], m
+    for got, want in zip(answers, alone):
+        assert got["label"] == want["label"]
+        assert all(abs(got["scores"][k] - want["scores"][k]) <= 2e-6 for k in want["scores"]), (got, want)
+
+
+def test_tune_allocator_keeps_large_buffers_out_of_the_heap():
+    """glibc raises its mmap threshold to the size of a freed mmapped block; after that a batch's
+    large activations stay resident in the heap. With the threshold fixed (what `clueforge serve`
+    does at start), a 4 MiB buffer allocated after an 8 MiB one was freed is still mmapped."""
+    script = """
+import ctypes, sys
+from clueforge.deploy.serve import tune_allocator
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+if not hasattr(libc, "mallinfo2"):
+    print("no-glibc"); sys.exit()
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+if sys.argv[1] == "tuned":
+    assert tune_allocator()
+libc.free(ctypes.c_void_p(libc.malloc(8 << 20)))  # without a fixed threshold glibc now serves < 8 MiB from the heap
+before = libc.mallinfo2().hblkhd
+p = libc.malloc(4 << 20)
+print("mmapped" if libc.mallinfo2().hblkhd - before >= 4 << 20 else "heap")
+libc.free(ctypes.c_void_p(p))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = {mode: subprocess.run([sys.executable, "-c", script, mode], env=env, capture_output=True, text=True,
+                                timeout=120) for mode in ("tuned", "default")}
+    if out["tuned"].stdout.strip() == "no-glibc":
+        pytest.skip("not glibc: nothing to tune")
+    assert out["tuned"].stdout.strip() == "mmapped", out["tuned"].stderr
+    assert out["default"].stdout.strip() == "heap", out["default"].stderr  # the test can tell the two apart

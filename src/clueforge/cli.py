@@ -560,6 +560,9 @@ def serve_cmd(
         help="What one forward costs beyond its tokens, in tokens: waiting requests are split by length into the "
              "batches minimising Σ(overhead + size·longest); larger = fuller batches, more padding "
              "(default: measured at start-up).")] = None,
+    pad_multiple: Annotated[int, typer.Option(
+        help="Pad each batch to a multiple of this many tokens (1 = to its longest request): a bounded set of "
+             "shapes, so per-shape caches of the runtime stop growing.")] = 16,
 ) -> None:
     """Serve the model over HTTP (POST /predict, GET /health, GET /metrics) with dynamic batching."""
     from clueforge.deploy.serve import Backend, serve
@@ -573,7 +576,7 @@ def serve_cmd(
     try:
         backend = Backend.load(model, runtime, threads)
         serve(model, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
-              overhead_tokens=overhead_tokens, backend=backend)
+              overhead_tokens=overhead_tokens, pad_multiple=pad_multiple, backend=backend)
     except (KeyError, FileNotFoundError, ValueError, ImportError) as exc:
         _fail(_message(exc))
 

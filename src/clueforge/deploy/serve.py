@@ -12,8 +12,9 @@ Endpoints (FastAPI on Uvicorn, bound to 127.0.0.1 unless ``--host`` says otherwi
   description where the task has one); NER answers ``{"tags": [one per character], "entities":
   [{"type", "text", "start", "end"}]}`` (``end`` inclusive, as in CLUENER). Labels are the task's.
 - ``GET /health``: task, runtime, labels, batching settings.
-- ``GET /metrics``: requests by status, batch-size histogram, latency p50/p90/p99 over the last
-  10,000 answered requests (submission to answer, in ms), queue depth, resident memory.
+- ``GET /metrics``: requests by status, batch-size and padded-length histograms, distinct (batch,
+  length) shapes run, latency p50/p90/p99 over the last 10,000 answered requests (submission to
+  answer, in ms), queue depth, resident memory.
 
 Errors are ``{"error": message}``: 400 body is not a JSON object; 413 body over 1 MiB; 422 unknown
 or missing fields, wrong types, wrong number of texts, empty text, or a text longer than the model
@@ -22,10 +23,17 @@ is full; 500 the model failed.
 
 Batching: requests are tokenised on the event loop and wait in a queue; as soon as ``max_batch``
 wait or the oldest has waited ``max_wait_ms``, one worker forms a batch and runs it, padded to its
-longest request, in a worker thread (the event loop keeps accepting). Batches are formed by length
-(``plan_batch``): a forward of B requests padded to T tokens costs about ``K + B·T`` token-units,
-where K (``--overhead-tokens``, measured at start-up unless given) is what a forward costs beyond
-its tokens; the waiting requests, sorted by length, are split into the batches of at most
+longest request rounded up to a multiple of ``--pad-multiple`` tokens (16; ``bucket_length``), in a
+worker thread (the event loop keeps accepting). Memory stays flat by three means (docs/benchmarks.md,
+"Memory over 10,000 requests"): the buckets bound the set of (batch, length) shapes the model sees
+(PyTorch's oneDNN caches a small primitive per shape, and each new one kept ~1 MB of a `mini`
+batch's freed activations in the heap: +90 MB over 5,000 requests with exact lengths); glibc's mmap
+threshold is fixed at 1 MiB (``tune_allocator``); and the heap is trimmed after each new shape's
+first batch and when the server has been idle for a second (``release_free_memory``).
+
+Batches are formed by length (``plan_batch``, on the rounded lengths): a forward of B requests
+padded to T tokens costs about ``K + B·T`` token-units, where K (``--overhead-tokens``, measured
+at start-up unless given) is what a forward costs beyond its tokens; the waiting requests, sorted by length, are split into the batches of at most
 ``max_batch`` that minimise the summed cost, and the batch holding the oldest request runs next
 (so no request is passed over: the oldest is always in the next batch). The rest wait for the next
 round, where new arrivals may join them. (Padding every batch to its longest request made a batch
@@ -39,6 +47,9 @@ The answer for an example is the one ``clueforge predict`` writes for it (the sa
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import json
 import logging
 import signal
@@ -60,6 +71,10 @@ from clueforge.text.normalize import normalize
 log = logging.getLogger("clueforge.serve")
 MAX_BODY = 1 << 20
 LATENCY_WINDOW = 10_000
+IDLE_TRIM_S = 1.0
+"""A server idle this many seconds after some batches trims its heap (``release_free_memory``)."""
+PAD_MULTIPLE = 16
+"""Default ``--pad-multiple``: batches are padded to a multiple of 16 tokens (see ``bucket_length``)."""
 
 
 class RequestError(Exception):
@@ -156,9 +171,14 @@ class Backend:
             return float(4 * long_)
         return float(min(4 * long_, max(0.0, t_s / per_token - n_s)))
 
-    def infer(self, examples: list[dict], features: list[dict]) -> list[dict]:
-        """One padded batch → one answer per example (runs in the worker thread)."""
-        batch = self.fam.collate(features, self.tok.token_to_id("[PAD]"))
+    def infer(self, examples: list[dict], features: list[dict], length: int | None = None) -> list[dict]:
+        """One padded batch → one answer per example (runs in the worker thread). ``length``: pad
+        the batch to this many tokens rather than to its longest request (masked positions: the
+        answers are the same)."""
+        pad_id = self.tok.token_to_id("[PAD]")
+        batch = self.fam.collate(features, pad_id)
+        if length is not None:
+            batch = pad_batch(batch, length, pad_id)
         with torch.inference_mode():
             ling = {"ling": batch["ling"]} if "ling" in batch else {}  # a model with linguistic inputs (torch)
             logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **ling)
@@ -185,10 +205,70 @@ class Backend:
         return out
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "ling")
+
+
+def pad_batch(batch: dict, length: int, pad_id: int) -> dict:
+    """``batch`` with its (B, T) model inputs right-padded to ``length`` tokens: [PAD] ids, mask 0."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of {batch['input_ids'].shape[1]} tokens to {length}")
+    if extra == 0:
+        return batch
+    return {**batch, **{k: torch.nn.functional.pad(batch[k], (0, extra), value=pad_id if k == "input_ids" else 0)
+                        for k in MODEL_INPUTS if k in batch}}
+
+
+MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves an allocation by mmap, set fixed by ``tune_allocator``."""
+
+
+@functools.cache
+def _glibc(name: str):
+    """A glibc function (None elsewhere: musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at ``threshold`` bytes (``mallopt(M_MMAP_THRESHOLD)``; False
+    where there is no glibc). By default glibc raises the threshold, up to 32 MiB, to the size of
+    each mmapped block freed, after which a batch's large activations come from the heap and stay
+    resident until a trim: a server's RSS then follows the largest batch since the last trim. Fixed,
+    every allocation of ≥ ``threshold`` bytes is mmapped and returned to the OS when freed."""
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD
+
+
+def release_free_memory() -> bool:
+    """Give the pages of free heap memory back to the OS (glibc ``malloc_trim(0)``); False where
+    there is no glibc. Called after the first batch of each new shape: PyTorch's oneDNN caches a
+    small primitive per shape, and allocated among a batch's freed activations it keeps glibc from
+    returning them, so without a trim RSS grows by about a batch's activations per new shape."""
+    trim = _glibc("malloc_trim")
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def bucket_length(n: int, multiple: int, max_length: int) -> int:
+    """The length a batch whose longest request has ``n`` tokens is padded to: ``n`` rounded up to
+    a multiple of ``multiple``, at most ``max_length`` (``multiple`` 1: ``n``). Bounds the set of
+    (batch, length) shapes the model sees to ``max_batch · ⌈max_length / multiple⌉``."""
+    return min(-(-n // multiple) * multiple, max(n, max_length))
+
+
 @dataclass
 class Metrics:
     status: Counter = field(default_factory=Counter)
     batch_sizes: Counter = field(default_factory=Counter)
+    lengths: Counter = field(default_factory=Counter)  # the padded length of each batch
+    shapes: set = field(default_factory=set)  # (batch, padded length) run so far: bounded by max_batch · lengths
+    trims: int = 0  # release_free_memory calls after a new shape's first batch (one per shape)
+    idle_trims: int = 0  # ... after the server was idle for IDLE_TRIM_S (no request waiting or running)
     latency: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     started: float = field(default_factory=time.time)
 
@@ -200,6 +280,8 @@ class Metrics:
             "requests": sum(self.status.values()), "by_status": {str(k): v for k, v in sorted(self.status.items())},
             "batches": batches, "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
             "mean_batch_size": round(sum(k * v for k, v in self.batch_sizes.items()) / batches, 3) if batches else None,
+            "batch_length_histogram": {str(k): v for k, v in sorted(self.lengths.items())},
+            "distinct_shapes": len(self.shapes), "memory_trims": self.trims, "idle_trims": self.idle_trims,
             "latency_ms": {**pct, "window": len(self.latency)}, "uptime_s": round(time.time() - self.started, 1),
             "rss_mb": rss_mb(),
         }
@@ -221,7 +303,7 @@ class _Item:
     feature: dict
     future: asyncio.Future
     t0: float
-    length: int  # tokens, [CLS]/[SEP] included
+    length: int  # tokens, [CLS]/[SEP] included, rounded up to the server's length bucket
 
 
 def plan_batch(lengths: list[int], max_batch: int, overhead_tokens: float) -> list[int]:
@@ -251,12 +333,13 @@ class Batcher:
     """A bounded queue of requests and the one worker that runs them in batches."""
 
     def __init__(self, backend: Backend, metrics: Metrics, max_batch: int, max_wait_ms: float, capacity: int,
-                 overhead_tokens: float):
+                 overhead_tokens: float, pad_multiple: int = 1):
         self.backend, self.metrics = backend, metrics
         self.max_batch, self.max_wait, self.capacity = max_batch, max_wait_ms / 1000, capacity
-        self.overhead_tokens = overhead_tokens
+        self.overhead_tokens, self.pad_multiple = overhead_tokens, pad_multiple
         self.pending: deque[_Item] = deque()
         self.admitted = 0
+        self.ran_since_trim = False
         self.wake = asyncio.Event()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="clueforge-infer")
         self.task: asyncio.Task | None = None
@@ -265,7 +348,8 @@ class Batcher:
         if self.admitted >= self.capacity:
             raise QueueFull
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append(_Item(example, feature, fut, time.perf_counter(), len(feature["input_ids"])))
+        length = bucket_length(len(feature["input_ids"]), self.pad_multiple, self.backend.task.max_length)
+        self.pending.append(_Item(example, feature, fut, time.perf_counter(), length))
         self.admitted += 1
         self.wake.set()
         return fut
@@ -273,7 +357,15 @@ class Batcher:
     async def _next_batch(self) -> list[_Item]:
         while not self.pending:
             self.wake.clear()
-            await self.wake.wait()
+            if not self.ran_since_trim:
+                await self.wake.wait()
+                continue
+            try:  # idle for IDLE_TRIM_S after some batches: give back what they freed
+                await asyncio.wait_for(self.wake.wait(), IDLE_TRIM_S)
+            except asyncio.TimeoutError:
+                self.ran_since_trim = False
+                if await asyncio.get_running_loop().run_in_executor(self.pool, release_free_memory):
+                    self.metrics.idle_trims += 1
         deadline = self.pending[0].t0 + self.max_wait
         while len(self.pending) < self.max_batch:
             left = deadline - time.perf_counter()
@@ -295,9 +387,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            length = max(b.length for b in batch)
+            new_shape = (len(batch), length) not in self.metrics.shapes
             try:
-                answers = await loop.run_in_executor(self.pool, self.backend.infer, [b.example for b in batch],
-                                                     [b.feature for b in batch])
+                answers = await loop.run_in_executor(self.pool, self._infer, [b.example for b in batch],
+                                                     [b.feature for b in batch], length, new_shape)
             except Exception as exc:  # the model failed: every request of the batch gets a 500
                 log.exception("inference failed")
                 for b in batch:
@@ -310,6 +404,17 @@ class Batcher:
             finally:
                 self.admitted -= len(batch)
                 self.metrics.batch_sizes[len(batch)] += 1
+                self.metrics.lengths[length] += 1
+                self.metrics.shapes.add((len(batch), length))
+                self.ran_since_trim = True
+
+    def _infer(self, examples: list[dict], features: list[dict], length: int, new_shape: bool) -> list[dict]:
+        """The worker thread's job: a batch, then, after a shape's first batch, a heap trim."""
+        try:
+            return self.backend.infer(examples, features, length)
+        finally:
+            if new_shape and release_free_memory():
+                self.metrics.trims += 1
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -329,11 +434,11 @@ class Batcher:
 
 
 def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256,
-              overhead_tokens: float | None = None):
+              overhead_tokens: float | None = None, pad_multiple: int = PAD_MULTIPLE):
     """The FastAPI application (the caller runs it under Uvicorn); ``overhead_tokens`` None: measured now."""
-    if max_batch < 1 or queue < 1 or max_wait_ms < 0:
-        raise ValueError(f"--max-batch {max_batch}, --queue {queue}, --max-wait-ms {max_wait_ms}: "
-                         f"batch and queue must be ≥ 1, wait ≥ 0")
+    if max_batch < 1 or queue < 1 or max_wait_ms < 0 or pad_multiple < 1:
+        raise ValueError(f"--max-batch {max_batch}, --queue {queue}, --max-wait-ms {max_wait_ms}, --pad-multiple "
+                         f"{pad_multiple}: batch, queue and multiple must be ≥ 1, wait ≥ 0")
     if overhead_tokens is None:
         overhead_tokens = backend.overhead_tokens() if max_batch > 1 else 0.0
         log.info("batching: a forward costs %.1f tokens beyond its tokens (measured)", overhead_tokens)
@@ -344,7 +449,7 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
 
     @asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(backend, metrics, max_batch, max_wait_ms, queue, overhead_tokens)
+        state["batcher"] = Batcher(backend, metrics, max_batch, max_wait_ms, queue, overhead_tokens, pad_multiple)
         state["batcher"].start()
         yield
         await state["batcher"].stop()
@@ -381,7 +486,7 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
         return {"status": "ok", "task": backend.task.name, "family": backend.task.family, "runtime": backend.runtime,
                 "texts_per_request": backend.n_texts, "max_length": backend.task.max_length,
                 "labels": backend.state["labels"], "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue": queue,
-                "overhead_tokens": round(overhead_tokens, 1)}
+                "overhead_tokens": round(overhead_tokens, 1), "pad_multiple": pad_multiple}
 
     @app.get("/metrics")
     async def get_metrics():
@@ -394,14 +499,16 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
 
 def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256, threads: int = 0,
-          overhead_tokens: float | None = None, backend: Backend | None = None) -> None:
+          overhead_tokens: float | None = None, pad_multiple: int = PAD_MULTIPLE,
+          backend: Backend | None = None) -> None:
     """Load the model and serve until SIGTERM/SIGINT (Uvicorn's graceful shutdown: in-flight
     requests are answered, then the process exits 0). ``overhead_tokens`` None: measured now."""
     import uvicorn
 
+    tune_allocator()  # before the first batch; the process is the server's alone
     backend = backend or Backend.load(model_dir, runtime, threads)
     app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
-                    overhead_tokens=overhead_tokens)
+                    overhead_tokens=overhead_tokens, pad_multiple=pad_multiple)
     log.info("serving %s (%s runtime, batch ≤ %d, wait ≤ %g ms, queue %d) on http://%s:%d", backend.task.name,
              backend.runtime, max_batch, max_wait_ms, queue, host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
