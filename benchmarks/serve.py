@@ -21,6 +21,7 @@ machine's load reaches every variant alike.
 Variants: ``batch_on`` (``--max-batch 32 --max-wait-ms W``, batches formed by length with the
 server's measured ``--overhead-tokens``), ``batch_pad`` (the same with ``--overhead-tokens 1e9``:
 every batch is all the waiting requests padded together, the server before length-aware batching),
+``batch_on`` and ``onnx_on`` pass ``--pad-multiple 16`` (the ONNX server's default is 1),
 ``batch_exact`` (``batch_on`` with ``--pad-multiple 1``: batches padded to their longest request
 only, the server before length buckets), ``batch_off`` (``--max-batch 1 --pad-multiple 1``),
 the same on the ONNX export (``onnx_on``, ``onnx_exact``, ``onnx_off``: ``--runtime onnx``, fp32),
@@ -279,8 +280,10 @@ def memory(servers: dict, items: list[list[str]], requests: int, every: int, con
 
 def save_partial(path: str, obj: dict) -> None:
     """``obj`` to ``path`` without printing it (the result so far of a long run)."""
+    from clueforge.utils import atomic_write
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False))  # a kill mid-write leaves the last one whole
 
 
 def _memory_summary(curves: dict, requests: int, every: int, concurrency: int, seconds: float, texts: int,
@@ -378,6 +381,8 @@ def main() -> None:
                 cmd += ["--overhead-tokens", "1e9"]
             if variant.endswith(("_exact", "_off")):  # one request per forward: at most max_length shapes anyway
                 cmd += ["--pad-multiple", "1"]
+            else:  # buckets of 16 on both runtimes (the server's own default is 1 under ONNX)
+                cmd += ["--pad-multiple", "16"]
         servers[variant] = (start(cmd, port), port, f"http://127.0.0.1:{port}")
         results.setdefault("overhead_tokens", {})[variant] = httpx.get(servers[variant][2] + "/health").json().get(
             "overhead_tokens")

@@ -138,8 +138,12 @@ def test_onnx_ner_server_and_sigterm(exported, tmp_path):
     assert r.exit_code == 0, r.output
     texts = [json.loads(line)["text"] for line in test.read_text().splitlines() if line.strip()]
     offline = [json.loads(line)["label"] for line in (tmp_path / "p.json").read_text().splitlines()]
+    from clueforge.deploy.serve import _glibc
+
     with server(onnx_dir, "--runtime", "onnx") as (url, proc):
-        assert httpx.get(url + "/health").json()["runtime"] == "onnx"
+        health = httpx.get(url + "/health").json()
+        assert health["runtime"] == "onnx" and health["pad_multiple"] == 1, health  # ONNX: exact lengths by default
+        assert health["allocator_tuned"] is (_glibc("mallopt") is not None), health  # serve() tuned glibc at start
         for text, want in zip(texts, offline):
             ans = httpx.post(url + "/predict", json={"texts": [text]}).json()
             assert len(ans["tags"]) == len(text)
@@ -268,10 +272,11 @@ def test_padded_batches_answer_what_unpadded_ones_do(afqmc, exported):
 
 
 def test_server_runs_a_bounded_set_of_shapes(afqmc):
-    """Every batch is padded to a multiple of --pad-multiple (16, the default) tokens: requests of 29
-    different lengths give at most ⌈64 / 16⌉ lengths and shapes, and the answers are unchanged.
+    """Every batch is padded to a multiple of --pad-multiple (16, the torch default) tokens: requests of 29
+    different lengths give at most ⌈64 / 16⌉ lengths and shapes as the model receives them (/metrics
+    reports the input tensor's shape), and the answers are unchanged.
     (Each new shape costs memory: docs/benchmarks.md, "Memory over 10,000 requests".)"""
-    from clueforge.deploy.serve import Backend, release_free_memory
+    from clueforge.deploy.serve import Backend, _glibc, release_free_memory
 
     ft, pairs, _ = afqmc
     a, b = pairs[0]
@@ -282,7 +287,8 @@ def test_server_runs_a_bounded_set_of_shapes(afqmc):
     assert len(lengths) == 29 and max(lengths) <= 64
     alone = [backend.infer([ex], [f])[0] for ex, f in parsed]
     with server(ft, "--max-batch", "1") as (url, _):
-        assert httpx.get(url + "/health").json()["pad_multiple"] == 16
+        health = httpx.get(url + "/health").json()
+        assert health["pad_multiple"] == 16 and health["allocator_tuned"] is (_glibc("mallopt") is not None), health
         answers = [httpx.post(url + "/predict", json={"texts": t}, timeout=30).json() for t in items]
         m = httpx.get(url + "/metrics").json()
         if release_free_memory():  # idle 1 s after batches, the server trims its heap, once
@@ -309,7 +315,10 @@ from clueforge.deploy.serve import tune_allocator
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
+try:
+    libc = ctypes.CDLL("libc.so.6")
+except OSError:
+    print("no-glibc"); sys.exit()
 if not hasattr(libc, "mallinfo2"):
     print("no-glibc"); sys.exit()
 libc.mallinfo2.restype = Info

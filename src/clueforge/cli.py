@@ -560,9 +560,10 @@ def serve_cmd(
         help="What one forward costs beyond its tokens, in tokens: waiting requests are split by length into the "
              "batches minimising Σ(overhead + size·longest); larger = fuller batches, more padding "
              "(default: measured at start-up).")] = None,
-    pad_multiple: Annotated[int, typer.Option(
+    pad_multiple: Annotated[Optional[int], typer.Option(
         help="Pad each batch to a multiple of this many tokens (1 = to its longest request): a bounded set of "
-             "shapes, so per-shape caches of the runtime stop growing.")] = 16,
+             "shapes, so per-shape caches of the runtime stop growing (default: 16 under torch, 1 under onnx, "
+             "where padding can move an int8 model's scores).")] = None,
 ) -> None:
     """Serve the model over HTTP (POST /predict, GET /health, GET /metrics) with dynamic batching."""
     from clueforge.deploy.serve import Backend, serve

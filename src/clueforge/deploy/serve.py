@@ -23,8 +23,11 @@ is full; 500 the model failed.
 
 Batching: requests are tokenised on the event loop and wait in a queue; as soon as ``max_batch``
 wait or the oldest has waited ``max_wait_ms``, one worker forms a batch and runs it, padded to its
-longest request rounded up to a multiple of ``--pad-multiple`` tokens (16; ``bucket_length``), in a
-worker thread (the event loop keeps accepting). Memory stays flat by three means (docs/benchmarks.md,
+longest request rounded up to a multiple of ``--pad-multiple`` tokens (``bucket_length``; default 16
+under the torch runtime, 1 — no rounding — under ONNX Runtime, whose memory stays flat without it and
+whose dynamic int8 quantisation takes each activation's range over the whole padded tensor, so that
+padding can move an int8 model's scores and occasionally its label), in a worker thread (the event
+loop keeps accepting). Memory stays flat by three means (docs/benchmarks.md,
 "Memory over 10,000 requests"): the buckets bound the set of (batch, length) shapes the model sees
 (PyTorch's oneDNN caches a small primitive per shape, and each new one kept ~1 MB of a `mini`
 batch's freed activations in the heap: +90 MB over 5,000 requests with exact lengths); glibc's mmap
@@ -73,8 +76,8 @@ MAX_BODY = 1 << 20
 LATENCY_WINDOW = 10_000
 IDLE_TRIM_S = 1.0
 """A server idle this many seconds after some batches trims its heap (``release_free_memory``)."""
-PAD_MULTIPLE = 16
-"""Default ``--pad-multiple``: batches are padded to a multiple of 16 tokens (see ``bucket_length``)."""
+PAD_MULTIPLE = {"torch": 16, "onnx": 1}
+"""Default ``--pad-multiple`` per runtime (see the module docstring and ``bucket_length``)."""
 
 
 class RequestError(Exception):
@@ -98,6 +101,7 @@ class Backend:
     model: object
     tok: object
     runtime: str
+    last_shape: tuple = (0, 0)  # (batch, length) of the last forward as the model received it
 
     @classmethod
     def load(cls, model_dir: str | Path, runtime: str = "torch", threads: int = 0) -> "Backend":
@@ -179,6 +183,7 @@ class Backend:
         batch = self.fam.collate(features, pad_id)
         if length is not None:
             batch = pad_batch(batch, length, pad_id)
+        self.last_shape = tuple(batch["input_ids"].shape)  # what the model was given: /metrics reports it
         with torch.inference_mode():
             ling = {"ling": batch["ling"]} if "ling" in batch else {}  # a model with linguistic inputs (torch)
             logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **ling)
@@ -389,6 +394,7 @@ class Batcher:
             batch = await self._next_batch()
             length = max(b.length for b in batch)
             new_shape = (len(batch), length) not in self.metrics.shapes
+            self.backend.last_shape = (len(batch), length)  # the planned shape, if the forward fails first
             try:
                 answers = await loop.run_in_executor(self.pool, self._infer, [b.example for b in batch],
                                                      [b.feature for b in batch], length, new_shape)
@@ -404,8 +410,9 @@ class Batcher:
             finally:
                 self.admitted -= len(batch)
                 self.metrics.batch_sizes[len(batch)] += 1
-                self.metrics.lengths[length] += 1
-                self.metrics.shapes.add((len(batch), length))
+                shape = tuple(self.backend.last_shape)  # as the model received it
+                self.metrics.lengths[shape[1]] += 1
+                self.metrics.shapes.add(shape)
                 self.ran_since_trim = True
 
     def _infer(self, examples: list[dict], features: list[dict], length: int, new_shape: bool) -> list[dict]:
@@ -434,8 +441,13 @@ class Batcher:
 
 
 def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256,
-              overhead_tokens: float | None = None, pad_multiple: int = PAD_MULTIPLE):
-    """The FastAPI application (the caller runs it under Uvicorn); ``overhead_tokens`` None: measured now."""
+              overhead_tokens: float | None = None, pad_multiple: int | None = None,
+              allocator_tuned: bool | None = None):
+    """The FastAPI application (the caller runs it under Uvicorn); ``overhead_tokens`` None: measured now;
+    ``pad_multiple`` None: the runtime's default (``PAD_MULTIPLE``); ``allocator_tuned``: what
+    ``serve`` got from ``tune_allocator`` (shown by /health; None when not started by ``serve``)."""
+    if pad_multiple is None:
+        pad_multiple = PAD_MULTIPLE[backend.runtime]
     if max_batch < 1 or queue < 1 or max_wait_ms < 0 or pad_multiple < 1:
         raise ValueError(f"--max-batch {max_batch}, --queue {queue}, --max-wait-ms {max_wait_ms}, --pad-multiple "
                          f"{pad_multiple}: batch, queue and multiple must be ≥ 1, wait ≥ 0")
@@ -486,7 +498,8 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
         return {"status": "ok", "task": backend.task.name, "family": backend.task.family, "runtime": backend.runtime,
                 "texts_per_request": backend.n_texts, "max_length": backend.task.max_length,
                 "labels": backend.state["labels"], "max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue": queue,
-                "overhead_tokens": round(overhead_tokens, 1), "pad_multiple": pad_multiple}
+                "overhead_tokens": round(overhead_tokens, 1), "pad_multiple": pad_multiple,
+                "allocator_tuned": allocator_tuned}
 
     @app.get("/metrics")
     async def get_metrics():
@@ -499,16 +512,19 @@ def build_app(backend: Backend, *, max_batch: int = 32, max_wait_ms: float = 5.0
 
 def serve(model_dir: str | Path, *, runtime: str = "torch", host: str = "127.0.0.1", port: int = 8000,
           max_batch: int = 32, max_wait_ms: float = 5.0, queue: int = 256, threads: int = 0,
-          overhead_tokens: float | None = None, pad_multiple: int = PAD_MULTIPLE,
+          overhead_tokens: float | None = None, pad_multiple: int | None = None,
           backend: Backend | None = None) -> None:
     """Load the model and serve until SIGTERM/SIGINT (Uvicorn's graceful shutdown: in-flight
     requests are answered, then the process exits 0). ``overhead_tokens`` None: measured now."""
     import uvicorn
 
-    tune_allocator()  # before the first batch; the process is the server's alone
+    tuned = tune_allocator()  # before the first batch; the process is the server's alone
+    if not tuned:
+        log.warning("no glibc: the mmap threshold is not fixed and the heap is not trimmed; "
+                    "RSS may follow the largest batches seen (docs/benchmarks.md, memory)")
     backend = backend or Backend.load(model_dir, runtime, threads)
     app = build_app(backend, max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue,
-                    overhead_tokens=overhead_tokens, pad_multiple=pad_multiple)
+                    overhead_tokens=overhead_tokens, pad_multiple=pad_multiple, allocator_tuned=tuned)
     log.info("serving %s (%s runtime, batch ≤ %d, wait ≤ %g ms, queue %d) on http://%s:%d", backend.task.name,
              backend.runtime, max_batch, max_wait_ms, queue, host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
