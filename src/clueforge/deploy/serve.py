@@ -44,7 +44,8 @@ of 32 OCNLI pairs, 14-87 tokens, cost as much as the same requests one by one on
 docs/benchmarks.md.) ``--queue Q`` bounds the requests admitted and not yet answered (waiting or
 being computed); the next one gets 503 at once, so memory and latency stay bounded under overload. ``--max-batch 1`` turns batching off.
 The answer for an example is the one ``clueforge predict`` writes for it (the same family
-``encode``/``decode``), whatever else shares its batch.
+``encode``/``decode``), whatever else shares its batch — exactly for fp32 models; an int8 ONNX model's
+scores move slightly with the batch's padding (activations quantised over the whole tensor).
 """
 
 from __future__ import annotations
