@@ -204,7 +204,7 @@ def main() -> None:
     t_students = time.perf_counter() - t1
 
     _, _, _, t_model, _ = load_finetuned(teacher, task)
-    _, _, _, s_model, _ = load_finetuned(work / "distilled/seed0", task)
+    _, _, _, s_model, _ = load_finetuned(run_dir(work, "distilled", args.seeds[0], args.baseline), task)
     lat = latency({"teacher_fp32": t_model.eval(), "student_fp32": s_model.eval(),
                    "student_ort_int8": onnx_int8(s_model, work / "student-onnx")}, 128, args.latency_repeats)
     lat["student_fp32_speedup"] = round(lat["teacher_fp32"] / lat["student_fp32"], 2)
@@ -226,7 +226,7 @@ def main() -> None:
                                          and done["distilled", args.seeds[0]][2]["distilled_init"] != _RANDOM),
                      "pretrained_alone": alone},
         "seeds": args.seeds, "settings": {"common": common, "distill": distill_set},
-        "reused_runs": [f"{arm}/seed{seed}" for (arm, seed), r in done.items() if r[2].get("reused")],
+        "reused_runs": [r[2]["dir"] for r in done.values() if r[2].get("reused")],
         "distilled": distilled, "no_teacher": no_teacher,
         "paired_difference": paired,
         "student_share_of_teacher": round(distilled["mean"] / teacher_score, 3) if teacher_score else None,
@@ -263,13 +263,19 @@ def run_arms(job: tuple, seeds: list[int], jobs: int, ordered: bool) -> dict:
         return {key: f.result() for f, key in futs.items()}
 
 
+def run_dir(work: str | Path, arm: str, seed: int, baseline: str) -> Path:
+    """Where one run writes: ``distilled/seedS``, ``no_teacher-BASELINE/seedS`` (one folder per
+    baseline start, so runs with different baselines can share ``--work`` and its distilled runs)."""
+    return Path(work) / (f"{arm}/seed{seed}" if arm == "distilled" else f"{arm}-{baseline}/seed{seed}")
+
+
 def run_arm(job: tuple, arm: str, seed: int) -> tuple[dict, float, dict]:
     """One seed of one arm: ``distilled`` (``distill_task`` into the student) or ``no_teacher``
     (plain fine-tuning from the ``baseline`` start, same settings). Returns the dev metrics, the
     CPU seconds spent and where it started; also written to the run's ``arm.json``, which
     ``--reuse`` takes instead of running again when its settings are this job's."""
     task, teacher, student, data, work, common, distill_set, baseline, alone, reuse = job
-    out = Path(work) / f"{arm}/seed{seed}"
+    out = run_dir(work, arm, seed, baseline)
     settings = {"task": task, "student": student, "data": data, "common": common, "seed": seed,
                 **({"teacher": teacher, "distill": distill_set} if arm == "distilled" else
                    {"baseline": baseline, "pretrained_alone": alone})}
@@ -277,19 +283,21 @@ def run_arm(job: tuple, arm: str, seed: int) -> tuple[dict, float, dict]:
         done = json.loads((out / "arm.json").read_text())
         if done["settings"] == settings:
             print(f"{arm} seed {seed}: reusing {out}", flush=True)
-            return done["metric"], done["cpu_s"], {**done["info"], "reused": True}
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arm} seed {seed}: %(message)s")
+            return done["metric"], done["cpu_s"], {**done["info"], "dir": str(out), "reused": True}
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arm} seed {seed}: %(message)s", force=True)
     torch.set_num_threads(1)
     cpu = time.process_time()
     if arm == "distilled":
         a = distill_task(task, teacher, student, data, out, common + distill_set, seed=seed, show_progress=False)
         metric, info = a["metric"], {"distilled_init": a["distillation"]["student_init"]}
     else:
-        start = {"same-start": Path(work) / f"distilled/seed{seed}/student-init", "pretrained": alone}.get(baseline)
+        start = {"same-start": run_dir(work, "distilled", seed, baseline) / "student-init",
+                 "pretrained": alone}.get(baseline)
         if baseline == "random":
             start = random_student(student, teacher, Path(work) / f"baseline-random/seed{seed}", seed)
         metric = finetune(task, data, start, out, _finetune_cfg(common, seed), show_progress=False)["metric"]
         info = {"baseline_dir": str(start)}
+    info["dir"] = str(out)
     cpu = time.process_time() - cpu
     atomic_write(out / "arm.json", json.dumps({"settings": settings, "metric": metric, "cpu_s": cpu, "info": info},
                                               indent=2, ensure_ascii=False))

@@ -427,7 +427,7 @@ def test_distill_benchmark_runs_in_parallel_as_in_one_process_and_reuses_only_id
     assert one.keys() == two.keys() == {(a, s) for a in bench.ARMS for s in (0, 1)}
     for arm, seed in one:
         assert one[arm, seed][0] == two[arm, seed][0]
-        a, b = _saved(tmp_path / "one" / arm / f"seed{seed}"), _saved(tmp_path / "two" / arm / f"seed{seed}")
+        a, b = (_saved(bench.run_dir(tmp_path / w, arm, seed, "random")) for w in ("one", "two"))
         for k in a:
             assert_close(a[k], b[k], msg=f"{arm} seed {seed}: {k}")
     assert not torch.equal(*(_saved(tmp_path / "one" / "distilled" / f"seed{s}")["classifier.weight"] for s in (0, 1)))
@@ -439,7 +439,7 @@ def test_distill_benchmark_runs_in_parallel_as_in_one_process_and_reuses_only_id
     monkeypatch.setattr(bench, "finetune", no_training)
     again = bench.run_arms(job(tmp_path / "one", reuse=True), [0, 1], 1, False)
     for key, (metric, cpu, info) in again.items():
-        assert (metric, cpu) == one[key][:2] and info["reused"]
+        assert (metric, cpu) == one[key][:2] and info["reused"] and info["dir"] == one[key][2]["dir"]
     with pytest.raises(AssertionError, match="trained again"):  # reuse off: every run trains
         bench.run_arm(job(tmp_path / "one"), "no_teacher", 0)
     for arm in bench.ARMS:  # another learning rate is another run
