@@ -49,9 +49,11 @@ from clueforge.distill.task import distill_task  # noqa: E402
 from clueforge.finetune.loop import FinetuneConfig, checkpoint_dir, finetune, load_finetuned  # noqa: E402
 from clueforge.model.bert import BertForMLM, ModelConfig  # noqa: E402
 from clueforge.model.hf import save_hf  # noqa: E402
+from clueforge.utils import atomic_write  # noqa: E402
 
 DATA_DIRS = {"msra-ner": "msra_ner", "kgclue": "kgclue", "ocnli": "ocnli"}
 BASELINES = ("random", "pretrained", "same-start")
+ARMS = ("distilled", "no_teacher")
 _RANDOM = {"teacher_layers": None, "blocks": "random", "embeddings": "random"}  # init_from_teacher's init=random
 
 
@@ -153,9 +155,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="distill_set", action="append", default=[],
                     help="Task distillation settings (TaskDistillConfig), e.g. temperature=2.")
-    ap.add_argument("--jobs", type=int, default=1, help="Seeds run in parallel processes.")
+    ap.add_argument("--jobs", type=int, default=1, help="Runs (arm × seed) in parallel processes.")
     ap.add_argument("--latency-repeats", type=int, default=30)
     ap.add_argument("--work", default=None, help="Working directory (default: a temporary one).")
+    ap.add_argument("--reuse", action="store_true",
+                    help="Take a run already finished under --work with the same settings (its arm.json) "
+                         "instead of running it again; the JSON marks it reused.")
     ap.add_argument("--out", default="bench-out/distill.json")
     args = ap.parse_args()
 
@@ -169,6 +174,9 @@ def main() -> None:
     teacher = train_teacher(args, task, data, work)
     teacher_res = json.loads((checkpoint_dir(teacher).parent / "results.json").read_text())
     metric = teacher_res["main_metric"]
+    if teacher_res["hyperparameters"].get("max_eval") != args.max_eval:  # else the scores are on other sentences
+        raise SystemExit(f"the teacher was scored on max_eval={teacher_res['hyperparameters'].get('max_eval')} dev "
+                         f"examples, the students would be on --max-eval {args.max_eval}: give the same number")
     t_teacher = time.perf_counter() - t0 if not args.teacher else teacher_res["seconds"]
     print(f"teacher {metric} {teacher_res['metric'][metric]:.2f} ({t_teacher:.0f} s)", flush=True)
 
@@ -184,26 +192,19 @@ def main() -> None:
               f"max_eval={args.max_eval}", f"max_length={args.max_length}", f"lr={args.student_lr}",
               f"batch_size={args.batch_size}", "warmup_ratio=0.06"]
     distill_set = ["soft_weight=1", "hard_weight=1", "temperature=2", *args.distill_set]
-    runs = {"distilled": [], "no_teacher": []}
     t1 = time.perf_counter()
     job = (task, str(teacher), str(student), str(data), str(work), common, distill_set, args.baseline,
-           alone["dir"] if alone else None)
-    if args.jobs > 1:  # one process per seed (each single-threaded): the same CPU time, less wall time
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = list(pool.map(run_seed, [job] * len(args.seeds), args.seeds))
-    else:
-        done = [run_seed(job, seed) for seed in args.seeds]
-    for seed, (a, b, cpu, _) in zip(args.seeds, done):
-        runs["distilled"].append(a[metric])
-        runs["no_teacher"].append(b[metric])
-        print(f"seed {seed}: distilled {a[metric]:.2f}, no teacher {b[metric]:.2f} ({cpu:.0f} CPU s)", flush=True)
+           alone["dir"] if alone else None, args.reuse)
+    done = run_arms(job, args.seeds, args.jobs, args.baseline == "same-start")
+    runs = {arm: [done[arm, seed][0][metric] for seed in args.seeds] for arm in ARMS}
+    for seed in args.seeds:
+        print(f"seed {seed}: distilled {done['distilled', seed][0][metric]:.2f}, "
+              f"no teacher {done['no_teacher', seed][0][metric]:.2f} "
+              f"({done['distilled', seed][1] + done['no_teacher', seed][1]:.0f} CPU s)", flush=True)
     t_students = time.perf_counter() - t1
 
     _, _, _, t_model, _ = load_finetuned(teacher, task)
-    _, _, _, s_model, _ = load_finetuned(work / "distilled/seed0", task)
+    _, _, _, s_model, _ = load_finetuned(run_dir(work, "distilled", args.seeds[0], args.baseline), task)
     lat = latency({"teacher_fp32": t_model.eval(), "student_fp32": s_model.eval(),
                    "student_ort_int8": onnx_int8(s_model, work / "student-onnx")}, 128, args.latency_repeats)
     lat["student_fp32_speedup"] = round(lat["teacher_fp32"] / lat["student_fp32"], 2)
@@ -212,44 +213,95 @@ def main() -> None:
 
     teacher_score = teacher_res["metric"][metric]
     distilled, no_teacher = mean_std(runs["distilled"]), mean_std(runs["no_teacher"])
+    paired = mean_std([a - b for a, b in zip(runs["distilled"], runs["no_teacher"])])  # same seed: data order
     out = {
         "benchmark": "task_distillation", "task": task, "metric": metric, "data": str(data),
         "teacher": {"dir": str(teacher), "score": round(teacher_score, 2), "config": t_model.cfg.__dict__,
                     "steps": teacher_res["steps"], "train_examples": teacher_res["train_examples"]},
         "student": {"spec": str(student), "config": s_model.cfg.__dict__,
-                    "init": done[0][3]["distilled_init"]},
+                    "init": done["distilled", args.seeds[0]][2]["distilled_init"]},
         "agnostic_stage": agnostic,
-        "baseline": {"start": args.baseline, "dir_seed0": done[0][3]["baseline_dir"],
-                     "teacher_derived": args.baseline == "same-start" and done[0][3]["distilled_init"] != _RANDOM,
+        "baseline": {"start": args.baseline, "dir_seed0": done["no_teacher", args.seeds[0]][2]["baseline_dir"],
+                     "teacher_derived": (args.baseline == "same-start"
+                                         and done["distilled", args.seeds[0]][2]["distilled_init"] != _RANDOM),
                      "pretrained_alone": alone},
         "seeds": args.seeds, "settings": {"common": common, "distill": distill_set},
+        "reused_runs": [r[2]["dir"] for r in done.values() if r[2].get("reused")],
         "distilled": distilled, "no_teacher": no_teacher,
+        "paired_difference": paired,
         "student_share_of_teacher": round(distilled["mean"] / teacher_score, 3) if teacher_score else None,
+        "no_teacher_share_of_teacher": round(no_teacher["mean"] / teacher_score, 3) if teacher_score else None,
         "latency_ms_batch1_len128_1thread": lat, "shape_latency_ms": shapes,
         "seconds": {"teacher_wall": round(t_teacher), "students_wall": round(t_students),
-                    "students_cpu": round(sum(c for _, _, c, _ in done)),
+                    "students_cpu": {arm: round(sum(done[arm, s][1] for s in args.seeds)) for arm in ARMS},
                     "this_run_wall": round(time.perf_counter() - t0)},
         "machine": machine(),
     }
     write_json(args.out, out)
 
 
-def run_seed(job: tuple, seed: int) -> tuple[dict, dict, float, dict]:
-    """(a) task distillation and (b) plain fine-tuning from the ``baseline`` start, for one seed;
-    the dev metrics of both, the CPU seconds spent and where each started."""
-    task, teacher, student, data, work, common, distill_set, baseline, alone = job
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s seed {seed}: %(message)s")
+def run_arms(job: tuple, seeds: list[int], jobs: int, ordered: bool) -> dict:
+    """Every (arm, seed) run, in ``jobs`` parallel processes (each single-threaded: the same CPU
+    time, less wall time), or in this process one after the other (``jobs`` 1: the distilled run of
+    a seed, then its no-teacher run). ``ordered`` (``--baseline same-start``): a no-teacher run
+    starts from its distilled run's ``student-init/``, so it waits for it. Returns
+    ``{(arm, seed): run_arm's result}``."""
+    if jobs <= 1:
+        return {(arm, seed): run_arm(job, arm, seed) for seed in seeds for arm in ARMS}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futs = {pool.submit(run_arm, job, "distilled", seed): ("distilled", seed) for seed in seeds}
+        if ordered:
+            for f in as_completed(list(futs)):
+                f.result()
+                seed = futs[f][1]
+                futs[pool.submit(run_arm, job, "no_teacher", seed)] = ("no_teacher", seed)
+        else:  # queued behind the (longer) distilled runs
+            futs.update({pool.submit(run_arm, job, "no_teacher", seed): ("no_teacher", seed) for seed in seeds})
+        return {key: f.result() for f, key in futs.items()}
+
+
+def run_dir(work: str | Path, arm: str, seed: int, baseline: str) -> Path:
+    """Where one run writes: ``distilled/seedS``, ``no_teacher-BASELINE/seedS`` (one folder per
+    baseline start, so runs with different baselines can share ``--work`` and its distilled runs)."""
+    return Path(work) / (f"{arm}/seed{seed}" if arm == "distilled" else f"{arm}-{baseline}/seed{seed}")
+
+
+def run_arm(job: tuple, arm: str, seed: int) -> tuple[dict, float, dict]:
+    """One seed of one arm: ``distilled`` (``distill_task`` into the student) or ``no_teacher``
+    (plain fine-tuning from the ``baseline`` start, same settings). Returns the dev metrics, the
+    CPU seconds spent and where it started; also written to the run's ``arm.json``, which
+    ``--reuse`` takes instead of running again when its settings are this job's."""
+    task, teacher, student, data, work, common, distill_set, baseline, alone, reuse = job
+    out = run_dir(work, arm, seed, baseline)
+    settings = {"task": task, "student": student, "data": data, "common": common, "seed": seed,
+                **({"teacher": teacher, "distill": distill_set} if arm == "distilled" else
+                   {"baseline": baseline, "pretrained_alone": alone})}
+    if reuse and (out / "arm.json").is_file():
+        done = json.loads((out / "arm.json").read_text())
+        if done["settings"] == settings:
+            print(f"{arm} seed {seed}: reusing {out}", flush=True)
+            return done["metric"], done["cpu_s"], {**done["info"], "dir": str(out), "reused": True}
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {arm} seed {seed}: %(message)s", force=True)
     torch.set_num_threads(1)
     cpu = time.process_time()
-    out_a = Path(work) / f"distilled/seed{seed}"
-    a = distill_task(task, teacher, student, data, out_a, common + distill_set, seed=seed, show_progress=False)
-    start = {"same-start": out_a / "student-init", "pretrained": alone}.get(baseline)
-    if baseline == "random":
-        start = random_student(student, teacher, Path(work) / f"baseline-random/seed{seed}", seed)
-    b = finetune(task, data, start, Path(work) / f"no_teacher/seed{seed}", _finetune_cfg(common, seed),
-                 show_progress=False)
-    init = a["distillation"]["student_init"]
-    return a["metric"], b["metric"], time.process_time() - cpu, {"distilled_init": init, "baseline_dir": str(start)}
+    if arm == "distilled":
+        a = distill_task(task, teacher, student, data, out, common + distill_set, seed=seed, show_progress=False)
+        metric, info = a["metric"], {"distilled_init": a["distillation"]["student_init"]}
+    else:
+        start = {"same-start": run_dir(work, "distilled", seed, baseline) / "student-init",
+                 "pretrained": alone}.get(baseline)
+        if baseline == "random":
+            start = random_student(student, teacher, Path(work) / f"baseline-random/seed{seed}", seed)
+        metric = finetune(task, data, start, out, _finetune_cfg(common, seed), show_progress=False)["metric"]
+        info = {"baseline_dir": str(start)}
+    info["dir"] = str(out)
+    cpu = time.process_time() - cpu
+    atomic_write(out / "arm.json", json.dumps({"settings": settings, "metric": metric, "cpu_s": cpu, "info": info},
+                                              indent=2, ensure_ascii=False))
+    return metric, cpu, info
 
 
 def random_student(student: str, teacher: str, out: Path, seed: int) -> Path:

@@ -389,3 +389,59 @@ def test_settings_are_validated_and_split_between_the_loop_and_distillation(tmp_
     with pytest.raises(UserError, match="relation_heads=3 must divide"):
         distill_task("afqmc", teacher_dir, _mlm_dir(tmp_path, sample_vocab), FIXTURES / "afqmc", tmp_path / "o",
                      ["attention_weight=1", "relation_heads=3", "max_steps=1"], show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/distill.py: its runs in parallel processes, and reusing finished runs
+
+
+def _bench():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # spawned workers import it too
+    import distill
+
+    return distill
+
+
+def _saved(run):
+    return load_file(next(run.glob("*/model.safetensors")))
+
+
+def test_distill_benchmark_runs_in_parallel_as_in_one_process_and_reuses_only_identical_runs(
+        tmp_path, sample_vocab, monkeypatch):
+    """``run_arms`` with 2 worker processes gives each (arm, seed) the weights and scores of the
+    one-process path; ``--reuse`` takes a finished run's ``arm.json`` without training again, but
+    not when a setting differs or when reuse is off."""
+    bench = _bench()
+    teacher = tiny_finetuned(tmp_path / "teacher", "cluener", FIXTURES / "cluener", sample_vocab)
+    common = ["max_steps=2", "epochs=1", "max_eval=6", "max_length=32", "lr=0.001", "batch_size=2"]
+
+    def job(work, reuse=False, common=common):
+        return ("cluener", str(teacher), "pico", str(FIXTURES / "cluener"), str(work), common,
+                ["soft_weight=1", "hard_weight=1", "temperature=2", "init=random"], "random", None, reuse)
+
+    one = bench.run_arms(job(tmp_path / "one"), [0, 1], 1, False)
+    two = bench.run_arms(job(tmp_path / "two"), [0, 1], 2, False)
+    assert one.keys() == two.keys() == {(a, s) for a in bench.ARMS for s in (0, 1)}
+    for arm, seed in one:
+        assert one[arm, seed][0] == two[arm, seed][0]
+        a, b = (_saved(bench.run_dir(tmp_path / w, arm, seed, "random")) for w in ("one", "two"))
+        for k in a:
+            assert_close(a[k], b[k], msg=f"{arm} seed {seed}: {k}")
+    assert not torch.equal(*(_saved(tmp_path / "one" / "distilled" / f"seed{s}")["classifier.weight"] for s in (0, 1)))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(bench, "distill_task", no_training)
+    monkeypatch.setattr(bench, "finetune", no_training)
+    again = bench.run_arms(job(tmp_path / "one", reuse=True), [0, 1], 1, False)
+    for key, (metric, cpu, info) in again.items():
+        assert (metric, cpu) == one[key][:2] and info["reused"] and info["dir"] == one[key][2]["dir"]
+    with pytest.raises(AssertionError, match="trained again"):  # reuse off: every run trains
+        bench.run_arm(job(tmp_path / "one"), "no_teacher", 0)
+    for arm in bench.ARMS:  # another learning rate is another run
+        with pytest.raises(AssertionError, match="trained again"):
+            bench.run_arm(job(tmp_path / "one", True, [*common[:4], "lr=0.002", common[5]]), arm, 0)
