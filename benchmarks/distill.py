@@ -263,6 +263,24 @@ def run_arms(job: tuple, seeds: list[int], jobs: int, ordered: bool) -> dict:
         return {key: f.result() for f, key in futs.items()}
 
 
+def fingerprint(path: str | Path | None) -> str | None:
+    """SHA-256 over a model directory's weights, config and vocabulary (a directory's ``best/`` or
+    ``final/`` is what loads; both are hashed when present); None for a config name or nothing.
+    ``--reuse`` compares it, so a teacher retrained into the same folder is a different teacher."""
+    import hashlib
+
+    if path is None or not Path(path).is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file() and (f.suffix in (".safetensors", ".onnx") or f.name in ("config.json", "vocab.txt")):
+            digest.update(str(f.relative_to(path)).encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def run_dir(work: str | Path, arm: str, seed: int, baseline: str) -> Path:
     """Where one run writes: ``distilled/seedS``, ``no_teacher-BASELINE/seedS`` (one folder per
     baseline start, so runs with different baselines can share ``--work`` and its distilled runs)."""
@@ -276,9 +294,13 @@ def run_arm(job: tuple, arm: str, seed: int) -> tuple[dict, float, dict]:
     ``--reuse`` takes instead of running again when its settings are this job's."""
     task, teacher, student, data, work, common, distill_set, baseline, alone, reuse = job
     out = run_dir(work, arm, seed, baseline)
+    # every arm starts from something the teacher decides (its vocabulary, its sliced embeddings, or the
+    # distilled run's start): the teacher's content, not only its path, is part of each run's settings
     settings = {"task": task, "student": student, "data": data, "common": common, "seed": seed,
-                **({"teacher": teacher, "distill": distill_set} if arm == "distilled" else
-                   {"baseline": baseline, "pretrained_alone": alone})}
+                "teacher": teacher, "teacher_content": fingerprint(teacher), "student_content": fingerprint(student),
+                **({"distill": distill_set} if arm == "distilled" else
+                   {"baseline": baseline, "pretrained_alone": alone, "alone_content": fingerprint(alone),
+                    **({"distill": distill_set} if baseline == "same-start" else {})})}
     if reuse and (out / "arm.json").is_file():
         done = json.loads((out / "arm.json").read_text())
         if done["settings"] == settings:

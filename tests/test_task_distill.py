@@ -427,6 +427,8 @@ def test_distill_benchmark_runs_in_parallel_as_in_one_process_and_reuses_only_id
     assert one.keys() == two.keys() == {(a, s) for a in bench.ARMS for s in (0, 1)}
     for arm, seed in one:
         assert one[arm, seed][0] == two[arm, seed][0]
+        for w, res in (("one", one), ("two", two)):  # each result is its own (arm, seed)'s run
+            assert res[arm, seed][2]["dir"] == str(bench.run_dir(tmp_path / w, arm, seed, "random"))
         a, b = (_saved(bench.run_dir(tmp_path / w, arm, seed, "random")) for w in ("one", "two"))
         for k in a:
             assert_close(a[k], b[k], msg=f"{arm} seed {seed}: {k}")
@@ -445,3 +447,13 @@ def test_distill_benchmark_runs_in_parallel_as_in_one_process_and_reuses_only_id
     for arm in bench.ARMS:  # another learning rate is another run
         with pytest.raises(AssertionError, match="trained again"):
             bench.run_arm(job(tmp_path / "one", True, [*common[:4], "lr=0.002", common[5]]), arm, 0)
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    weights = next(Path(teacher).rglob("model.safetensors"))  # the same teacher folder, retrained: new weights
+    state = load_file(weights)
+    save_file({k: v + 0.01 for k, v in state.items()}, weights)
+    for arm in bench.ARMS:  # every arm starts from what the teacher decides: not reused
+        with pytest.raises(AssertionError, match="trained again"):
+            bench.run_arm(job(tmp_path / "one", True), arm, 0)
