@@ -39,6 +39,7 @@ SIDES = {
     "syntax chunk 2 heads": ({"syntax_heads": 2, "syntax_constraint": "chunk"}, 1),
     "syntax distance 2 heads": ({"syntax_heads": 2, "syntax_constraint": "distance"}, 1),
     "ar_mlm k=2": ({}, 2),
+    "relative_attention 8": ({"relative_attention": 8}, 1),
 }
 
 
@@ -51,6 +52,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per side (interleaved)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench-out/arch_step_cost.json")
+    ap.add_argument("--sides", nargs="+", choices=list(SIDES), help="only these sides (off is always timed)")
+    ap.add_argument("--masking", default="wwm", choices=["wwm", "token"])
+    ap.add_argument("--mask-ratio", type=float, default=0.15)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast, as train.precision=bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -63,10 +68,13 @@ def main() -> None:
     batches_rows = [rows[i * args.batch_size:(i + 1) * args.batch_size] for i in range(4)]
     cfg = load_config(args.config, [f"train.seq_len={args.seq_len}"])
     cfg.model.vocab_size = vocab
-    sides = {}
-    for name, (opts, k) in SIDES.items():
-        mcfg = dataclasses.replace(cfg.model, **opts)
-        collate = Collator(corpus, specials, vocab, MaskingConfig(ratio=0.15, weights={"wwm": 1.0}),
+    sides, options = {}, {}
+    chosen = {n: v for n, v in SIDES.items() if args.sides is None or n == "off" or n in args.sides}
+    plain = dataclasses.replace(cfg.model, attn_residual_decay=0.0, pos_embeddings=False, syntax_heads=0,
+                                relative_attention=0)  # every option off (a config may set one): "off" is plain
+    for name, (opts, k) in chosen.items():
+        mcfg = dataclasses.replace(plain, **opts)
+        collate = Collator(corpus, specials, vocab, MaskingConfig(ratio=args.mask_ratio, weights={args.masking: 1.0}),
                            linguistic=mcfg.linguistic_inputs)
         batches = []
         for i, br in enumerate(batches_rows):
@@ -79,11 +87,13 @@ def main() -> None:
         t = dataclasses.replace(cfg.train, ar_mlm_groups=k, self_distill_layers=None, self_distill_instance=0.0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         sides[name] = (model, t, batches, opt)
+        options[name] = mcfg.arch_options
 
     def step(name: str, i: int) -> float:
         model, t, batches, opt = sides[name]
         t0 = time.perf_counter()
-        loss = mlm_objective(model, batches[i % len(batches)], t)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = mlm_objective(model, batches[i % len(batches)], t)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,8 +109,9 @@ def main() -> None:
     med = {n: statistics.median(v) for n, v in times.items()}
     result = {
         "benchmark": "arch_step_cost", "config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len,
-        "threads": args.threads, "timed_steps_per_side": args.steps,
-        "sides": {n: {"median_s_per_step": round(med[n], 4), "step_time_vs_off": round(med[n] / med["off"], 3),
+        "threads": args.threads, "timed_steps_per_side": args.steps, "bf16": args.bf16, "masking": args.masking,
+        "mask_ratio": args.mask_ratio,
+        "sides": {n: {"arch_options": options[n], "median_s_per_step": round(med[n], 4), "step_time_vs_off": round(med[n] / med["off"], 3),
                       "data_tokens_per_s_vs_off": round(med["off"] / med[n], 3)} for n in sides},
         "machine": machine(),
     }

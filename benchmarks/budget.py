@@ -40,7 +40,7 @@ DEFAULT = {
     "model.max_position": 128, "model.dropout": 0.1, "model.attention_dropout": 0.1, "model.pre_ln": False,
     "train.seq_len": 128, "train.batch_size": 32, "train.lr": 5e-4, "train.warmup_steps": 100,
     "train.schedule": "linear", "train.min_lr_ratio": 0.0, "train.masking": "wwm", "train.mask_ratio": 0.15,
-    "train.precision": "bf16",
+    "train.precision": "bf16", "model.relative_attention": 0, "model.position_init": "normal",
 }
 
 
@@ -181,15 +181,29 @@ for _name, _ch in {"lr1e-3": {"train__lr": 1e-3}, "lr4e-3": {"train__lr": 4e-3},
                    "h256": {"model__hidden_size": 256, "model__num_heads": 4, "model__intermediate_size": 1024},
                    "4layers": {"model__num_layers": 4}, "batch4": {"train__batch_size": 4}}.items():
     VARIANTS[f"combo8-{_name}"] = _v(COMBO8, **_ch)
-# short sequences first (``train.short_seq_len``) on top of configs/small.yaml as it is (the empty
-# variant); "-seed1" repeats a variant with another seed (data order, masking, initialisation)
-SMALL: dict = {}
+# short sequences first (``train.short_seq_len``) on top of configs/small.yaml as it was before
+# session 6 (no relative positions: "small"); "-seed1" repeats a variant with another seed (data
+# order, masking, initialisation). Every variant below starts from that recipe, so it reruns as it ran.
+SMALL: dict = {"model.relative_attention": 0, "model.position_init": "normal"}
 for _name, _ch in {"small": {}, "small-short64-f0.3": {"train__short_seq_len": 64, "train__short_seq_fraction": 0.3},
                    "small-short64-f0.5": {"train__short_seq_len": 64, "train__short_seq_fraction": 0.5},
                    "small-short64-f0.5-b8": {"train__short_seq_len": 64, "train__short_seq_fraction": 0.5,
                                              "train__short_batch_size": 8}}.items():
     VARIANTS[_name] = _v(SMALL, **_ch)
     VARIANTS[f"{_name}-seed1"] = _v(SMALL, **_ch, train__seed=1)
+# session 6, on the same base: sinusoidal initial position embeddings (``model.position_init``), short
+# rows first, batch 4, LR 4e-3, and relative positions (``small-rel8``: configs/small.yaml since then)
+_SHORT32 = {"train__short_seq_len": 32, "train__short_seq_fraction": 0.25}  # 32 × 32 rows for a quarter
+for _name, _ch in {"small-sinpos": {"model__position_init": "sinusoidal"}, "small-short32-f0.25": _SHORT32,
+                   "small-sinpos-short32-f0.25": {"model__position_init": "sinusoidal", **_SHORT32},
+                   "small-sinpos-batch4": {"model__position_init": "sinusoidal", "train__batch_size": 4},
+                   "small-sinpos-lr4e-3": {"model__position_init": "sinusoidal", "train__lr": 4e-3},
+                   "small-rel8": {"model__relative_attention": 8}}.items():
+    VARIANTS[_name] = _v(SMALL, **_ch)
+for _name in ("small", "small-sinpos", "small-short32-f0.25", "small-sinpos-short32-f0.25", "small-sinpos-batch4",
+              "small-sinpos-lr4e-3", "small-rel8"):
+    VARIANTS[f"{_name}-seed1"] = _v(VARIANTS[_name], train__seed=1)
+    VARIANTS[f"{_name}-seed2"] = _v(VARIANTS[_name], train__seed=2)
 
 
 def fixed_heldout(model_dir: str | Path, data: str | Path, seq_len: int = 128) -> dict:
@@ -339,7 +353,7 @@ def compare(args) -> None:
             seed = {} if args.pretrain_seed is None else {"train.seed": args.pretrain_seed}
             row = pretrain_run("clueforge-small", seed, minutes, data, work, args.threads, nice=args.nice,
                                extra=(f"train.save_every={args.save_every}", "train.keep_checkpoints=100",
-                                      f"train.eval_every={args.save_every}"))
+                                      f"train.eval_every={args.save_every}", *args.recipe_set))
             metrics = {r["step"]: r for r in map(json.loads, (work / "clueforge-small" / "metrics.jsonl").open())}
             points = [{"step": st, "cpu_min": metrics[st]["cpu_min"], "wall_min": metrics[st]["wall_min"], "dir": str(d)}
                       for st, d in ((int(d.name.split("-")[-1]), d) for d in sorted((run.parent / "clueforge-small" /
@@ -482,6 +496,9 @@ def main() -> None:
     c = sub.add_parser("compare", help="clueforge small vs transformers run_mlm at the same CPU time, then fine-tuning")
     c.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds (0: pretraining and held-out loss only)")
     c.add_argument("--points", type=int, default=5, help="curve points (transformers runs)")
+    c.add_argument("--recipe-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="settings on top of configs/small.yaml for the clueforge run (e.g. model.relative_attention=0: "
+                        "the recipe of sections 3 and 3b, before session 6)")
     c.add_argument("--pretrain-seed", type=int, default=None, help="seed of every pretraining run (train.seed / the "
                    "transformers run's torch and data-order seed; default: theirs, 1234 / 0); one --work per seed")
     c.add_argument("--only", nargs="*", help="train (and fine-tune) only these recipes")

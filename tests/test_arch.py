@@ -29,8 +29,9 @@ ON = {"attn_residual_decay": dict(attn_residual_decay=0.5), "pos_embeddings": di
       "syntax_word": dict(syntax_heads=2, syntax_constraint="word"),
       "syntax_chunk": dict(syntax_heads=2, syntax_constraint="chunk"),
       "syntax_sentence": dict(syntax_heads=2, syntax_constraint="sentence"),
-      "syntax_distance": dict(syntax_heads=2, syntax_constraint="distance")}
-OFF = {"attn_residual_decay": 0.0, "pos_embeddings": False, "syntax_heads": 0}
+      "syntax_distance": dict(syntax_heads=2, syntax_constraint="distance"),
+      "relative_attention": dict(relative_attention=3)}
+OFF = {"attn_residual_decay": 0.0, "pos_embeddings": False, "syntax_heads": 0, "relative_attention": 0}
 
 
 def _ling(words, tags=None, sents=(0,), T=None):
@@ -50,10 +51,10 @@ def _randomise(m):
     """Non-zero option parameters (they start at zero: a no-op)."""
     torch.manual_seed(1)
     for name, p in m.named_parameters():
-        if name.endswith(("pos_tag.weight", "boundary.weight", "distance_bias")):
+        if name.endswith(("pos_tag.weight", "boundary.weight", "distance_bias", "relative_bias")):
             with torch.no_grad():
                 p.normal_(0, 0.5)
-                if p.dim() == 2 and "distance" not in name:
+                if p.dim() == 2 and not name.endswith("_bias"):
                     p[0].zero_()  # the padding row stays zero
 
 
@@ -79,7 +80,7 @@ def test_off_value_is_the_plain_encoder(field, monkeypatch):
         assert torch.equal(off(ids, mask).logits, plain(ids, mask).logits)
 
 
-@pytest.mark.parametrize("name", ["pos_embeddings", "syntax_distance"])
+@pytest.mark.parametrize("name", ["pos_embeddings", "syntax_distance", "relative_attention"])
 def test_zero_initialised_option_equals_plain(name):
     """Fresh POS tables / distance bias are zero: the options path equals the fast path (≤1e-6)."""
     torch.manual_seed(0)
@@ -218,6 +219,36 @@ def test_distance_buckets_and_bias():
         assert not torch.allclose(before, m(ids, ling=ling).logits)
 
 
+def test_relative_bias_by_hand():
+    """``relative_attention=K``: head h's score for key j seen from query i gets
+    ``relative_bias[h, clip(j - i, -K, K) + K]``; the layer's output equals attention computed by
+    hand with that bias (and the padding mask), and the bias receives gradient."""
+    torch.manual_seed(0)
+    m = BertForMLM(ModelConfig(**TINY, relative_attention=2)).eval()
+    attn = m.encoder.layers[0].attn
+    with torch.no_grad():
+        attn.relative_bias.copy_(torch.arange(4 * 5, dtype=torch.float).view(4, 5) / 4)
+        attn.qkv.weight.normal_(0, 0.3)
+    T = 6
+    st = m.encoder.structure(None, None, T)
+    assert st.offset.tolist()[0] == [2, 3, 4, 4, 4, 4] and st.offset.tolist()[5] == [0, 0, 0, 0, 1, 2]
+    x = torch.randn(2, T, 32)
+    mask = torch.ones(2, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    got, _ = attn.forward_options(x, mask, st, None)
+    q, k, v = attn.qkv(x).view(2, T, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = q @ k.transpose(-1, -2) / 8 ** 0.5  # (B, H, T, T)
+    for h in range(4):
+        for i in range(T):
+            for j in range(T):
+                scores[:, h, i, j] += attn.relative_bias[h, max(-2, min(2, j - i)) + 2]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    want = attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, T, 32))
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert attn.relative_bias.grad.abs().sum() > 0
+
+
 def test_ancestors_mask_by_hand():
     # 0 ← 1 ← 2, 3 ← 2 (heads: 1→0, 2→1, 3→2), 4 root
     parent = torch.tensor([[-1, 0, 1, 2, -1]])
@@ -257,7 +288,8 @@ def test_pos_embeddings_change_only_tagged_tokens():
 def test_options_with_gradient_checkpointing_equal_plain_backward():
     torch.manual_seed(0)
     m = BertForMLM(ModelConfig(**TINY, attn_residual_decay=0.5, syntax_heads=2, syntax_constraint="chunk",
-                               pos_embeddings=True)).train()
+                               pos_embeddings=True, relative_attention=3)).train()
+    _randomise(m)  # non-zero option weights (the relative bias included): their gradients are compared too
     ids = torch.randint(5, 101, (2, 9))
     ling = torch.cat([_ling([2, 1, 2, 2], tags=["n", "p", "v", "n"])] * 2)
     m(ids, labels=ids, ling=ling).loss.backward()
@@ -273,7 +305,7 @@ def test_options_with_gradient_checkpointing_equal_plain_backward():
 
 
 @pytest.mark.parametrize("bad", ["model.syntax_heads=5", "model.syntax_constraint=tree", "model.attn_residual_decay=1.5",
-                                 "model.syntax_heads=-1"])
+                                 "model.syntax_heads=-1", "model.relative_attention=-2"])
 def test_bad_settings_refused(bad):
     from clueforge.pretrain.config import load_config
     from clueforge.utils import UserError
@@ -347,7 +379,7 @@ def test_all_off_loads_in_transformers(tmp_path):
         assert_close(hf(ids).logits, m(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["attn_residual_decay", "pos_embeddings", "syntax_distance"])
+@pytest.mark.parametrize("name", ["attn_residual_decay", "pos_embeddings", "syntax_distance", "relative_attention"])
 def test_option_on_is_refused_by_transformers_and_reloads_in_clueforge(name, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -394,6 +426,7 @@ def test_option_weights_never_dropped(tmp_path):
 # --- end to end: pretrain → save → reload → fine-tune → predict ------------------------------------------
 
 E2E = {"residual": ["model.attn_residual_decay=0.5"], "pos": ["model.pos_embeddings=true"],
+       "relative": ["model.relative_attention=4"],
        "syntax": ["model.syntax_heads=2", "model.syntax_constraint=chunk", "model.pos_embeddings=true"]}
 
 
@@ -510,3 +543,39 @@ def test_residual_and_linguistic_models_export_to_onnx(tmp_path, sample_vocab):
         ans[rt] = backend.infer([ex], [feat])[0]
     assert ans["onnx"]["label"] == ans["torch"]["label"]
     assert ans["onnx"]["scores"] == pytest.approx(ans["torch"]["scores"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_relative_attention_model_exports_to_onnx_with_its_bias(tmp_path, sample_vocab):
+    """A fine-tuned ``relative_attention`` model exports: the graph computes the bias (its logits
+    differ from the same weights without it by far more than the export check's 1e-4), and ONNX
+    Runtime gives PyTorch's logits at any length."""
+    pytest.importorskip("onnxruntime")
+    from clueforge.deploy.export import export_onnx
+    from clueforge.finetune.loop import FinetuneConfig, finetune
+
+    torch.manual_seed(0)
+    m = BertForMLM(ModelConfig(**{**TINY, "vocab_size": 2000, "max_position": 128}, relative_attention=4))
+    _randomise(m)
+    with torch.no_grad():
+        for layer in m.encoder.layers:
+            layer.attn.qkv.weight.mul_(40)
+    save_hf(m, tmp_path / "rel", vocab=sample_vocab)
+    finetune("afqmc", FIXTURES / "afqmc", tmp_path / "rel", tmp_path / "ft", FinetuneConfig(epochs=1, max_steps=1,
+             batch_size=4), show_progress=False)
+    tm = load_hf_task(tmp_path / "ft" / "best", "sequence", 2).eval()
+    plain = TaskModel(replace(tm.cfg, relative_attention=0), "sequence", 2).eval()
+    plain.load_state_dict({k: v for k, v in tm.state_dict().items() if "relative_bias" not in k})
+    ids = torch.randint(5, 2000, (3, 20))
+    with torch.no_grad():
+        assert (tm.encoder(ids) - plain.encoder(ids)).abs().max() > 0.1  # hidden states of unit scale
+        want = tm(ids).numpy()
+    rep = export_onnx(tmp_path / "ft" / "best", tmp_path / "onnx")
+    assert rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()),
+             "token_type_ids": np.zeros_like(ids.numpy())}
+    got = sess.run(None, {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6)  # logits ~1e-2: relative, not the 1e-4 absolute

@@ -140,6 +140,27 @@ def test_every_other_layer_student_equals_a_model_built_by_hand_from_those_layer
     assert torch.equal(explicit.encoder.layers[1].mlp_in.weight, teacher.encoder.layers[2].mlp_in.weight)
 
 
+def test_relative_attention_students_copy_the_teachers_bias_or_are_refused():
+    """A teacher with relative positions: a student with the same ``relative_attention`` copies its
+    biases with the blocks and computes the teacher's outputs; a student without it (or with another
+    K, or narrower) is refused in one line instead of crashing in load_state_dict."""
+    teacher = _teacher(relative_attention=4)
+    with torch.no_grad():
+        for layer in teacher.encoder.layers:
+            layer.attn.relative_bias.normal_(0, 1.0)
+    same = BertForMLM(_cfg(relative_attention=4)).eval()
+    init_from_teacher(same, teacher, "teacher", "slice")
+    ids = _ids()
+    with torch.no_grad():
+        assert_close(same(ids).logits, teacher(ids).logits)
+    for other in (_cfg(), _cfg(relative_attention=2)):
+        with pytest.raises(UserError, match="relative_attention"):
+            init_from_teacher(BertForMLM(other), teacher, "teacher", "slice")
+    with pytest.raises(UserError, match="relative-position biases"):  # narrower blocks cut from the teacher's
+        init_from_teacher(BertForMLM(_cfg(hidden_size=16, num_heads=2, relative_attention=4)), teacher, "teacher",
+                          "slice", narrow="slice")
+
+
 def test_narrower_students_slice_or_project_the_embeddings(tmp_path):
     teacher = _teacher()
     narrow = BertForMLM(_cfg(hidden_size=16, num_heads=2, intermediate_size=32))

@@ -115,6 +115,29 @@ def test_2_resume_refuses_changed_settings_applies_allowed_ones_and_records_them
     assert lines[2]["lr"] == pytest.approx(1e-3) and lines[3]["lr"] == pytest.approx(2e-3)  # applied, not ignored
 
 
+def test_2b_initialisation_settings_are_refused_on_resume_even_when_changes_are_allowed(tmp_path, sample_corpus):
+    """``model.position_init`` / ``model.initializer_range`` act only on the weights a run starts
+    with: a resume cannot apply them, so even --allow-config-change refuses them (recording them
+    would claim a change that never happened)."""
+    run = tmp_path / "run"
+    base = ["pretrain", "--config", "tiny", "--data", sample_corpus, "--out", run, "--save-every", "2", *FAST]
+    assert cli(*base, "--max-steps", "2").exit_code == 0
+    saved = (run / "config.json").read_text()
+    for change in ("model.position_init=sinusoidal", "model.initializer_range=0.05"):
+        one_line_error(cli(*base, "--max-steps", "3", "--set", change, "--allow-config-change"),
+                       change.split("=")[0], "only when a run starts")
+    # a setting that decides which weights exist cannot be resumed into (not a KeyError traceback)
+    one_line_error(cli(*base, "--max-steps", "3", "--set", "model.relative_attention=4", "--allow-config-change"),
+                   "model.relative_attention: 0 → 4", "--set model.relative_attention=0")
+    assert (run / "config.json").read_text() == saved
+    assert cli(*base, "--max-steps", "3", "--allow-config-change").exit_code == 0  # no change: resumes
+    # train.init_from loads trained weights: an initialisation setting would be ignored, so it is refused
+    one_line_error(cli("pretrain", "--config", "tiny", "--data", sample_corpus, "--out", tmp_path / "warm", *FAST,
+                       "--max-steps", "1", "--set", f"train.init_from={run / 'final'}",
+                       "--set", "model.position_init=sinusoidal"),
+                   "model.position_init='sinusoidal' acts only on fresh weights", "train.init_from")
+
+
 # 3. A corrupt shard is verified, rebuilt and reported --------------------------------------------
 
 def test_3_corrupt_shard_is_rebuilt_and_stats_reports_it(tmp_path, sample_vocab, sample_corpus):

@@ -284,3 +284,107 @@ def test_embedding_and_norm_options_reach_the_model(tmp_path):
     save_hf(m, tmp_path / "hf")
     back = load_hf(tmp_path / "hf").cfg
     assert (back.type_vocab_size, back.layer_norm_eps, back.pad_token_id) == (3, 0.5, 7)
+
+
+def _shift_residual(table: torch.Tensor, k: int) -> float:
+    """Relative residual of the best linear map R with ``table[i + k] ≈ table[i] @ R`` for every i."""
+    a, b = table[:-k].double(), table[k:].double()
+    r = torch.linalg.lstsq(a, b).solution
+    return float((a @ r - b).norm() / b.norm())
+
+
+def test_sinusoidal_positions_are_one_linear_map_apart(tmp_path):
+    """``position_init: sinusoidal``: the position table starts as the sin/cos table at the normal
+    init's RMS, so that "the token k before" is one linear map of a position's embedding for every
+    position (the reason for the option); the normal init has no such map. The model saves as a
+    plain BERT and reloads to the same logits; a bad value is refused by the config."""
+    from clueforge.model.bert import sinusoidal_table
+    from clueforge.pretrain.config import load_config
+    from clueforge.utils import UserError
+
+    t = sinusoidal_table(64, 48, 0.02)
+    assert abs(float(t.pow(2).mean().sqrt()) - 0.02) < 1e-6
+    assert_close(t[3, :4], 0.02 * 2 ** 0.5 * torch.tensor([torch.sin(torch.tensor(3.0)), torch.cos(torch.tensor(3.0)),
+                                                            torch.sin(torch.tensor(3 * 10000 ** (-2 / 48))),
+                                                            torch.cos(torch.tensor(3 * 10000 ** (-2 / 48)))]),
+                 atol=1e-3 * 0.02, rtol=1e-3)  # the table's RMS is √½ per unit, hence 0.02·√2
+    shape = dict(vocab_size=211, hidden_size=48, num_layers=2, num_heads=4, intermediate_size=96, max_position=64)
+    torch.manual_seed(3)
+    normal = BertForMLM(ModelConfig(**shape)).eval()
+    torch.manual_seed(3)
+    sin = BertForMLM(ModelConfig(**shape, position_init="sinusoidal")).eval()
+    pos = sin.encoder.embeddings.position.weight.detach()
+    assert_close(pos, t)
+    for k in (1, 2, 5):
+        assert _shift_residual(pos, k) < 1e-4
+        assert _shift_residual(normal.encoder.embeddings.position.weight.detach(), k) > 0.3  # ≈ √(1 - 48/63)
+    # everything else is the normal init, drawn from the same seed
+    other = {k: v for k, v in sin.state_dict().items() if "position" not in k}
+    assert all(torch.equal(v, normal.state_dict()[k]) for k, v in other.items())
+    save_hf(sin, tmp_path / "sin")
+    back = load_hf(tmp_path / "sin").eval()
+    ids, mask, types = _inputs()
+    with torch.no_grad():
+        assert torch.equal(back(ids, mask, types).logits, sin(ids, mask, types).logits)
+    with pytest.raises(UserError, match=r"--set model.position_init=\"sine\" is not allowed: must be one of normal"):
+        load_config("tiny", ["model.position_init=sine"])
+
+
+def test_attention_offsets_reads_the_weights_sdpa_uses(sample_corpus, monkeypatch):
+    """``benchmarks/attention_offsets.py`` recomputes each layer's attention weights from its
+    query/key projections (plus the relative-position bias of a ``relative_attention`` model): those
+    weights times the values, through the output projection, give the attention output the model
+    itself computed (padding/document mask included), and the offsets it reports are read off them
+    (a head made to look only at the token before reports -1 ≈ 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    from clueforge.model.bert import SelfAttention
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("attention_offsets", root / "benchmarks" / "attention_offsets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    batch = mod.fixed_batch(sample_corpus, seq_len=32)
+    seen = []  # (input, output) of every attention call the model makes
+    fwd, opt = SelfAttention.forward, SelfAttention.forward_options
+
+    def record_forward(self, x, mask):
+        out = fwd(self, x, mask)
+        seen.append((x, out))
+        return out
+
+    def record_options(self, x, mask, st, prev):
+        out = opt(self, x, mask, st, prev)
+        seen.append((x, out[0]))
+        return out
+
+    for extra in ({}, {"relative_attention": 3}):
+        torch.manual_seed(0)
+        model = BertForMLM(ModelConfig(vocab_size=int(batch["input_ids"].max()) + 1, hidden_size=32, num_layers=2,
+                                       num_heads=2, intermediate_size=64, max_position=32, pre_ln=True,
+                                       **extra)).eval()
+        with torch.no_grad():  # large random weights: weights far from uniform, so a wrong mask, scale or bias shows
+            for layer in model.encoder.layers:
+                layer.attn.qkv.weight.normal_(0, 0.5)
+                if extra:
+                    layer.attn.relative_bias.normal_(0, 2.0)
+        seen.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(SelfAttention, "forward", record_forward)
+            mp.setattr(SelfAttention, "forward_options", record_options)
+            with torch.no_grad():
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+        probs = mod.attention_probs(model, batch)
+        assert len(seen) == len(probs) == 2
+        for layer, p, (x, o) in zip(model.encoder.layers, probs, seen):
+            B, T, D = x.shape
+            v = layer.attn.qkv(x).view(B, T, 3, 2, D // 2)[:, :, 2].transpose(1, 2)  # (B, H, T, Dh)
+            y = layer.attn.out((p @ v).transpose(1, 2).reshape(B, T, D))
+            assert_close(y, o, atol=1e-5, rtol=1e-4)
+    at = batch["labels"] != -100
+    prev = torch.zeros_like(probs[0])
+    idx = torch.arange(1, prev.shape[-1])
+    prev[:, :, idx, idx - 1] = 1.0
+    row = mod.offsets([prev], at)[0]
+    assert row["-1"] == pytest.approx(1.0, abs=0.05) and row["+0"] == 0.0 and row["+1"] == 0.0

@@ -124,6 +124,8 @@ def slice_problem(s: ModelConfig, t: ModelConfig, embeddings: str) -> str | None
         return f"the student is {'pre' if s.pre_ln else 'post'}-LN, the teacher {'pre' if t.pre_ln else 'post'}-LN"
     if s.syntax_heads or t.syntax_heads:
         return "syntax heads (their heads are not interchangeable)"
+    if s.relative_attention or t.relative_attention:
+        return "relative-position biases (one per head: not cut to fewer heads)"
     if s.hidden_size > t.hidden_size:
         return f"the student's hidden size {s.hidden_size} exceeds the teacher's {t.hidden_size}"
     if s.num_heads > t.num_heads or dh_s > dh_t:
@@ -187,6 +189,13 @@ def init_from_teacher(student: BertForMLM, teacher: BertForMLM, init="teacher",
     layers = teacher_layers(init, t.num_layers, s.num_layers, lists)
     if init == "random":
         return {"teacher_layers": None, "blocks": "random", "embeddings": "random"}
+    if s.relative_attention != t.relative_attention:
+        raise UserError(f"init={init}: the student's relative_attention ({s.relative_attention}) differs from the "
+                        f"teacher's ({t.relative_attention}), so its blocks would not compute the teacher's; give the "
+                        f"student model.relative_attention={t.relative_attention}, or use init=random")
+    if s.position_init != "normal":
+        log.warning("init=teacher: the student's position table comes from the teacher; position_init=%s does "
+                    "not apply", s.position_init)
     same_block = (s.hidden_size, s.num_heads, s.intermediate_size, s.pre_ln) == (
         t.hidden_size, t.num_heads, t.intermediate_size, t.pre_ln)
     if not same_block and narrow != "random":

@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -39,6 +40,7 @@ LING_SENT_START = 1 << 9  # first token of a sentence
 LING_TEXT = 1 << 10  # a token of segmented text (not [CLS]/[SEP]/[PAD])
 POS_TAG_ROWS = 64  # rows of the POS embedding: room for appended tags (``POS_TAGS`` is append-only)
 SYNTAX_CONSTRAINTS = ("word", "chunk", "sentence", "distance")
+POSITION_INITS = ("normal", "sinusoidal")
 SYNTAX_DISTANCE_BUCKETS = 16  # relative word distance 0..14, then "15 or more"
 # POS tags that delimit a phrase chunk (they form chunks of their own): punctuation / non-words,
 # conjunctions, prepositions, particles, modal particles, interjections.
@@ -77,6 +79,11 @@ class ModelConfig:
     """Pre-LayerNorm blocks plus a final LayerNorm instead of BERT's post-LN."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weights."""
+    position_init: str = "normal"
+    """How the learned position embeddings start: ``normal`` (BERT: normal(0, initializer_range))
+    or ``sinusoidal`` (Vaswani et al.'s sin/cos table scaled to the same RMS, so that position i's
+    embedding is a fixed rotation of position j's: "attend to the token k before" is one linear map
+    from the start; still learned, and the saved model is a plain BERT)."""
     pad_token_id: int = 0
     """Id of [PAD]; its embedding row starts at zero."""
     attn_residual_decay: float = 0.0
@@ -93,14 +100,23 @@ class ModelConfig:
     """What a syntax head may see: ``word`` (tokens of the same rjieba word), ``chunk`` (the same
     POS-delimited phrase chunk), ``sentence`` (the same sentence) or ``distance`` (everything,
     with a learned bias per head by relative word distance, 0..15+)."""
+    relative_attention: int = 0
+    """Relative positions (Shaw et al. 2018; T5's learned bias, unbucketed): every head of every
+    layer adds a learned bias by the key's token offset from the query, −K..K (farther offsets
+    share the ±K bias), to its attention scores; this value is K, 0 = off. Starts at zero (the
+    model computes what it did without it); the absolute position embeddings stay."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.relative_attention < 0:
+            raise ValueError(f"relative_attention {self.relative_attention} must be ≥ 0")
         if not 0 <= self.syntax_heads <= self.num_heads:
             raise ValueError(f"syntax_heads {self.syntax_heads} must be in [0, num_heads={self.num_heads}]")
         if self.syntax_constraint not in SYNTAX_CONSTRAINTS:
             raise ValueError(f"syntax_constraint {self.syntax_constraint!r}: expected one of {SYNTAX_CONSTRAINTS}")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"position_init {self.position_init!r}: expected one of {POSITION_INITS}")
 
     @property
     def arch_options(self) -> dict:
@@ -113,6 +129,8 @@ class ModelConfig:
         if self.syntax_heads:
             out["syntax_heads"] = self.syntax_heads
             out["syntax_constraint"] = self.syntax_constraint
+        if self.relative_attention:
+            out["relative_attention"] = self.relative_attention
         return out
 
     @property
@@ -136,6 +154,7 @@ class ModelConfig:
         emb += (POS_TAG_ROWS + 3) * d if self.pos_embeddings else 0
         if self.syntax_heads and self.syntax_constraint == "distance":
             block += self.syntax_heads * SYNTAX_DISTANCE_BUCKETS
+        block += self.num_heads * (2 * self.relative_attention + 1) if self.relative_attention else 0
         return L * block + head + (emb if with_embeddings else 0)
 
 
@@ -172,6 +191,7 @@ class Structure:
 
     mask: torch.Tensor | None  # (B, H, T, T) bool, True = attend: padding/document mask, syntax heads constrained
     distance: torch.Tensor | None  # (B, T, T) long: relative word distance bucket (``distance`` constraint)
+    offset: torch.Tensor | None = None  # (T, T) long: key offset from the query + K, clipped to 0..2K (relative_attention)
 
 
 class SelfAttention(nn.Module):
@@ -185,6 +205,8 @@ class SelfAttention(nn.Module):
         self.n_syntax = cfg.syntax_heads
         if cfg.syntax_heads and cfg.syntax_constraint == "distance":
             self.distance_bias = nn.Parameter(torch.zeros(cfg.syntax_heads, SYNTAX_DISTANCE_BUCKETS))
+        if cfg.relative_attention:
+            self.relative_bias = nn.Parameter(torch.zeros(cfg.num_heads, 2 * cfg.relative_attention + 1))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x.shape
@@ -204,7 +226,8 @@ class SelfAttention(nn.Module):
 
     def _bias(self, mask: torch.Tensor | None, st: Structure | None, dtype) -> torch.Tensor | None:
         """The additive (B, H, T, T) score bias: -inf where a head may not look, plus the learned
-        distance bias of the syntax heads; ``None`` when nothing is masked or biased."""
+        distance bias of the syntax heads and the relative-position bias; ``None`` when nothing is
+        masked or biased."""
         m = st.mask if st is not None and st.mask is not None else mask
         bias = None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
         if st is not None and st.distance is not None:
@@ -212,6 +235,9 @@ class SelfAttention(nn.Module):
             B, _, T, _ = d.shape
             d = torch.cat([d.new_zeros(B, self.n_heads - self.n_syntax, T, T), d], 1)  # (B, H, T, T)
             bias = d if bias is None else bias + d
+        if st is not None and st.offset is not None:
+            r = self.relative_bias.to(dtype)[:, st.offset][None]  # (1, H, T, T)
+            bias = r if bias is None else bias + r
         return bias
 
     def forward_options(self, x: torch.Tensor, mask: torch.Tensor | None, st: Structure | None,
@@ -330,11 +356,22 @@ class Encoder(nn.Module):
         self.final_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_ln else None
         self.gradient_checkpointing = False
 
-    def structure(self, mask: torch.Tensor | None, ling: torch.Tensor | None, T: int) -> Structure | None:
-        """The syntax heads' shared mask and distance buckets (``None`` without syntax heads)."""
+    def structure(self, mask: torch.Tensor | None, ling: torch.Tensor | None, T: int,
+                  device: torch.device | None = None) -> Structure | None:
+        """What every layer's attention shares: the syntax heads' mask and distance buckets, the
+        relative-position offsets (``None`` with neither option)."""
         cfg = self.cfg
+        offset = None
+        if cfg.relative_attention:
+            K, at = cfg.relative_attention, torch.arange(T, device=device)
+            offset = (at[None, :] - at[:, None]).clamp(-K, K) + K  # (T, T): key j seen from query i
         if not cfg.syntax_heads:
-            return None
+            return None if offset is None else Structure(None, None, offset)
+        st = self._syntax_structure(mask, ling, T)
+        return dataclasses.replace(st, offset=offset)
+
+    def _syntax_structure(self, mask: torch.Tensor | None, ling: torch.Tensor | None, T: int) -> Structure:
+        cfg = self.cfg
         if ling is None:
             raise ValueError(f"syntax_heads={cfg.syntax_heads} needs the linguistic input channel (ling)")
         B = ling.shape[0]
@@ -353,8 +390,8 @@ class Encoder(nn.Module):
         """The blocks over embeddings ``x`` (B, T, D); returns the last output and those of ``keep``.
         With no architecture option on, each block is the plain SDPA forward."""
         kept = []
-        options = self.cfg.attn_residual_decay or self.cfg.syntax_heads
-        st = self.structure(mask, ling, x.shape[1]) if options else None
+        options = self.cfg.attn_residual_decay or self.cfg.syntax_heads or self.cfg.relative_attention
+        st = self.structure(mask, ling, x.shape[1], x.device) if options else None
         prev = None  # the previous layer's attention scores (residual)
         for i, layer in enumerate(self.layers, 1):
             if not options:
@@ -436,10 +473,33 @@ def init_weights(model: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
+def sinusoidal_table(n: int, d: int, rms: float) -> torch.Tensor:
+    """(n, d): row p holds sin(p·ω_k) in column 2k and cos(p·ω_k) in 2k+1, ω_k = 10000^(-2k/d)
+    (Vaswani et al. 2017), scaled so that the table's root-mean-square value is ``rms``."""
+    pos = torch.arange(n, dtype=torch.float64)[:, None]  # (n, 1)
+    omega = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # (ceil(d/2),)
+    table = torch.zeros(n, d, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * omega)
+    table[:, 1::2] = torch.cos(pos * omega[: d // 2])
+    return (table * (rms / table.pow(2).mean().sqrt())).float()
+
+
+def init_positions(model: nn.Module, cfg: "ModelConfig") -> None:
+    """``cfg.position_init``: ``sinusoidal`` overwrites every position table of ``model`` (normal
+    init leaves it as ``init_weights`` drew it)."""
+    if cfg.position_init != "sinusoidal":
+        return
+    for m in model.modules():
+        if isinstance(m, Embeddings):
+            with torch.no_grad():
+                m.position.weight.copy_(sinusoidal_table(*m.position.weight.shape, cfg.initializer_range))
+
+
 def init_options(model: nn.Module) -> None:
     """The architecture options start as no-ops: zero POS / boundary embeddings and distance bias."""
     for name, p in model.named_parameters():
-        if name.endswith(("embeddings.pos_tag.weight", "embeddings.boundary.weight", "attn.distance_bias")):
+        if name.endswith(("embeddings.pos_tag.weight", "embeddings.boundary.weight", "attn.distance_bias",
+                          "attn.relative_bias")):
             nn.init.zeros_(p)
 
 
@@ -461,6 +521,7 @@ class BertForMLM(nn.Module):
         self.encoder = Encoder(cfg)
         self.head = MLMHead(cfg, self.encoder.embeddings.word)
         init_weights(self, cfg.initializer_range)
+        init_positions(self, cfg)
         init_options(self)
 
     def forward(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clueforge.model.bert import Encoder, ModelConfig, init_options, init_weights
+from clueforge.model.bert import Encoder, ModelConfig, init_options, init_positions, init_weights
 
 HEADS = ("sequence", "choice", "token", "span")
 
@@ -38,6 +38,7 @@ class TaskModel(nn.Module):
         out = {"sequence": num_labels, "choice": 1, "token": num_labels, "span": 2}[head]
         self.classifier = nn.Linear(d, out)
         init_weights(self, cfg.initializer_range)
+        init_positions(self, cfg)
         init_options(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -61,7 +61,8 @@ _OPTION_FIXED_MAP = {  # architecture options (issue 14): present only when the 
     "encoder.embeddings.pos_tag.weight": "bert.embeddings.pos_tag_embeddings.weight",
     "encoder.embeddings.boundary.weight": "bert.embeddings.word_boundary_embeddings.weight",
 }
-_OPTION_LAYER_MAP = {"attn.distance_bias": "attention.self.distance_bias"}
+_OPTION_LAYER_MAP = {"attn.distance_bias": "attention.self.distance_bias",
+                     "attn.relative_bias": "attention.self.relative_bias"}
 ARCH_MODEL_TYPE = "clueforge-bert (not a transformers BERT: load it with clueforge.model.hf.load_hf)"
 ARCH_REFUSAL = ("this clueforge checkpoint uses architecture options that transformers' BERT does not compute "
                 "(see 'clueforge' in config.json); loading it as BERT would drop weights. Load it with "
@@ -149,6 +150,7 @@ def config_from_hf(d: dict, path: Path | None = None) -> ModelConfig:
         pos_embeddings=bool(ours.get("pos_embeddings", False)),
         syntax_heads=int(ours.get("syntax_heads", 0)),
         syntax_constraint=ours.get("syntax_constraint", "word"),
+        relative_attention=int(ours.get("relative_attention", 0)),
     )
 
 

@@ -243,6 +243,11 @@ def build_dataclass(cls, d: dict, where: str, *, section: str = "", overridden: 
     kwargs = {}
     for k, v in d.items():
         kwargs[k] = _coerce(v, str(known[k].type), f"--set {section}{k}" if k in overridden else f"{where} {k}")
+    rules = VALIDATION.get(cls.__name__, {})
+    bad = {k: v for k, v in kwargs.items() if v is not None and k in rules and not rules[k].ok(v)}
+    if bad:  # before construction: a __post_init__ check would blame the file for a --set value
+        validate(None, where, section=section, overridden=overridden, found=[
+            (k, v, rules[k].describe()) for k, v in bad.items()])
     try:
         obj = cls(**kwargs)
     except ValueError as exc:  # a dataclass's own __post_init__ check
@@ -383,7 +388,9 @@ VALIDATION: dict[str, dict[str, Rule]] = {
 
 # architecture options (issue 14; ``ModelConfig.__post_init__`` also bounds syntax_heads by num_heads)
 VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": _NONNEG,
-                                  "syntax_constraint": Rule(choices=("word", "chunk", "sentence", "distance"))})
+                                  "syntax_constraint": Rule(choices=("word", "chunk", "sentence", "distance")),
+                                  "position_init": Rule(choices=("normal", "sinusoidal")),
+                                  "relative_attention": _NONNEG})
 
 
 VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
@@ -527,10 +534,11 @@ def check(obj) -> list[tuple[str, object, str]]:
     return bad + _cross_checks(obj) + _distill_checks(obj) + _seq_schedule_checks(obj)
 
 
-def validate(obj, where: str = "", *, section: str = "", overridden=frozenset()) -> None:
-    """Raise ``UserError`` naming every field of ``obj`` outside its allowed range or choices."""
+def validate(obj, where: str = "", *, section: str = "", overridden=frozenset(), found=None) -> None:
+    """Raise ``UserError`` naming every field of ``obj`` outside its allowed range or choices
+    (``found``: those problems, already listed by the caller)."""
     problems = []
-    for key, value, allowed in check(obj):
+    for key, value, allowed in check(obj) if found is None else found:
         source = "--set " if key in overridden else (f"{where}: " if where else "")
         problems.append(f"{source}{section}{key}={json.dumps(value, ensure_ascii=False, default=str)} "
                         f"is not allowed: must be {allowed}")

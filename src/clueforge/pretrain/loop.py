@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from clueforge.corpus.shards import Corpus
-from clueforge.model.bert import BertForMLM, flops_per_token
+from clueforge.model.bert import BertForMLM, ModelConfig, flops_per_token
 from clueforge.pretrain import ar_mlm
 from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import PretrainConfig, TrainConfig, resolve_layers
@@ -325,6 +325,11 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     if t.init_from:
+        drawn = {k: getattr(cfg.model, k.split(".")[1]) for k in INIT_ONLY
+                 if getattr(cfg.model, k.split(".")[1]) != getattr(ModelConfig(), k.split(".")[1])}
+        if drawn:  # they shape fresh weights; train.init_from loads trained ones
+            raise UserError(f"{', '.join(f'{k}={v!r}' for k, v in drawn.items())} acts only on fresh weights, and "
+                            f"train.init_from {t.init_from} loads trained ones: leave it out")
         model = load_hf(t.init_from)
         if model.cfg.vocab_size != vocab_size:
             raise UserError(f"{t.init_from}: vocab size {model.cfg.vocab_size} ≠ corpus vocab {vocab_size}")
@@ -343,7 +348,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
     return model, sd_layers
 
 
-ARCH_OPTIONS = ("attn_residual_decay", "pos_embeddings", "syntax_heads", "syntax_constraint")
+ARCH_OPTIONS = ("attn_residual_decay", "pos_embeddings", "syntax_heads", "syntax_constraint", "relative_attention")
 """``ModelConfig`` fields of issue 14: a config may add them to a ``train.init_from`` model."""
 
 
@@ -791,6 +796,15 @@ def data_identity(data: Path) -> dict:
     return {"path": str(data), "manifest_sha256": digest}
 
 
+INIT_ONLY = ("model.position_init", "model.initializer_range")
+"""Settings that act only on the initial weights: refused on resume, even with --allow-config-change,
+and with ``train.init_from``."""
+WEIGHT_SHAPE = tuple(f"model.{k}" for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                            "max_position", "type_vocab_size", "pre_ln", "pos_embeddings",
+                                            "syntax_heads", "syntax_constraint", "relative_attention"))
+"""Model settings that decide which weights exist: a resume cannot change them."""
+
+
 def _check_resume(state: dict, cfg: PretrainConfig, data: Path, allow: bool) -> None:
     """Refuse (``UserError`` listing the differences) a resume whose settings or corpus differ from
     the checkpoint's, before the checkpoint is loaded; ``--allow-config-change`` lets them through."""
@@ -798,6 +812,22 @@ def _check_resume(state: dict, cfg: PretrainConfig, data: Path, allow: bool) -> 
     from clueforge.utils import UserError
 
     if "config" in state:
+        from clueforge.runs import config_changes
+
+        changes = config_changes(state["config"], cfg.to_dict(), PretrainConfig().to_dict())
+        init_only = {k: v for k, v in changes.items() if k in INIT_ONLY}
+        if init_only:  # the weights were drawn when the run started: applying it now would mean restarting
+            listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in init_only.items())
+            raise UserError(f"this run was started with other initialisation settings ({listed}); they act only when "
+                            f"a run starts, so a resume cannot apply them (not even with --allow-config-change). "
+                            f"Rerun with the run's settings, or start a new run in another --out")
+        shape = {k: v for k, v in changes.items() if k in WEIGHT_SHAPE}
+        if shape:  # the checkpoint's weights cannot be loaded into another architecture
+            listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in shape.items())
+            sets = " ".join(f"--set {k}={json.dumps(old)}" for k, (old, _) in shape.items())
+            raise UserError(f"this run's checkpoint has another architecture ({listed}); its weights cannot be "
+                            f"resumed into this one (not even with --allow-config-change). Resume with {sets}, or "
+                            f"start a new run in another --out (train.init_from adds options to trained weights)")
         check_resume_config(state["config"], cfg.to_dict(), allow=allow, defaults=PretrainConfig().to_dict())
     saved = (state.get("data") or {}).get("manifest_sha256")
     now = data_identity(data)["manifest_sha256"]
