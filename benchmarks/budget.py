@@ -324,7 +324,7 @@ CHANCE = {"ocnli": 33.3, "fewclue-eprstmt": 50.0, "fewclue-tnews": 100 / 15, "fe
           "fewclue-csldcp": 100 / 67}
 
 
-def finetune_one(model: str, task: str, seed: int, out: Path) -> float:
+def finetune_one(model: str, task: str, seed: int, out: Path, overrides: dict | None = None) -> float:
     from clueforge.tasks.registry import get_task
     from clueforge.tasks.submit import task_dir
 
@@ -333,7 +333,7 @@ def finetune_one(model: str, task: str, seed: int, out: Path) -> float:
     if not res_file.is_file():
         cmd = [sys.executable, "-m", "clueforge", "finetune", task, "--data", str(task_dir(SHARED / "tasks", t)),
                "--model", model, "--out", str(out), "--seed", str(seed), "--no-progress"]
-        for k, v in {**FT_COMMON, **FT_TASKS[task]}.items():
+        for k, v in {**FT_COMMON, **FT_TASKS[task], **(overrides or {})}.items():
             cmd += ["--set", f"{k}={v}"]
         out.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"log-{out.name}.txt", "a") as log:
@@ -434,16 +434,18 @@ def finetune_cmd(args) -> None:
             shutil.copyfile(Path(args.data) / "vocab.txt", tmp / "vocab.txt")
             tmp.rename(ready)
         model = ready
-    jobs = [(task, seed) for task in FT_TASKS for seed in range(args.seeds)]
+    over = dict(x.split("=", 1) for x in args.ft_set)
+    chosen = [t for t in FT_TASKS if not args.tasks or t in args.tasks]
+    jobs = [(task, seed) for task in chosen for seed in range(args.seeds)]
     with ThreadPoolExecutor(args.jobs) as pool:
         scores = list(pool.map(lambda j: finetune_one(str(model), j[0], j[1], Path(args.work) / "ft" / _slug(args.name)
-                                                      / j[0] / f"seed{j[1]}"), jobs))
+                                                      / j[0] / f"seed{j[1]}", over), jobs))
     tasks = {}
-    for task in FT_TASKS:
+    for task in chosen:
         vals = [sc for (t, _), sc in zip(jobs, scores) if t == task]
         tasks[task] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "seeds": vals}
     _merge(Path(args.out), "finetuned", [{"name": args.name, "model": str(Path(args.model)), "tasks": tasks}],
-           {"finetune": {"common": FT_COMMON, "tasks": FT_TASKS}})
+           {"finetune": {"common": {**FT_COMMON, **over}, "tasks": {t: FT_TASKS[t] for t in chosen}}})
     print(json.dumps(tasks))
 
 
@@ -511,6 +513,9 @@ def main() -> None:
     f.add_argument("--data", default=str(ROOT.parent.parent / "runs" / "corpus-real"))
     f.add_argument("--work", required=True)
     f.add_argument("--out", required=True)
+    f.add_argument("--tasks", nargs="*", choices=list(FT_TASKS), help="only these tasks (default: all)")
+    f.add_argument("--ft-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="fine-tuning settings replacing FT_COMMON's (the same for every model you compare)")
     f.add_argument("--autogroup-nice", type=int, default=None, help="niceness of each fine-tuning session")
     c.add_argument("--save-every", type=int, default=250, help="clueforge curve points every N steps")
     r = sub.add_parser("report", help="merge search JSON files and print the search table")
