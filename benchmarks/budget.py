@@ -194,14 +194,12 @@ for _name, _ch in {"small": {}, "small-short64-f0.3": {"train__short_seq_len": 6
 # session 6, on the same base: sinusoidal initial position embeddings (``model.position_init``), short
 # rows first, batch 4, LR 4e-3, and relative positions (``small-rel8``: configs/small.yaml since then)
 _SHORT32 = {"train__short_seq_len": 32, "train__short_seq_fraction": 0.25}  # 32 × 32 rows for a quarter
-for _name, _ch in {"small-sinpos": {"model__position_init": "sinusoidal"}, "small-short32-f0.25": _SHORT32,
-                   "small-sinpos-short32-f0.25": {"model__position_init": "sinusoidal", **_SHORT32},
-                   "small-sinpos-batch4": {"model__position_init": "sinusoidal", "train__batch_size": 4},
-                   "small-sinpos-lr4e-3": {"model__position_init": "sinusoidal", "train__lr": 4e-3},
-                   "small-rel8": {"model__relative_attention": 8}}.items():
+_SINPOS = {"model__position_init": "sinusoidal"}
+SESSION6 = {"small": {}, "small-sinpos": _SINPOS, "small-short32-f0.25": _SHORT32,
+            "small-sinpos-short32-f0.25": {**_SINPOS, **_SHORT32}, "small-sinpos-batch4": {**_SINPOS, "train__batch_size": 4},
+            "small-sinpos-lr4e-3": {**_SINPOS, "train__lr": 4e-3}, "small-rel8": {"model__relative_attention": 8}}
+for _name, _ch in SESSION6.items():
     VARIANTS[_name] = _v(SMALL, **_ch)
-for _name in ("small", "small-sinpos", "small-short32-f0.25", "small-sinpos-short32-f0.25", "small-sinpos-batch4",
-              "small-sinpos-lr4e-3", "small-rel8"):
     VARIANTS[f"{_name}-seed1"] = _v(VARIANTS[_name], train__seed=1)
     VARIANTS[f"{_name}-seed2"] = _v(VARIANTS[_name], train__seed=2)
 

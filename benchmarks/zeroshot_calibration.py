@@ -37,18 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SHARED, machine, write_json  # noqa: E402
 
 from clueforge.finetune.loop import prepare_state  # noqa: E402
-from clueforge.prompts.score import CONTENT_FREE, PromptEncoder, calibrate, score_examples, slots_of, words_of  # noqa: E402
+from clueforge.prompts.score import (CONTENT_FREE, PromptEncoder, calibrate, score_examples, slots_of,  # noqa: E402
+                                     softmax, words_of)
 from clueforge.prompts.spec import SLOTS, templates_for  # noqa: E402
 from clueforge.prompts.zeroshot import load_mlm  # noqa: E402
 from clueforge.tasks.registry import SUITES, get_task  # noqa: E402
 from clueforge.text.tokenizer import load_tokenizer  # noqa: E402
 
 FEW = SHARED / "tasks" / "fewclue"
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
 
 
 def margin_auc(margin: list[float], gold: list[int]) -> float:
@@ -101,7 +97,7 @@ def task_row(name: str, model, tok, max_length: int) -> dict:
             row["overlap_auc"] = round(margin_auc(jac, y), 3)
     vocab = words[0]
     with torch.inference_mode():
-        priors = {f: _softmax(score_examples(model, enc, [{k: f for k in SLOTS[task.fmt]}], [vocab], keep_masks=True)[0])
+        priors = {f: softmax(score_examples(model, enc, [{k: f for k in SLOTS[task.fmt]}], [vocab], keep_masks=True)[0])
                   for f in CONTENT_FREE}
     row["prior"] = {repr(f): {"top_share": round(float(p.max()), 3), "top_label": labels[int(p.argmax())]}
                     for f, p in priors.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from clueforge.model.bert import ModelConfig
+from clueforge.model.bert import POSITION_INITS, SYNTAX_CONSTRAINTS, ModelConfig
 from clueforge.utils import Rule, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -246,8 +246,7 @@ def build_dataclass(cls, d: dict, where: str, *, section: str = "", overridden: 
     rules = VALIDATION.get(cls.__name__, {})
     bad = {k: v for k, v in kwargs.items() if v is not None and k in rules and not rules[k].ok(v)}
     if bad:  # before construction: a __post_init__ check would blame the file for a --set value
-        validate(None, where, section=section, overridden=overridden, found=[
-            (k, v, rules[k].describe()) for k, v in bad.items()])
+        _raise_problems([(k, v, rules[k].describe()) for k, v in bad.items()], where, section, overridden)
     try:
         obj = cls(**kwargs)
     except ValueError as exc:  # a dataclass's own __post_init__ check
@@ -388,8 +387,8 @@ VALIDATION: dict[str, dict[str, Rule]] = {
 
 # architecture options (issue 14; ``ModelConfig.__post_init__`` also bounds syntax_heads by num_heads)
 VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": _NONNEG,
-                                  "syntax_constraint": Rule(choices=("word", "chunk", "sentence", "distance")),
-                                  "position_init": Rule(choices=("normal", "sinusoidal")),
+                                  "syntax_constraint": Rule(choices=SYNTAX_CONSTRAINTS),
+                                  "position_init": Rule(choices=POSITION_INITS),
                                   "relative_attention": _NONNEG})
 
 
@@ -534,11 +533,16 @@ def check(obj) -> list[tuple[str, object, str]]:
     return bad + _cross_checks(obj) + _distill_checks(obj) + _seq_schedule_checks(obj)
 
 
-def validate(obj, where: str = "", *, section: str = "", overridden=frozenset(), found=None) -> None:
-    """Raise ``UserError`` naming every field of ``obj`` outside its allowed range or choices
-    (``found``: those problems, already listed by the caller)."""
+def validate(obj, where: str = "", *, section: str = "", overridden=frozenset()) -> None:
+    """Raise ``UserError`` naming every field of ``obj`` outside its allowed range or choices."""
+    _raise_problems(check(obj), where, section, overridden)
+
+
+def _raise_problems(found: list[tuple[str, object, str]], where: str, section: str, overridden) -> None:
+    """``UserError`` listing ``(field, value, allowed)`` problems (none: return), each blamed on
+    ``--set`` when it came from there, else on ``where``."""
     problems = []
-    for key, value, allowed in check(obj) if found is None else found:
+    for key, value, allowed in found:
         source = "--set " if key in overridden else (f"{where}: " if where else "")
         problems.append(f"{source}{section}{key}={json.dumps(value, ensure_ascii=False, default=str)} "
                         f"is not allowed: must be {allowed}")

@@ -325,11 +325,11 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
     t = cfg.train
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     if t.init_from:
-        drawn = {k: getattr(cfg.model, k.split(".")[1]) for k in INIT_ONLY
-                 if getattr(cfg.model, k.split(".")[1]) != getattr(ModelConfig(), k.split(".")[1])}
+        default = ModelConfig()
+        drawn = {f: getattr(cfg.model, f) for f in INIT_ONLY if getattr(cfg.model, f) != getattr(default, f)}
         if drawn:  # they shape fresh weights; train.init_from loads trained ones
-            raise UserError(f"{', '.join(f'{k}={v!r}' for k, v in drawn.items())} acts only on fresh weights, and "
-                            f"train.init_from {t.init_from} loads trained ones: leave it out")
+            raise UserError(f"{', '.join(f'model.{f}={v!r}' for f, v in drawn.items())} acts only on fresh weights, "
+                            f"and train.init_from {t.init_from} loads trained ones: leave it out")
         model = load_hf(t.init_from)
         if model.cfg.vocab_size != vocab_size:
             raise UserError(f"{t.init_from}: vocab size {model.cfg.vocab_size} ≠ corpus vocab {vocab_size}")
@@ -350,6 +350,12 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
 
 ARCH_OPTIONS = ("attn_residual_decay", "pos_embeddings", "syntax_heads", "syntax_constraint", "relative_attention")
 """``ModelConfig`` fields of issue 14: a config may add them to a ``train.init_from`` model."""
+INIT_ONLY = ("position_init", "initializer_range")
+"""``ModelConfig`` fields that act only on the initial weights: refused on resume (even with
+--allow-config-change) and with ``train.init_from``."""
+WEIGHT_SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position",
+                "type_vocab_size", "pre_ln", "pos_embeddings", "syntax_heads", "syntax_constraint", "relative_attention")
+"""``ModelConfig`` fields that decide which weights exist: a resume cannot change them."""
 
 
 def _with_requested_options(model: BertForMLM, requested, init_from) -> BertForMLM:
@@ -796,35 +802,25 @@ def data_identity(data: Path) -> dict:
     return {"path": str(data), "manifest_sha256": digest}
 
 
-INIT_ONLY = ("model.position_init", "model.initializer_range")
-"""Settings that act only on the initial weights: refused on resume, even with --allow-config-change,
-and with ``train.init_from``."""
-WEIGHT_SHAPE = tuple(f"model.{k}" for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                                            "max_position", "type_vocab_size", "pre_ln", "pos_embeddings",
-                                            "syntax_heads", "syntax_constraint", "relative_attention"))
-"""Model settings that decide which weights exist: a resume cannot change them."""
-
-
 def _check_resume(state: dict, cfg: PretrainConfig, data: Path, allow: bool) -> None:
     """Refuse (``UserError`` listing the differences) a resume whose settings or corpus differ from
     the checkpoint's, before the checkpoint is loaded; ``--allow-config-change`` lets them through."""
-    from clueforge.runs import check_resume_config
+    from clueforge.runs import check_resume_config, config_changes
     from clueforge.utils import UserError
 
     if "config" in state:
-        from clueforge.runs import config_changes
-
         changes = config_changes(state["config"], cfg.to_dict(), PretrainConfig().to_dict())
-        init_only = {k: v for k, v in changes.items() if k in INIT_ONLY}
+        model = {k.removeprefix("model."): v for k, v in changes.items() if k.startswith("model.")}
+        init_only = {f: v for f, v in model.items() if f in INIT_ONLY}
         if init_only:  # the weights were drawn when the run started: applying it now would mean restarting
-            listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in init_only.items())
+            listed = "; ".join(f"model.{f}: {old!r} → {new!r}" for f, (old, new) in init_only.items())
             raise UserError(f"this run was started with other initialisation settings ({listed}); they act only when "
                             f"a run starts, so a resume cannot apply them (not even with --allow-config-change). "
                             f"Rerun with the run's settings, or start a new run in another --out")
-        shape = {k: v for k, v in changes.items() if k in WEIGHT_SHAPE}
+        shape = {f: v for f, v in model.items() if f in WEIGHT_SHAPE}
         if shape:  # the checkpoint's weights cannot be loaded into another architecture
-            listed = "; ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in shape.items())
-            sets = " ".join(f"--set {k}={json.dumps(old)}" for k, (old, _) in shape.items())
+            listed = "; ".join(f"model.{f}: {old!r} → {new!r}" for f, (old, new) in shape.items())
+            sets = " ".join(f"--set model.{f}={json.dumps(old)}" for f, (old, _) in shape.items())
             raise UserError(f"this run's checkpoint has another architecture ({listed}); its weights cannot be "
                             f"resumed into this one (not even with --allow-config-change). Resume with {sets}, or "
                             f"start a new run in another --out (train.init_from adds options to trained weights)")

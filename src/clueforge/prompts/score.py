@@ -206,8 +206,8 @@ def calibrate(model, enc: PromptEncoder, scores: list[np.ndarray], words: list[l
         if method == "pmi":
             out.append(s - np.array([prior[""][w] for w in ws]))
             continue
-        p_cf = np.mean([_softmax(np.array([prior[f][w] for w in ws])) for f in fills], axis=0)
-        out.append(s - s.max() - np.log(np.exp(s - s.max()).sum()) - np.log(p_cf))
+        p_cf = np.mean([softmax(np.array([prior[f][w] for w in ws])) for f in fills], axis=0)
+        out.append(log_softmax(s) - np.log(p_cf))
     return out
 
 
@@ -221,11 +221,16 @@ def batch_calibrate(scores: list[np.ndarray]) -> list[np.ndarray]:
         log.warning("batch calibration on %d examples for %d classes: the prior is estimated from the inputs "
                     "scored together, too few here to mean much; use pmi or contextual, or score the whole file at once",
                     len(scores), len(scores[0]))
-    logp = [s - s.max() - np.log(np.exp(s - s.max()).sum()) for s in scores]
+    logp = [log_softmax(s) for s in scores]
     prior = np.mean([np.exp(lp) for lp in logp], axis=0)
     return [lp - np.log(prior) for lp in logp]
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log of the distribution over one example's classes that the scores ``x`` define."""
+    z = x - x.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(log_softmax(x))
