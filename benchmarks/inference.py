@@ -20,6 +20,15 @@ transformers fp32; ``int8_vs_int8`` = clueforge int8 / transformers int8; ``ort_
 clueforge fp32 (PyTorch eager) / ORT fp32; ``ort_int8_vs_transformers`` = transformers fp32 / ORT
 int8 (speed-ups: higher is better).
 
+``hf_ort_fp32`` / ``hf_ort_int8``: what a user would otherwise ship, transformers' own model through
+the TorchScript exporter (``dynamo=False``, the route Optimum and onnxruntime's BERT tutorials take)
+and onnxruntime's BERT optimizer, which fuses its attention (``Attention`` ×L, ``EmbedLayerNormalization``,
+``SkipLayerNormalization``), int8 by the same ``quantize_dynamic`` call, default session at full
+optimisation (``hf_ort_*_vs_ort_*``: their time / ours). ``--ort-profile`` adds, per ORT file, the
+kernel time by operator type from onnxruntime's profiler (``ort_profile``: ms per call, one thread,
+30 calls) and ``ort_fp32_speedup_bound`` = clueforge eager / the fp32 graph's MatMul time alone: the
+speed-up ORT fp32 would reach if every other operator were free.
+
 ``--students nano pico`` (shipped student configs, ``configs/students/``, or YAML files) adds, for
 each student, a random-weight classifier of that shape built the same way (a transformers model
 loaded through the HF key map, outputs checked equal) and timed in the same rounds as the config's
@@ -75,6 +84,62 @@ def tokenizer():
     return BertTokenizerFast.from_pretrained(d)
 
 
+def hf_onnx(hf, d: Path, mc, T: int) -> dict[str, Path]:
+    """transformers' model exported the usual way (TorchScript exporter, eager attention), optimised
+    with its fusions and quantised like ours: ``{"fp32": path, "int8": path}``."""
+    import warnings
+
+    import transformers
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers import optimizer
+
+    m = transformers.BertForSequenceClassification.from_pretrained(d, attn_implementation="eager").eval()
+    ids = torch.full((1, T), 5)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(d / "hf.onnx"), input_names=names,
+                          output_names=["logits"], dynamic_axes={k: {0: "batch", 1: "seq"} for k in names},
+                          opset_version=17, dynamo=False)
+    opt = optimizer.optimize_model(str(d / "hf.onnx"), model_type="bert", num_heads=mc.num_heads,
+                                   hidden_size=mc.hidden_size, opt_level=0)
+    opt.save_model_to_file(str(d / "hf_opt.onnx"))
+    print("transformers → ONNX fusions:", {k: v for k, v in opt.get_fused_operator_statistics().items() if v}, flush=True)
+    quantize_dynamic(str(d / "hf_opt.onnx"), str(d / "hf_opt.int8.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, extra_options={"DefaultTensorType": 1})  # its fused ops hide the types
+    return {"fp32": d / "hf_opt.onnx", "int8": d / "hf_opt.int8.onnx"}
+
+
+def default_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def op_profile(path: Path, feed: dict, threads: int, calls: int = 30) -> dict[str, float]:
+    """Kernel ms per call by operator type, the session built as ``OnnxModel`` builds it."""
+    import collections
+
+    import onnxruntime as ort
+
+    from clueforge.deploy.runtime import DISABLED_OPTIMIZERS
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.enable_profiling, opts.profile_file_prefix = True, str(path.parent / f"profile-{path.stem}")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    for _ in range(calls):
+        sess.run(None, feed)
+    by_op: collections.Counter = collections.Counter()
+    for e in json.loads(Path(sess.end_profiling()).read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    return {op: round(us / calls / 1000, 3) for op, us in by_op.most_common()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["tiny", "mini"])
@@ -85,6 +150,8 @@ def main() -> None:
     ap.add_argument("--no-onnx", action="store_true", help="Skip the ONNX Runtime rows.")
     ap.add_argument("--no-onnx-teacher", action="store_true", help="Skip the config's own ONNX Runtime rows.")
     ap.add_argument("--students", nargs="*", default=[], help="Student configs timed beside each config (nano, pico, YAML).")
+    ap.add_argument("--no-hf-onnx", action="store_true", help="Skip transformers' own ONNX route (hf_ort_* rows).")
+    ap.add_argument("--ort-profile", action="store_true", help="Kernel time by operator type for each ORT file.")
     ap.add_argument("--out", default="bench-out/inference.json")
     args = ap.parse_args()
 
@@ -111,6 +178,7 @@ def main() -> None:
                     "clueforge_int8": optimize_for_inference(ours, "int8")}
         hf_int8 = torch.ao.quantization.quantize_dynamic(hf, {torch.nn.Linear}, dtype=torch.qint8)
         onnx_files = {} if args.no_onnx or args.no_onnx_teacher else write_onnx(ours.eval(), d / "onnx", int8=True)[0]
+        hf_files = {} if not onnx_files or args.no_hf_onnx else hf_onnx(hf, d, load_config(name).model, args.seq_len)
         students = {}  # name → (transformers model, ours, ORT int8 file or None)
         for s in args.students:
             s_hf, s_ours, s_d = random_pair(student_config(s, ModelConfig(vocab_size=tok.vocab_size)))
@@ -140,6 +208,13 @@ def main() -> None:
                     if k == "fp32":
                         torch.testing.assert_close(torch.from_numpy(sess.run(*feed)), ref, atol=1e-4, rtol=1e-4)
                     fns[f"ort_{k}"] = lambda sess=sess: sess.run(*feed)
+                names = ("input_ids", "attention_mask", "token_type_ids")
+                for k, f in hf_files.items():
+                    sess = default_session(f, threads)
+                    if k == "fp32":
+                        torch.testing.assert_close(torch.from_numpy(sess.run(None, dict(zip(names, feed)))[0]), ref,
+                                                   atol=1e-4, rtol=1e-4)
+                    fns[f"hf_ort_{k}"] = lambda sess=sess: sess.run(None, dict(zip(names, feed)))
                 for s, (_, _, s_onnx) in students.items():
                     if s_onnx is not None:
                         sess = OnnxModel(s_onnx, threads)
@@ -159,6 +234,12 @@ def main() -> None:
                 if onnx_files:
                     row["ort_fp32_speedup"] = round(row["clueforge_fp32_ms"] / row["ort_fp32_ms"], 3)
                     row["ort_int8_vs_transformers"] = round(row["transformers_fp32_ms"] / row["ort_int8_ms"], 3)
+                for k in hf_files:
+                    row[f"hf_ort_{k}_vs_ort_{k}"] = round(row[f"hf_ort_{k}_ms"] / row[f"ort_{k}_ms"], 3)
+                if args.ort_profile and onnx_files:
+                    prof = {k: op_profile(d / "onnx" / f, dict(zip(names, feed)), threads) for k, f in onnx_files.items()}
+                    row["ort_profile"] = prof
+                    row["ort_fp32_speedup_bound"] = round(row["clueforge_fp32_ms"] / prof["fp32"]["MatMul"], 3)
                 for s in students:
                     for k in ("clueforge_int8", "ort_int8"):
                         if f"{s}_{k}_ms" in row:

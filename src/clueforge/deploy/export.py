@@ -24,8 +24,16 @@ Design choices:
   a data-dependent branch an exported graph must not bake in). Batch and length are dynamic, the
   length bounded by the position table.
 - The torch.export-based exporter (``dynamo=True``, the default since PyTorch 2.9), then
-  onnxruntime's BERT optimizer (LayerNorm/GELU fusions), then ``quantize_dynamic`` (int8 weights
-  per channel, activations quantised on the fly: the usual CPU path, no calibration data).
+  onnxruntime's BERT optimizer (GELU fusions), then ``quantize_dynamic`` (int8 weights per channel,
+  activations quantised on the fly: the usual CPU path, no calibration data).
+- The padding mask enters the graph once, additive (0 / float32 min, shape (B, 1, 1, T)), so each
+  layer's attention adds it; a boolean mask would cost every layer a ``Where`` plus SDPA's NaN guard
+  for fully masked rows (``IsNaN`` + ``Where`` over (B, H, T, T)), 7 % of the int8 model's time.
+  Models with syntax heads keep the boolean mask their structure is built from.
+- No ``SkipLayerNormalization``: onnxruntime 1.32's CPU kernel for it measured 8.5× slower than
+  ``Add`` + ``LayerNormalization`` on the same tensors (248 vs 29 µs at 128 × 384, one thread), a
+  fifth of the int8 model's time; the optimizer here and the session (``runtime``) both leave it
+  unfused (docs/benchmarks.md, "ONNX Runtime: what the time goes to").
 - Only the families whose output is one tensor of logits decoded without extra state export
   (classification, NER); the others are refused up front, naming what is supported.
 """
@@ -63,7 +71,10 @@ class ExportGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor, ling: torch.Tensor | None = None) -> torch.Tensor:
         m, enc = self.model, self.model.encoder
-        mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        if enc.cfg.syntax_heads:  # the syntax structure is built from a boolean mask
+            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        else:  # additive, once for every layer: an Add per layer, not a Where (and no NaN guard)
+            mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         x = enc.embeddings(input_ids, token_type_ids, ling)  # (B, T, D)
         x, _ = enc.run_layers(x, mask, ling)  # plain blocks, or the option path (residual, syntax heads)
         if enc.final_ln is not None:
@@ -133,13 +144,17 @@ def _to_onnx(model: nn.Module, path: Path, max_len: int) -> None:
 
 
 def _optimize(src: Path, dst: Path, cfg) -> dict:
-    """onnxruntime's transformers optimizer for BERT; returns its fused-operator counts."""
+    """onnxruntime's transformers optimizer for BERT, SkipLayerNormalization fusion off (see
+    ``runtime.DISABLED_OPTIMIZERS``); returns its fused-operator counts."""
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False
     printed = io.StringIO()  # its symbolic shape inference prints (not logs) when it gives up on a graph
     with _quiet(), redirect_stdout(printed):
         opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=cfg.num_heads,
-                                       hidden_size=cfg.hidden_size, opt_level=0)
+                                       hidden_size=cfg.hidden_size, opt_level=0, optimization_options=options)
         opt.save_model_to_file(str(dst))
         fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     if printed.getvalue().strip():

@@ -229,7 +229,10 @@ class SelfAttention(nn.Module):
         distance bias of the syntax heads and the relative-position bias; ``None`` when nothing is
         masked or biased."""
         m = st.mask if st is not None and st.mask is not None else mask
-        bias = None if m is None else torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+        if m is None or m.dtype != torch.bool:  # no mask, or already additive (the export graph's)
+            bias = None if m is None else m.to(dtype)
+        else:
+            bias = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
         if st is not None and st.distance is not None:
             d = self.distance_bias.to(dtype)[:, st.distance].transpose(0, 1)  # (B, Hs, T, T)
             B, _, T, _ = d.shape
