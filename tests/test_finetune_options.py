@@ -107,3 +107,54 @@ def test_weight_decay_reaches_the_optimizer(tiny_bert, tmp_path, monkeypatch, wd
     assert decays == ({0.0} if wd == 0 else {0.0, wd})
     matrices = sum(p.numel() for g in groups if g["weight_decay"] == wd for p in g["params"] if p.ndim == 2)
     assert matrices > 0
+
+
+@pytest.fixture(scope="module")
+def no_dropout_bert(tmp_path_factory, sample_vocab):
+    """A checkpoint pretrained with dropout off, as the ``small`` recipe saves it."""
+    n = sum(1 for _ in open(sample_vocab, encoding="utf-8"))
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=n, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    d = tmp_path_factory.mktemp("bert0")
+    transformers.BertForMaskedLM(cfg).save_pretrained(d)
+    shutil.copyfile(sample_vocab, d / "vocab.txt")
+    return d
+
+
+@pytest.mark.parametrize("dropout", [None, 0.1])
+def test_dropout_setting_reaches_every_layer_and_the_saved_config(no_dropout_bert, tmp_path, monkeypatch, dropout):
+    """``dropout`` turns dropout back on for a model pretrained without it (unset: the checkpoint's 0
+    stays): every dropout module and the attention weights, and the saved config says so."""
+    import clueforge.finetune.loop as ft
+    from clueforge.model.bert import SelfAttention
+
+    made = []
+    load = ft.load_model
+    monkeypatch.setattr(ft, "load_model", lambda *a: made.append(load(*a)) or made[-1])
+    cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, lr=1e-3, max_steps=1, select="last", dropout=dropout)
+    finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "ft", cfg, show_progress=False)
+    model, want = made[0], dropout or 0.0
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {want}
+    assert {m.p_drop for m in model.modules() if isinstance(m, SelfAttention)} == {want}
+    saved = json.loads((tmp_path / "ft" / "last" / "config.json").read_text())
+    assert (saved["hidden_dropout_prob"], saved["attention_probs_dropout_prob"]) == (want, want)
+    model.train()
+    ids = torch.randint(5, 100, (2, 16))
+    with torch.no_grad():
+        same = torch.equal(model(ids), model(ids))
+    assert same == (dropout is None)  # train-mode forwards are random only with dropout on
+
+
+def test_rdrop_without_dropout_is_refused(no_dropout_bert, tmp_path):
+    """R-Drop compares two dropout samples: on a model without dropout it would add nothing, so it is
+    refused, naming the fix; with ``dropout`` set it runs."""
+    from clueforge.utils import UserError
+
+    base = dict(epochs=1, batch_size=2, max_length=32, lr=1e-3, max_steps=1, select="last", rdrop=1.0)
+    with pytest.raises(UserError, match=r"rdrop=1.0 needs dropout.*hidden_dropout_prob 0.*dropout=0.1"):
+        finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "a", FinetuneConfig(**base), show_progress=False)
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+    finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "b", FinetuneConfig(**base, dropout=0.1), show_progress=False)
+    assert (tmp_path / "b" / "last" / "config.json").is_file()

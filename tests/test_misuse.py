@@ -723,3 +723,14 @@ def test_13_export_again_into_an_earlier_export_swaps_it_and_keeps_the_lock(tmp_
         with pytest.raises(RunLocked):
             with run_lock(out, "export"):
                 pass
+
+
+def test_14_two_dropout_samples_without_dropout_are_refused(tmp_path, sample_corpus):
+    """Session 7: instance self-distillation (pretraining) compares two dropout samples of a batch;
+    with dropout off (the small recipe) they are equal and the term is 0, so it is refused in one line.
+    (R-Drop in fine-tuning: tests/test_finetune_options.py.)"""
+    base = ["pretrain", "--config", "tiny", "--data", sample_corpus, "--max-steps", "1", *FAST,
+            "--set", "train.self_distill_instance=1.0"]
+    one_line_error(cli(*base, "--out", tmp_path / "a", "--set", "model.dropout=0", "--set", "model.attention_dropout=0"),
+                   "train.self_distill_instance=1", "model.dropout and model.attention_dropout are 0", "model.dropout=0.1")
+    assert cli(*base, "--out", tmp_path / "b").exit_code == 0  # with dropout (tiny: 0.1) it runs

@@ -27,6 +27,7 @@ import torch
 
 from clueforge.finetune.tricks import EMA, FGM, llrd_param_groups
 from clueforge.model.losses import symmetric_kl
+from clueforge.model.bert import set_dropout
 from clueforge.model.hf import load_hf_task, read_hf_config, save_hf
 from clueforge.tasks.io import TaskDataError
 from clueforge.tasks.registry import Task, get_task, with_overrides
@@ -64,8 +65,12 @@ class FinetuneConfig:
     """Score only N dev examples (a fixed random subset, the same for every seed)."""
     eval_batch_size: int = 64
     """Examples per batch when scoring dev."""
+    dropout: float | None = None
+    """Dropout of every layer and the attention weights while fine-tuning (default: the checkpoint's
+    own, ``hidden_dropout_prob``). A model pretrained with dropout off (the ``small`` recipe, as in
+    cramming) carries 0 into fine-tuning unless this turns it back on: 0.1 is BERT's value."""
     rdrop: float = 0.0
-    """R-Drop weight α (0 = off)."""
+    """R-Drop weight α (0 = off). Needs dropout: refused on a model whose dropout is 0."""
     fgm: float = 0.0
     """FGM adversarial step ε on word embeddings (0 = off)."""
     ema: float = 0.0
@@ -244,6 +249,9 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     if "clueforge_task" in raw_cfg and raw_cfg["clueforge_task"]["task"] != task.name:
         log.info("%s was fine-tuned for %s: its head is replaced", model_dir, raw_cfg["clueforge_task"]["task"])
     model = load_model(fam, model_dir, state, tok).to(device)
+    if cfg.dropout is not None:
+        log.info("dropout %g while fine-tuning (the checkpoint's: %g)", cfg.dropout, model.cfg.dropout)
+        set_dropout(model, cfg.dropout)
     steps_per_epoch = math.ceil(len(train_f) / task.batch_size)
     total = steps_per_epoch * task.epochs
     if cfg.max_steps:
@@ -363,6 +371,10 @@ def check_settings(cfg: FinetuneConfig, task: Task, model_dir: Path) -> None:
 
     validate(cfg, "fine-tuning settings")
     model_cfg, _ = read_hf_config(model_dir)
+    if cfg.rdrop and not (cfg.dropout if cfg.dropout is not None else model_cfg.dropout or model_cfg.attention_dropout):
+        raise UserError(f"--set rdrop={cfg.rdrop} needs dropout, and {model_dir / 'config.json'} has none "
+                        f"(hidden_dropout_prob 0: its pretraining recipe turned dropout off); "
+                        f"add --set dropout=0.1 (BERT's value)")
     if task.max_length > model_cfg.max_position:
         source = "--set max_length" if cfg.max_length else f"{task.name}'s default max_length"
         raise UserError(f"{source} {task.max_length} exceeds the model's {model_cfg.max_position} positions "

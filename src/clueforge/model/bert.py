@@ -304,6 +304,19 @@ class Block(nn.Module):
         return self.ln2(x + self.drop(self.mlp_out(F.gelu(self.mlp_in(x))))), scores
 
 
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Every dropout of ``model`` (embeddings, blocks, attention weights, task heads) to ``p``, and
+    its config says so (a saved checkpoint records what it was trained with). Fine-tuning uses it
+    for a model pretrained without dropout (the ``small`` recipe, as cramming)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        elif isinstance(m, SelfAttention):
+            m.p_drop = p
+        if isinstance(getattr(m, "cfg", None), ModelConfig):
+            m.cfg.dropout = m.cfg.attention_dropout = p
+
+
 def attention_bias(attention_mask: torch.Tensor | None, doc_ids: torch.Tensor | None) -> torch.Tensor | None:
     """SDPA boolean mask (True = attend) from a (B, T) padding mask and/or (B, T) document ids.
 

@@ -344,6 +344,10 @@ def build_model(cfg: PretrainConfig, vocab_size: int) -> tuple[BertForMLM, tuple
     sd_layers = resolve_layers(t.self_distill_layers, cfg.model.num_layers, where)
     if t.seq_len > cfg.model.max_position:
         raise UserError(f"train.seq_len {t.seq_len} exceeds model.max_position {cfg.model.max_position}{where}")
+    if t.self_distill_instance and not (cfg.model.dropout or cfg.model.attention_dropout):
+        raise UserError(f"train.self_distill_instance={t.self_distill_instance:g} compares two dropout samples of each "
+                        f"batch, and model.dropout and model.attention_dropout are 0{where}: the two would be equal "
+                        f"and the term 0; set model.dropout=0.1 or leave self_distill_instance out")
     model.encoder.gradient_checkpointing = t.gradient_checkpointing
     return model, sd_layers
 
