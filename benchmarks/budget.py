@@ -308,11 +308,13 @@ def search(args) -> None:
 
 # Fine-tuning, identical for every pretrained model: lr 3e-4 (a small model from scratch; the
 # tasks' BERT-base defaults of 2-3e-5 barely move it), batch 32, 128 tokens, the last epoch kept
-# (no model selection on dev); OCNLI capped at 3,000 training examples and every dev set at 1,000
-# examples to fit the CPU (the caps are the same for every model).
+# (no model selection on dev); OCNLI on 9,000 training pairs (all of ../shared/data's; the full
+# OCNLI's 50k would take 5x the CPU) for 3 epochs, every dev set capped at 1,000 examples (the caps
+# are the same for every model). Until session 7 OCNLI took 3,000 pairs for 2 epochs (188 steps),
+# which left every 20-minute model at chance (33-38): a protocol that could not tell models apart.
 FT_COMMON = {"lr": 3e-4, "batch_size": 32, "max_length": 128, "max_eval": 1000, "select": "last"}
 FT_TASKS = {
-    "ocnli": {"epochs": 2, "max_train": 3000},
+    "ocnli": {"epochs": 3, "max_train": 9000},
     "fewclue-eprstmt": {"epochs": 10},
     "fewclue-tnews": {"epochs": 3},
     "fewclue-bustm": {"epochs": 10},
@@ -488,6 +490,47 @@ def report(args) -> None:
     print(search_markdown(doc))
 
 
+def _task_scores(spec: str) -> dict:
+    """``FILE[#ROW]``: the tasks of one row of a ``finetune`` JSON (``finetuned``) or a ``compare`` JSON
+    (``recipes``); ``ROW`` names it (default: the file's only row)."""
+    path, _, name = spec.partition("#")
+    doc = json.loads(Path(path).read_text())
+    rows = [r for r in doc.get("finetuned", []) + doc.get("recipes", []) if r.get("tasks") and (not name or r["name"] == name)]
+    if len(rows) != 1:
+        sys.exit(f"{spec}: {len(rows)} rows with scores{' named ' + repr(name) if name else ''}; name one with FILE#ROW")
+    return rows[0]["tasks"]
+
+
+def pool(args) -> None:
+    """Each recipe over its pretraining seeds: a seed's score on a task is the mean of its fine-tuning
+    seeds; the recipe's is the mean ± std of those over pretraining seeds (the spread a user meets)."""
+    import statistics
+
+    recipes: dict[str, list[dict]] = {}
+    for recipe, seed, *files in args.seed:
+        tasks = {}
+        for f in files:
+            tasks.update(_task_scores(f))
+        recipes.setdefault(recipe, []).append({"pretrain_seed": seed, "files": files,
+                                               "tasks": {t: v["mean"] for t, v in tasks.items()}})
+    names = [t for t in FT_TASKS if all(t in s["tasks"] for r in recipes.values() for s in r)]
+    rows = []
+    for recipe, seeds in recipes.items():
+        row = {"name": recipe, "seeds": seeds, "tasks": {}}
+        for t in names:
+            vals = [s["tasks"][t] for s in seeds]
+            row["tasks"][t] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                               "per_pretrain_seed": vals}
+        rows.append(row)
+    _merge(Path(args.out), "pooled", rows, {"pool_unit": "per task: mean ± sample std over pretraining seeds of "
+                                            "each seed's mean over its fine-tuning seeds", "chance": CHANCE})
+    out = ["| recipe (pretraining seeds) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for r in rows:
+        out.append(f"| {r['name']} ({', '.join(str(s['pretrain_seed']) for s in r['seeds'])}) | " + " | ".join(
+            f"{r['tasks'][t]['mean']:.1f} ± {r['tasks'][t]['std']:.1f}" for t in names) + " |")
+    print("\n".join(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -516,6 +559,10 @@ def main() -> None:
                    help="fine-tuning settings replacing FT_COMMON's (the same for every model you compare)")
     f.add_argument("--autogroup-nice", type=int, default=None, help="niceness of each fine-tuning session")
     c.add_argument("--save-every", type=int, default=250, help="clueforge curve points every N steps")
+    q = sub.add_parser("pool", help="recipes over their pretraining seeds, from finetune/compare JSON files")
+    q.add_argument("--seed", nargs="+", action="append", required=True, metavar="ARG",
+                   help="RECIPE SEED FILE[#ROW] [FILE[#ROW] ...]: one pretraining seed's scores (later files add tasks)")
+    q.add_argument("--out", required=True)
     r = sub.add_parser("report", help="merge search JSON files and print the search table")
     r.add_argument("inputs", nargs="+")
     r.add_argument("--out", required=True)
@@ -542,7 +589,7 @@ def main() -> None:
     if args.cmd == "hf-train":
         hf_train(Path(args.out), Path(args.data), args.minutes, args.lr, args.bf16, args.seed, args.points)
         return
-    {"search": search, "compare": compare, "report": report, "finetune": finetune_cmd}[args.cmd](args)
+    {"search": search, "compare": compare, "report": report, "finetune": finetune_cmd, "pool": pool}[args.cmd](args)
 
 
 if __name__ == "__main__":

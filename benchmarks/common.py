@@ -37,6 +37,9 @@ def machine() -> dict:
     try:
         info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                      text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks"],
+                                 cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        info["git_dirty"] = bool(changed)  # the code run is not exactly that commit's
     except OSError:
         pass
     return info

@@ -57,9 +57,9 @@ def test_onnx_fp32_equals_pytorch_any_batch_and_length(exported, task):
 
 
 def test_graph_avoids_the_slow_cpu_operators(exported, tmp_path):
-    """What ``docs/benchmarks.md`` measured: the session runs Add + LayerNormalization, not
-    SkipLayerNormalization (8.5× slower on CPU in onnxruntime 1.32), and the padding mask is added
-    once per layer, not a boolean mask's Where + SDPA's NaN guard (IsNaN) in every layer."""
+    """What ``benchmarks/ort_ops.py`` measured: the session runs Add + LayerNormalization, not
+    SkipLayerNormalization (several times slower on CPU in onnxruntime 1.32), and the padding mask
+    is added once per layer, not a boolean mask's Where + SDPA's NaN guard (IsNaN) in every layer."""
     import onnx
 
     from clueforge.deploy.runtime import ort_session

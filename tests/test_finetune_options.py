@@ -123,10 +123,13 @@ def no_dropout_bert(tmp_path_factory, sample_vocab):
     return d
 
 
-@pytest.mark.parametrize("dropout", [None, 0.1])
-def test_dropout_setting_reaches_every_layer_and_the_saved_config(no_dropout_bert, tmp_path, monkeypatch, dropout):
-    """``dropout`` turns dropout back on for a model pretrained without it (unset: the checkpoint's 0
-    stays): every dropout module and the attention weights, and the saved config says so."""
+@pytest.mark.parametrize("checkpoint,dropout,want", [("no_dropout_bert", None, 0.0), ("no_dropout_bert", 0.1, 0.1),
+                                                     ("tiny_bert", None, 0.1), ("tiny_bert", 0.0, 0.0)])
+def test_dropout_setting_reaches_every_layer_and_the_saved_config(request, tmp_path, monkeypatch, checkpoint,
+                                                                  dropout, want):
+    """``dropout`` sets every dropout module and the attention weights' dropout while fine-tuning,
+    and the saved config says so; unset, the checkpoint's own stays (0 for a model pretrained
+    without dropout, BERT's 0.1 for the other)."""
     import clueforge.finetune.loop as ft
     from clueforge.model.bert import SelfAttention
 
@@ -134,8 +137,8 @@ def test_dropout_setting_reaches_every_layer_and_the_saved_config(no_dropout_ber
     load = ft.load_model
     monkeypatch.setattr(ft, "load_model", lambda *a: made.append(load(*a)) or made[-1])
     cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, lr=1e-3, max_steps=1, select="last", dropout=dropout)
-    finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "ft", cfg, show_progress=False)
-    model, want = made[0], dropout or 0.0
+    finetune("afqmc", AFQMC, request.getfixturevalue(checkpoint), tmp_path / "ft", cfg, show_progress=False)
+    model = made[0]
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {want}
     assert {m.p_drop for m in model.modules() if isinstance(m, SelfAttention)} == {want}
     saved = json.loads((tmp_path / "ft" / "last" / "config.json").read_text())
@@ -144,10 +147,10 @@ def test_dropout_setting_reaches_every_layer_and_the_saved_config(no_dropout_ber
     ids = torch.randint(5, 100, (2, 16))
     with torch.no_grad():
         same = torch.equal(model(ids), model(ids))
-    assert same == (dropout is None)  # train-mode forwards are random only with dropout on
+    assert same == (want == 0.0)  # train-mode forwards are random only with dropout on
 
 
-def test_rdrop_without_dropout_is_refused(no_dropout_bert, tmp_path):
+def test_rdrop_without_dropout_is_refused(no_dropout_bert, tiny_bert, tmp_path):
     """R-Drop compares two dropout samples: on a model without dropout it would add nothing, so it is
     refused, naming the fix; with ``dropout`` set it runs."""
     from clueforge.utils import UserError
@@ -156,5 +159,7 @@ def test_rdrop_without_dropout_is_refused(no_dropout_bert, tmp_path):
     with pytest.raises(UserError, match=r"rdrop=1.0 needs dropout.*hidden_dropout_prob 0.*dropout=0.1"):
         finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "a", FinetuneConfig(**base), show_progress=False)
     assert not (tmp_path / "a").exists()  # refused before anything was written
+    with pytest.raises(UserError, match=r"rdrop=1.0 needs dropout, and --set dropout=0 turns it off"):
+        finetune("afqmc", AFQMC, tiny_bert, tmp_path / "c", FinetuneConfig(**base, dropout=0.0), show_progress=False)
     finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "b", FinetuneConfig(**base, dropout=0.1), show_progress=False)
     assert (tmp_path / "b" / "last" / "config.json").is_file()

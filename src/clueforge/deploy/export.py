@@ -30,9 +30,9 @@ Design choices:
   layer's attention adds it; a boolean mask would cost every layer a ``Where`` plus SDPA's NaN guard
   for fully masked rows (``IsNaN`` + ``Where`` over (B, H, T, T)), 7 % of the int8 model's time.
   Models with syntax heads keep the boolean mask their structure is built from.
-- No ``SkipLayerNormalization``: onnxruntime 1.32's CPU kernel for it measured 8.5× slower than
-  ``Add`` + ``LayerNormalization`` on the same tensors (248 vs 29 µs at 128 × 384, one thread), a
-  fifth of the int8 model's time; the optimizer here and the session (``runtime``) both leave it
+- No ``SkipLayerNormalization``: onnxruntime 1.32's CPU kernel for it measured several times slower
+  than the ``Add`` + ``LayerNormalization`` it replaces (``benchmarks/ort_ops.py``), a fifth of the
+  int8 model's time; the optimizer here and the session (``runtime``) both leave it
   unfused (docs/benchmarks.md, "ONNX Runtime: what the time goes to").
 - Only the families whose output is one tensor of logits decoded without extra state export
   (classification, NER); the others are refused up front, naming what is supported.
@@ -64,6 +64,9 @@ class ExportGraph(nn.Module):
     """``TaskModel`` forward for export: the padding mask is always applied (see module doc).
     ``ling`` (B, T): the packed linguistic channel, given only to a model with linguistic inputs."""
 
+    additive_mask = True
+    """False: the boolean mask every graph had before session 7 (``benchmarks/ort_ops.py`` times both)."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -71,7 +74,7 @@ class ExportGraph(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor, ling: torch.Tensor | None = None) -> torch.Tensor:
         m, enc = self.model, self.model.encoder
-        if enc.cfg.syntax_heads:  # the syntax structure is built from a boolean mask
+        if enc.cfg.syntax_heads or not self.additive_mask:  # the syntax structure is built from a boolean mask
             mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
         else:  # additive, once for every layer: an Add per layer, not a Where (and no NaN guard)
             mask = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
@@ -143,14 +146,14 @@ def _to_onnx(model: nn.Module, path: Path, max_len: int) -> None:
                           **({"custom_translation_table": _onnx_isin()} if LING_INPUT in names else {}))
 
 
-def _optimize(src: Path, dst: Path, cfg) -> dict:
-    """onnxruntime's transformers optimizer for BERT, SkipLayerNormalization fusion off (see
-    ``runtime.DISABLED_OPTIMIZERS``); returns its fused-operator counts."""
+def _optimize(src: Path, dst: Path, cfg, skip_layer_norm: bool = False) -> dict:
+    """onnxruntime's transformers optimizer for BERT, SkipLayerNormalization fusion off unless asked
+    (see ``runtime.DISABLED_OPTIMIZERS``); returns its fused-operator counts."""
     from onnxruntime.transformers import optimizer
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions("bert")
-    options.enable_skip_layer_norm = False
+    options.enable_skip_layer_norm = skip_layer_norm
     printed = io.StringIO()  # its symbolic shape inference prints (not logs) when it gives up on a graph
     with _quiet(), redirect_stdout(printed):
         opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=cfg.num_heads,

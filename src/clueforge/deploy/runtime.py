@@ -43,8 +43,8 @@ def read_task_meta(model_dir: str | Path) -> dict:
 
 
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-"""Session graph rewrites left out: onnxruntime 1.32's CPU SkipLayerNormalization kernel is 8.5×
-slower than the Add + LayerNormalization it replaces (measured; ``export`` module doc)."""
+"""Session graph rewrites left out: onnxruntime 1.32's CPU SkipLayerNormalization kernel is several
+times slower than the Add + LayerNormalization it replaces (``benchmarks/ort_ops.py``)."""
 
 
 def ort_session(path: str | Path, threads: int = 0, optimized_path: str | Path | None = None):

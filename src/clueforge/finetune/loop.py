@@ -371,7 +371,9 @@ def check_settings(cfg: FinetuneConfig, task: Task, model_dir: Path) -> None:
 
     validate(cfg, "fine-tuning settings")
     model_cfg, _ = read_hf_config(model_dir)
-    if cfg.rdrop and not (cfg.dropout if cfg.dropout is not None else model_cfg.dropout or model_cfg.attention_dropout):
+    if cfg.rdrop and cfg.dropout == 0:
+        raise UserError(f"--set rdrop={cfg.rdrop} needs dropout, and --set dropout=0 turns it off")
+    if cfg.rdrop and cfg.dropout is None and not (model_cfg.dropout or model_cfg.attention_dropout):
         raise UserError(f"--set rdrop={cfg.rdrop} needs dropout, and {model_dir / 'config.json'} has none "
                         f"(hidden_dropout_prob 0: its pretraining recipe turned dropout off); "
                         f"add --set dropout=0.1 (BERT's value)")
