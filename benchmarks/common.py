@@ -107,3 +107,17 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t0)
     return out
+
+
+def kernel_ms_by_op(sess, feed: dict, calls: int = 30) -> dict[str, float]:
+    """Kernel ms per call by operator type, from an onnxruntime session made with
+    ``enable_profiling``: ``calls`` runs of ``feed``, then its profile, most expensive first."""
+    import collections
+
+    for _ in range(calls):
+        sess.run(None, feed)
+    by_op: collections.Counter = collections.Counter()
+    for e in json.loads(Path(sess.end_profiling()).read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    return {op: round(us / calls / 1000, 3) for op, us in by_op.most_common()}

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BERT_VOCAB, SHARED, machine, timed, write_json  # noqa: E402
+from common import BERT_VOCAB, SHARED, kernel_ms_by_op, machine, timed, write_json  # noqa: E402
 
 from clueforge.deploy.export import write_onnx  # noqa: E402
 from clueforge.deploy.runtime import OnnxModel  # noqa: E402
@@ -120,8 +120,6 @@ def default_session(path: Path, threads: int):
 
 def op_profile(path: Path, feed: dict, threads: int, calls: int = 30) -> dict[str, float]:
     """Kernel ms per call by operator type, the session built as ``OnnxModel`` builds it."""
-    import collections
-
     import onnxruntime as ort
 
     from clueforge.deploy.runtime import DISABLED_OPTIMIZERS
@@ -131,13 +129,7 @@ def op_profile(path: Path, feed: dict, threads: int, calls: int = 30) -> dict[st
     opts.enable_profiling, opts.profile_file_prefix = True, str(path.parent / f"profile-{path.stem}")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
-    for _ in range(calls):
-        sess.run(None, feed)
-    by_op: collections.Counter = collections.Counter()
-    for e in json.loads(Path(sess.end_profiling()).read_text()):
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by_op[e["args"]["op_name"]] += e["dur"]
-    return {op: round(us / calls / 1000, 3) for op, us in by_op.most_common()}
+    return kernel_ms_by_op(sess, feed, calls)
 
 
 def main() -> None:

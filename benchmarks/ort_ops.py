@@ -18,7 +18,6 @@ and adds the padding mask instead of a boolean mask's Where.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import sys
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from common import kernel_ms_by_op, machine, write_json  # noqa: E402
 
 
 def one_node_sessions(D: int):
@@ -72,18 +71,6 @@ def rounds(fns: dict, calls: int, n_rounds: int = 5) -> dict[str, float]:
                 f()
                 times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def op_profile(sess_factory, feed: dict, calls: int = 30) -> dict[str, float]:
-    """Kernel ms per call by operator type."""
-    sess = sess_factory(profile=True)
-    for _ in range(calls):
-        sess.run(None, feed)
-    by_op: collections.Counter = collections.Counter()
-    for e in json.loads(Path(sess.end_profiling()).read_text()):
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by_op[e["args"]["op_name"]] += e["dur"]
-    return {op: round(us / calls / 1000, 3) for op, us in by_op.most_common()}
 
 
 def exported_variants(config: str, d: Path):
@@ -163,7 +150,7 @@ def main() -> None:
     graphs = {k: {"ms": round(1000 * v, 2)} for k, v in t.items()}
     for k, f in files.items():
         graphs[k]["max_abs_logit_diff_vs_pytorch"] = check[k]
-        graphs[k]["kernel_ms_by_op"] = op_profile(f, feed)
+        graphs[k]["kernel_ms_by_op"] = kernel_ms_by_op(f(profile=True), feed)
     for kind in ("fp32", "int8"):
         graphs[f"shipped_{kind}"]["speedup_vs_before"] = round(t[f"before_{kind}"] / t[f"shipped_{kind}"], 3)
     for k, g in graphs.items():
