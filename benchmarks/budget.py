@@ -445,7 +445,8 @@ def finetune_cmd(args) -> None:
         vals = [sc for (t, _), sc in zip(jobs, scores) if t == task]
         tasks[task] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "seeds": vals}
     _merge(Path(args.out), "finetuned", [{"name": args.name, "model": str(Path(args.model)), "tasks": tasks}],
-           {"finetune": {"common": {**FT_COMMON, **over}, "tasks": {t: FT_TASKS[t] for t in chosen}}})
+           {"finetune": {"common": {**FT_COMMON, **over}, "tasks": {t: FT_TASKS[t] for t in chosen},
+                         "effective": {t: {**FT_COMMON, **FT_TASKS[t], **over} for t in chosen}}})  # --ft-set wins
     print(json.dumps(tasks))
 
 
