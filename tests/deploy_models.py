@@ -18,7 +18,8 @@ from clueforge.text.tokenizer import load_tokenizer
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tasks"
 
 
-def tiny_finetuned(out: Path, task_name: str, data: Path, vocab: Path, seed: int = 0, max_length: int = 64) -> Path:
+def tiny_finetuned(out: Path, task_name: str, data: Path, vocab: Path, seed: int = 0, max_length: int = 64,
+                   pooling: str = "cls") -> Path:
     task = with_overrides(get_task(task_name), max_length=max_length)
     fam = family(task)
     state = prepare_state(fam, task, data)
@@ -26,7 +27,7 @@ def tiny_finetuned(out: Path, task_name: str, data: Path, vocab: Path, seed: int
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=n_vocab, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                       max_position=128, initializer_range=0.2)  # wide enough init that outputs depend on the input
-    model = TaskModel(cfg, fam.HEAD, _num_labels(fam, state)).eval()
+    model = TaskModel(cfg, fam.HEAD, _num_labels(fam, state), pooling=pooling).eval()
     with torch.no_grad():
         if fam.HEAD == "sequence":  # centre the logits over the fixture's inputs, so labels differ between them
             examples = []

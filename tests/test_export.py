@@ -56,6 +56,28 @@ def test_onnx_fp32_equals_pytorch_any_batch_and_length(exported, task):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
+def test_mean_pooling_classifier_exports_equal(tmp_path, sample_vocab):
+    """A ``pooling=mean`` checkpoint exports its own head: ONNX = PyTorch with padding in the batch
+    (a graph reading [CLS] would miss by far more than 1e-4: checked on the same inputs)."""
+    from clueforge.deploy.export import export_onnx
+    from deploy_models import tiny_finetuned
+
+    ft = tiny_finetuned(tmp_path / "ft", "afqmc", FIXTURES / "afqmc", sample_vocab, pooling="mean")
+    rep = export_onnx(ft, tmp_path / "onnx")
+    assert rep["onnxruntime"]["fp32"]["max_abs_logit_diff"] <= 1e-4
+    model = load_finetuned(ft, "afqmc")[3].eval()
+    ids = torch.randint(5, model.cfg.vocab_size, (4, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2:, 9:] = 0
+    with torch.inference_mode():
+        ref = model(ids, mask, torch.zeros_like(ids))
+        model.pooling = "cls"
+        cls = model(ids, mask, torch.zeros_like(ids))
+    got = OnnxModel(tmp_path / "onnx" / "model.onnx")(ids, mask, torch.zeros_like(ids))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert (cls - ref).abs().max() > 1e-2
+
+
 def test_graph_avoids_the_slow_cpu_operators(exported, tmp_path):
     """What ``benchmarks/ort_ops.py`` measured: the session runs Add + LayerNormalization, not
     SkipLayerNormalization (several times slower on CPU in onnxruntime 1.32), and the padding mask

@@ -163,3 +163,41 @@ def test_rdrop_without_dropout_is_refused(no_dropout_bert, tiny_bert, tmp_path):
         finetune("afqmc", AFQMC, tiny_bert, tmp_path / "c", FinetuneConfig(**base, dropout=0.0), show_progress=False)
     finetune("afqmc", AFQMC, no_dropout_bert, tmp_path / "b", FinetuneConfig(**base, dropout=0.1), show_progress=False)
     assert (tmp_path / "b" / "last" / "config.json").is_file()
+
+
+def test_mean_pooling_reads_the_real_tokens_and_survives_save_and_reload(tiny_bert, tmp_path):
+    """``pooling=mean``: the sentence head reads the mean of the real tokens (a direct computation;
+    padding changes nothing), the checkpoint records it, and a reload gives the same logits; its
+    config keeps transformers' BERT heads (which read [CLS]) from loading it."""
+    from clueforge.finetune.loop import load_finetuned
+
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, lr=1e-3, max_steps=2, select="last", pooling="mean")
+    finetune("afqmc", AFQMC, tiny_bert, out, cfg, show_progress=False)
+    saved = json.loads((out / "last" / "config.json").read_text())
+    assert saved["clueforge"]["pooling"] == "mean" and saved["model_type"] != "bert"
+    model = load_finetuned(out, "afqmc")[3].eval()
+    assert model.pooling == "mean"
+    ids = torch.randint(5, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # the second row: 7 real tokens, then padding
+    with torch.no_grad():
+        got = model(ids, mask, torch.zeros_like(ids))
+        h = model.encoder(ids, mask, torch.zeros_like(ids))
+        want = torch.stack([model.classifier(torch.tanh(model.pooler(h[i, :n].mean(0)))) for i, n in enumerate((12, 7))])
+        alone = model(ids[1:, :7], mask[1:, :7], torch.zeros_like(ids[1:, :7]))  # the short row without padding
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1:], alone, atol=1e-5, rtol=0)
+    with pytest.raises((ValueError, KeyError)):  # transformers does not know the model type
+        transformers.AutoModelForSequenceClassification.from_pretrained(out / "last")
+
+
+@pytest.mark.parametrize("task,data,method", [("cluener", "cluener", "finetune"), ("afqmc", "afqmc", "pet")])
+def test_pooling_is_refused_where_no_head_pools(tiny_bert, tmp_path, task, data, method):
+    """NER reads every token, PET the MLM head at its [MASK]: ``pooling`` would do nothing, so it is
+    refused before any data is read."""
+    from clueforge.utils import UserError
+
+    cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, max_steps=1, pooling="mean", method=method)
+    with pytest.raises(UserError, match="pooling=mean.*reads every token"):
+        finetune(task, ROOT / "tests" / "fixtures" / "tasks" / data, tiny_bert, tmp_path / "ft", cfg, show_progress=False)

@@ -106,13 +106,16 @@ def test_every_term_is_zero_for_a_student_identical_to_its_teacher():
 # The student starts as the teacher
 
 
-@pytest.mark.parametrize("task,folder", [("afqmc", "afqmc"), ("cluener", "cluener"), ("c3", "c3")])
-def test_a_teacher_shaped_student_starts_at_the_teachers_dev_predictions(tmp_path, sample_vocab, task, folder):
+@pytest.mark.parametrize("task,folder,pooling", [("afqmc", "afqmc", "cls"), ("cluener", "cluener", "cls"),
+                                                 ("c3", "c3", "cls"), ("afqmc", "afqmc", "mean")])
+def test_a_teacher_shaped_student_starts_at_the_teachers_dev_predictions(tmp_path, sample_vocab, task, folder,
+                                                                         pooling):
     """A student config of the teacher's shape, initialised from the teacher, copies every layer
-    and the task head: the saved starting checkpoint gives the teacher's dev logits."""
+    and the task head (and what the head reads: a mean-pooling teacher's student pools the same
+    way): the saved starting checkpoint gives the teacher's dev logits."""
     from clueforge.finetune.loop import run_model
 
-    teacher_dir = tiny_finetuned(tmp_path / "teacher", task, FIXTURES / folder, sample_vocab)
+    teacher_dir = tiny_finetuned(tmp_path / "teacher", task, FIXTURES / folder, sample_vocab, pooling=pooling)
     (tmp_path / "same.yaml").write_text("model: {hidden_size: 32, num_layers: 2, num_heads: 4, "
                                         "intermediate_size: 64, max_position: 128}\n")
     distill_task(task, teacher_dir, tmp_path / "same.yaml", FIXTURES / folder, tmp_path / "out",

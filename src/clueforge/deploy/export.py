@@ -83,7 +83,7 @@ class ExportGraph(nn.Module):
         if enc.final_ln is not None:
             x = enc.final_ln(x)
         if m.head == "sequence":
-            return m.classifier(torch.tanh(m.pooler(x[:, 0])))  # (B, C)
+            return m.classifier(m.pool(x, attention_mask))  # (B, C): [CLS] or the mean of the real tokens
         return m.classifier(x)  # (B, T, C)
 
 

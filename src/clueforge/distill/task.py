@@ -281,8 +281,8 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
         mlm.encoder.load_state_dict(teacher.encoder.state_dict())
         encoder = BertForMLM(student_config(spec, teacher.cfg))
         record = init_from_teacher(encoder, mlm, init, embeddings, lists=False, narrow=narrow)
-        student = TaskModel(encoder.cfg, fam.HEAD, n_labels)
-        student.encoder.load_state_dict(encoder.encoder.state_dict())
+        student = TaskModel(encoder.cfg, fam.HEAD, n_labels, pooling=getattr(teacher, "pooling", "cls"))
+        student.encoder.load_state_dict(encoder.encoder.state_dict())  # reads what the teacher's head reads
     copied = []
     if init == "teacher" and student.cfg.hidden_size == teacher.cfg.hidden_size:
         for name in ("pooler", "classifier"):

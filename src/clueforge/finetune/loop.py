@@ -69,6 +69,12 @@ class FinetuneConfig:
     """Dropout of every layer and the attention weights while fine-tuning (default: the checkpoint's
     own, ``hidden_dropout_prob``). A model pretrained with dropout off (the ``small`` recipe, as in
     cramming) carries 0 into fine-tuning unless this turns it back on: 0.1 is BERT's value."""
+    pooling: str | None = None
+    """What the sentence(-pair) and choice heads read: ``cls`` (BERT's [CLS] pooler) or ``mean`` (the
+    mean of the real tokens: much better for a model pretrained without a sentence-level objective,
+    like the ``small`` recipe's; docs/benchmarks.md "3d"). Default: the checkpoint's own (``cls``
+    for a pretrained model). Saved in the checkpoint; ``mean`` ones are not loadable by transformers'
+    BERT heads (they read [CLS]), which refuse them."""
     rdrop: float = 0.0
     """R-Drop weight α (0 = off). Needs dropout: refused on a model whose dropout is 0."""
     fgm: float = 0.0
@@ -252,6 +258,8 @@ def finetune(task_name: str, data: str | Path, model_dir: str | Path, out: str |
     if cfg.dropout is not None:
         log.info("dropout %g while fine-tuning (the checkpoint's: %g)", cfg.dropout, model.cfg.dropout)
         set_dropout(model, cfg.dropout)
+    if cfg.pooling is not None:  # check_settings refused it for heads that read every token
+        model.pooling = cfg.pooling
     steps_per_epoch = math.ceil(len(train_f) / task.batch_size)
     total = steps_per_epoch * task.epochs
     if cfg.max_steps:
@@ -370,6 +378,10 @@ def check_settings(cfg: FinetuneConfig, task: Task, model_dir: Path) -> None:
     from clueforge.pretrain.config import validate
 
     validate(cfg, "fine-tuning settings")
+    head = family(task).HEAD if cfg.method == "finetune" else f"{cfg.method} (MLM)"
+    if cfg.pooling is not None and head not in ("sequence", "choice"):
+        raise UserError(f"--set pooling={cfg.pooling}: {task.name} fine-tuned with the {head} head reads every token "
+                        f"(pooling applies to sentence(-pair) and choice tasks fine-tuned with a new head); leave it out")
     model_cfg, _ = read_hf_config(model_dir)
     if cfg.rdrop and cfg.dropout == 0:
         raise UserError(f"--set rdrop={cfg.rdrop} needs dropout, and --set dropout=0 turns it off")

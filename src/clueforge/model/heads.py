@@ -21,15 +21,22 @@ from clueforge.model.bert import Encoder, ModelConfig, init_options, init_positi
 HEADS = ("sequence", "choice", "token", "span")
 
 
+POOLINGS = ("cls", "mean")
+"""What the sentence and choice heads read: [CLS] (BERT's pooler, the default) or the mean of the
+real tokens (better for a model pretrained without a sentence-level objective, like ``small``)."""
+
+
 class TaskModel(nn.Module):
     """Encoder + one task head. ``forward`` returns logits:
     sequence (B, C); choice (B, K) from inputs (B, K, T); token (B, T, C); span (B, T, 2)."""
 
-    def __init__(self, cfg: ModelConfig, head: str, num_labels: int):
+    def __init__(self, cfg: ModelConfig, head: str, num_labels: int, pooling: str = "cls"):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head {head!r}: expected one of {HEADS}")
-        self.cfg, self.head, self.num_labels = cfg, head, num_labels
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: expected one of {POOLINGS}")
+        self.cfg, self.head, self.num_labels, self.pooling = cfg, head, num_labels, pooling
         self.encoder = Encoder(cfg)
         d = cfg.hidden_size
         self.drop = nn.Dropout(cfg.dropout)
@@ -51,10 +58,21 @@ class TaskModel(nn.Module):
                                                                flat(token_type_ids), flat(ling))
         h = self.encoder(input_ids, attention_mask, token_type_ids, ling=ling)  # (B, T, D)
         if self.head in ("sequence", "choice"):
-            pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, D)
+            pooled = self.pool(h, attention_mask)  # (B, D)
             logits = self.classifier(self.drop(pooled))  # (B, C) or (B·K, 1)
             return logits.view(shape[0], shape[1]) if self.head == "choice" else logits
         return self.classifier(self.drop(h))  # (B, T, C) or (B, T, 2)
+
+
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) → (B, D) through the pooler: the [CLS] state (BERT), or with ``pooling="mean"``
+        the mean over the real tokens (padding excluded)."""
+        if self.pooling == "cls":
+            return torch.tanh(self.pooler(h[:, 0]))
+        if attention_mask is None:
+            return torch.tanh(self.pooler(h.mean(1)))
+        m = attention_mask[..., None].to(h.dtype)  # (B, T, 1)
+        return torch.tanh(self.pooler((h * m).sum(1) / m.sum(1).clamp(min=1)))
 
 
 class SequenceClassifier(TaskModel):

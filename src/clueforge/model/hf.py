@@ -308,8 +308,9 @@ def load_hf_classifier(path: str | Path, num_labels: int):
     """A ``SequenceClassifier`` from a local HF directory (see ``load_hf_task``)."""
     from clueforge.model.heads import SequenceClassifier
 
-    cfg, _ = read_hf_config(path)
+    cfg, raw = read_hf_config(path)
     model = SequenceClassifier(cfg, num_labels)
+    model.pooling = raw.get("clueforge", {}).get("pooling", "cls")
     from_hf_state_dict(model, read_hf_weights(Path(path)))
     return model
 
@@ -319,8 +320,8 @@ def load_hf_task(path: str | Path, head: str, num_labels: int):
     fine-tuned ``BertFor*`` checkpoint of that head (head loaded; shapes must match)."""
     from clueforge.model.heads import TaskModel
 
-    cfg, _ = read_hf_config(path)
-    model = TaskModel(cfg, head, num_labels)
+    cfg, raw = read_hf_config(path)
+    model = TaskModel(cfg, head, num_labels, pooling=raw.get("clueforge", {}).get("pooling", "cls"))
     from_hf_state_dict(model, read_hf_weights(Path(path)))
     return model
 
@@ -338,8 +339,13 @@ def save_hf(model, out: str | Path, *, vocab: str | Path | None = None, extra_co
     save_file(to_hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
     cfg = hf_config(model.cfg)
     head = getattr(model, "head", None)
-    if isinstance(head, str) and not model.cfg.pre_ln and not model.cfg.arch_options:
+    pooling = getattr(model, "pooling", "cls")
+    if isinstance(head, str) and not model.cfg.pre_ln and not model.cfg.arch_options and pooling == "cls":
         cfg["architectures"] = [HF_ARCHITECTURES[head]]
+    if pooling != "cls":  # transformers' heads read [CLS]: make it refuse rather than compute another model
+        cfg["clueforge"]["pooling"] = pooling
+        if cfg["model_type"] == "bert":
+            cfg["model_type"], cfg["architectures"] = "clueforge-bert-mean-pooling", ["ClueforgeBertMeanPooling"]
     if head in ("sequence", "token"):
         cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
         cfg["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}

@@ -381,7 +381,7 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "max_eval": _ge(1), "eval_batch_size": _ge(1), "rdrop": _NONNEG, "fgm": _NONNEG, "ema": _PROB_HALF_OPEN,
         "llrd": Rule(0, 1, lo_open=True), "log_every": _ge(1), "select": Rule(choices=("best", "last")),
         "method": Rule(choices=("finetune", "pet", "efl")), "seed": _NONNEG,
-        "pet_mlm": _NONNEG, "dropout": _PROB_HALF_OPEN,
+        "pet_mlm": _NONNEG, "dropout": _PROB_HALF_OPEN, "pooling": Rule(choices=("cls", "mean")),
     },
 }
 
