@@ -329,16 +329,42 @@ CHANCE = {"ocnli": 33.3, "fewclue-eprstmt": 50.0, "fewclue-tnews": 100 / 15, "fe
           "fewclue-csldcp": 100 / 67}
 
 
+def _changed_settings(res_file: Path, settings: dict, model: str) -> list[str]:
+    """``key: recorded → wanted`` for each setting (and the model) a finished run's ``results.json``
+    records otherwise; [] when there is no such file or nothing differs."""
+    if not res_file.is_file():
+        return []
+    res = json.loads(res_file.read_text())
+    hp = res.get("hyperparameters", {})
+
+    def same(a, b) -> bool:
+        if a == b or str(a) == str(b):
+            return True
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+
+    out = [f"{k}: {hp.get(k)} → {v}" for k, v in settings.items() if not same(hp.get(k), v)]
+    if "model" in res and Path(res["model"]).resolve() != Path(model).resolve():
+        out.append(f"model: {res['model']} → {model}")
+    return out
+
+
 def finetune_one(model: str, task: str, seed: int, out: Path, overrides: dict | None = None) -> float:
     from clueforge.tasks.registry import get_task
     from clueforge.tasks.submit import task_dir
 
     t = get_task(task)
     res_file = out / "results.json"
-    if not res_file.is_file():
+    settings = {**FT_COMMON, **FT_TASKS[task], **(overrides or {})}
+    stale = _changed_settings(res_file, settings, model)
+    if stale:  # a finished run with other settings (e.g. an earlier protocol in the same --work): run again
+        print(f"{out}: earlier run with other settings ({', '.join(stale)}): fine-tuning again", flush=True)
+    if stale or not res_file.is_file():
         cmd = [sys.executable, "-m", "clueforge", "finetune", task, "--data", str(task_dir(SHARED / "tasks", t)),
                "--model", model, "--out", str(out), "--seed", str(seed), "--no-progress"]
-        for k, v in {**FT_COMMON, **FT_TASKS[task], **(overrides or {})}.items():
+        for k, v in settings.items():
             cmd += ["--set", f"{k}={v}"]
         out.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f"log-{out.name}.txt", "a") as log:
@@ -500,7 +526,10 @@ def _task_scores(spec: str) -> dict:
     """``FILE[#ROW]``: the tasks of one row of a ``finetune`` JSON (``finetuned``) or a ``compare`` JSON
     (``recipes``); ``ROW`` names it (default: the file's only row)."""
     path, _, name = spec.partition("#")
-    doc = json.loads(Path(path).read_text())
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        sys.exit(f"{path}: cannot read a finetune/compare JSON file ({exc})")
     rows = [r for r in doc.get("finetuned", []) + doc.get("recipes", []) if r.get("tasks") and (not name or r["name"] == name)]
     if len(rows) != 1:
         sys.exit(f"{spec}: {len(rows)} rows with scores{' named ' + repr(name) if name else ''}; name one with FILE#ROW")
@@ -513,13 +542,22 @@ def pool(args) -> None:
     import statistics
 
     recipes: dict[str, list[dict]] = {}
-    for recipe, seed, *files in args.seed:
+    for recipe, seed, *files in (s if len(s) >= 3 else sys.exit(f"--seed {' '.join(s)}: expected RECIPE SEED "
+                                                                 f"FILE[#ROW] [FILE[#ROW] ...]") for s in args.seed):
         tasks = {}
         for f in files:
-            tasks.update(_task_scores(f))
+            for t, v in _task_scores(f).items():
+                if t in tasks:
+                    print(f"{recipe} seed {seed}: {t} from {f} replaces the earlier file's", flush=True)
+                tasks[t] = v
         recipes.setdefault(recipe, []).append({"pretrain_seed": seed, "files": files,
                                                "tasks": {t: v["mean"] for t, v in tasks.items()}})
     names = [t for t in FT_TASKS if all(t in s["tasks"] for r in recipes.values() for s in r)]
+    partial = sorted({t for r in recipes.values() for s in r for t in s["tasks"]} - set(names))
+    if partial:
+        print(f"left out, not scored for every pretraining seed: {', '.join(partial)}", flush=True)
+    if not names:
+        sys.exit("no task is scored for every pretraining seed given")
     rows = []
     for recipe, seeds in recipes.items():
         row = {"name": recipe, "seeds": seeds, "tasks": {}}

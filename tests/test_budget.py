@@ -200,3 +200,65 @@ def test_quickstart_trains_the_small_recipe_and_scores_held_out_probes(tmp_path,
         assert p["unigram_loss"] == pytest.approx(expected, rel=1e-6)
         assert p["hit"] == (p["answer"] in p["top5"]) and len(p["top5"]) == 5
     assert demo["hits"] == sum(p["hit"] for p in demo["probes"])
+
+
+def test_finetune_reruns_an_earlier_run_with_other_settings(tmp_path, monkeypatch):
+    """``budget.py finetune`` reuses a finished run only when its recorded settings and model are the
+    ones asked for: an earlier protocol's run in the same --work is fine-tuned again, not relabelled."""
+    b = _budget_module()
+    res = tmp_path / "results.json"
+    res.write_text(json.dumps({"model": str(tmp_path / "m"), "hyperparameters": {
+        "lr": 0.0003, "epochs": 2, "max_train": 3000, "pooling": None, "select": "last"}}))
+    same = {"lr": "3e-4", "epochs": 2, "max_train": 3000, "select": "last"}
+    assert b._changed_settings(res, same, str(tmp_path / "m")) == []
+    assert b._changed_settings(res, {**same, "epochs": 3, "max_train": 9000, "pooling": "mean"}, str(tmp_path / "m")) == [
+        "epochs: 2 → 3", "max_train: 3000 → 9000", "pooling: None → mean"]
+    assert b._changed_settings(res, same, str(tmp_path / "other")) == [f"model: {tmp_path / 'm'} → {tmp_path / 'other'}"]
+    assert b._changed_settings(tmp_path / "none.json", same, "m") == []
+    # finetune_one: the run with the asked settings is reused; the earlier protocol's is run again
+    runs = []
+
+    def fake_child(cmd, env, log):
+        runs.append(cmd)
+        sets = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--set")
+        (out / "results.json").write_text(json.dumps({"model": cmd[cmd.index("--model") + 1], "hyperparameters": sets,
+                                                      "metric": {"accuracy": 50.0}}))
+
+    out = tmp_path / "ocnli" / "seed0"
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"model": "m", "hyperparameters": {"epochs": 2, "max_train": 3000},
+                                                  "metric": {"accuracy": 33.0}}))
+    monkeypatch.setattr(b, "_run_child", fake_child)
+    assert b.finetune_one("m", "ocnli", 0, out) == 50.0 and len(runs) == 1  # stale: fine-tuned again
+    assert b.finetune_one("m", "ocnli", 0, out) == 50.0 and len(runs) == 1  # now current: reused
+
+
+def test_pool_averages_fine_tuning_seeds_then_pretraining_seeds(tmp_path, capsys):
+    """``budget.py pool``: a pretraining seed's score is the mean over its fine-tuning seeds; the recipe's
+    the mean and sample std over pretraining seeds; a later file's task replaces an earlier one's (and
+    says so); a task missing for one seed is left out, named."""
+    import statistics
+
+    b = _budget_module()
+
+    def ft_file(name, **tasks):
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps({"finetuned": [{"name": name, "tasks": {t: {"mean": statistics.fmean(v), "seeds": v}
+                                                                        for t, v in tasks.items()}}]}))
+        return str(f)
+
+    a0 = ft_file("a0", ocnli=[30.0, 40.0], **{"fewclue-tnews": [10.0]})
+    a0_new = ft_file("a0new", ocnli=[50.0, 52.0])
+    a1 = ft_file("a1", ocnli=[44.0, 46.0])
+    out = tmp_path / "pooled.json"
+    args = type("A", (), {"seed": [["A", "0", a0, a0_new], ["A", "1", a1]], "out": str(out)})
+    b.pool(args)
+    printed = capsys.readouterr().out
+    assert "ocnli from" in printed and "replaces" in printed and "left out" in printed and "fewclue-tnews" in printed
+    row = json.loads(out.read_text())["pooled"][0]
+    assert list(row["tasks"]) == ["ocnli"]
+    assert row["tasks"]["ocnli"]["per_pretrain_seed"] == [51.0, 45.0]
+    assert row["tasks"]["ocnli"]["mean"] == pytest.approx(48.0)
+    assert row["tasks"]["ocnli"]["std"] == pytest.approx(statistics.stdev([51.0, 45.0]))
+    with pytest.raises(SystemExit, match="expected RECIPE SEED FILE"):
+        b.pool(type("A", (), {"seed": [["A", "0"]], "out": str(out)}))
