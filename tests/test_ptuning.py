@@ -155,7 +155,7 @@ def test_ptuning_learns_through_the_mlm_head_and_predict_needs_nothing_else(synt
 def test_zero_prompt_tokens_is_pet(synthetic_mlm, tmp_path):
     """ptuning_tokens=0 trains exactly as PET: the same dev scores and bit-identical weights."""
     mlm, data, prompts = synthetic_mlm
-    kw = {"prompts": str(prompts), "max_steps": 3, "epochs": 1, "select": "last", "rdrop": 0.5}
+    kw = {"prompts": str(prompts), "max_steps": 3, "epochs": 1, "select": "last", "rdrop": 0.5, "dropout": 0.1}
     pet = _train(mlm, data, tmp_path / "pet", method="pet", **kw)
     pt = _train(mlm, data, tmp_path / "pt", method="ptuning", ptuning_tokens=0, **kw)
     assert pt["metric"] == pet["metric"]
