@@ -411,7 +411,8 @@ def _quickstart(out: Path, steps: int, corpus_dir: Path, run_dir: Path, clear, s
     console.print(
         "next:\n"
         f"  clueforge corpus stats {corpus_dir}\n"
-        f"  clueforge finetune fewclue-eprstmt --data ../shared/data/tasks/fewclue/eprstmt --model {final} --out {out / 'ft-eprstmt'}\n"
+        f"  clueforge finetune fewclue-eprstmt --data ../shared/data/tasks/fewclue/eprstmt --model {final} "
+        f"--set pooling=mean --out {out / 'ft-eprstmt'}   (mean pooling: this recipe pretrains no [CLS] summary)\n"
         f"  clueforge pretrain --config mini --data {corpus_dir} --out {out / 'mini'}   (a larger model)\n"
         "  clueforge config show tiny   (every setting, for --set)", highlight=False, soft_wrap=True)
 
