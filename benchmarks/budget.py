@@ -330,14 +330,29 @@ CHANCE = {"ocnli": 33.3, "fewclue-eprstmt": 50.0, "fewclue-tnews": 100 / 15, "fe
 
 
 def _changed_settings(res_file: Path, settings: dict, model: str) -> list[str]:
-    """``key: recorded → wanted`` for each setting (and the model) a finished run's ``results.json``
-    records otherwise; [] when there is no such file or nothing differs."""
+    """``key: recorded → wanted`` for each fine-tuning setting (``settings`` over the defaults, the
+    seed aside) and the model that a finished run's ``results.json`` records otherwise, so an earlier
+    run with an extra ``--ft-set`` is not taken for a plain one; [] when there is no such file or
+    nothing differs."""
+    from dataclasses import asdict
+
+    from clueforge.finetune.loop import FinetuneConfig
+
     if not res_file.is_file():
         return []
     res = json.loads(res_file.read_text())
     hp = res.get("hyperparameters", {})
+    wanted = {k: v for k, v in {**asdict(FinetuneConfig()), **settings}.items() if k != "seed"}
+
+    def norm(x):  # --set spellings (YAML) against recorded JSON values
+        if isinstance(x, str) and x.lower() in ("null", "none", "~"):
+            return None
+        if isinstance(x, str) and x.lower() in ("true", "false"):
+            return x.lower() == "true"
+        return x
 
     def same(a, b) -> bool:
+        a, b = norm(a), norm(b)
         if a == b or str(a) == str(b):
             return True
         try:
@@ -345,7 +360,7 @@ def _changed_settings(res_file: Path, settings: dict, model: str) -> list[str]:
         except (TypeError, ValueError):
             return False
 
-    out = [f"{k}: {hp.get(k)} → {v}" for k, v in settings.items() if not same(hp.get(k), v)]
+    out = [f"{k}: {hp.get(k)} → {v}" for k, v in wanted.items() if not same(hp.get(k), v)]
     if "model" in res and Path(res["model"]).resolve() != Path(model).resolve():
         out.append(f"model: {res['model']} → {model}")
     return out

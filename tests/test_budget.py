@@ -206,11 +206,18 @@ def test_finetune_reruns_an_earlier_run_with_other_settings(tmp_path, monkeypatc
     """``budget.py finetune`` reuses a finished run only when its recorded settings and model are the
     ones asked for: an earlier protocol's run in the same --work is fine-tuned again, not relabelled."""
     b = _budget_module()
+    from dataclasses import asdict
+
+    from clueforge.finetune.loop import FinetuneConfig
+
     res = tmp_path / "results.json"
-    res.write_text(json.dumps({"model": str(tmp_path / "m"), "hyperparameters": {
-        "lr": 0.0003, "epochs": 2, "max_train": 3000, "pooling": None, "select": "last"}}))
-    same = {"lr": "3e-4", "epochs": 2, "max_train": 3000, "select": "last"}
+    recorded = {**asdict(FinetuneConfig()), "lr": 0.0003, "epochs": 2, "max_train": 3000, "select": "last", "seed": 1}
+    res.write_text(json.dumps({"model": str(tmp_path / "m"), "hyperparameters": recorded}))
+    same = {"lr": "3e-4", "epochs": 2, "max_train": 3000, "select": "last", "ema": "0.0", "kb": "null"}
     assert b._changed_settings(res, same, str(tmp_path / "m")) == []
+    res.write_text(json.dumps({"model": str(tmp_path / "m"), "hyperparameters": {**recorded, "rdrop": 1.0}}))
+    assert b._changed_settings(res, same, str(tmp_path / "m")) == ["rdrop: 1.0 → 0.0"]  # an extra --ft-set then
+    res.write_text(json.dumps({"model": str(tmp_path / "m"), "hyperparameters": recorded}))
     assert b._changed_settings(res, {**same, "epochs": 3, "max_train": 9000, "pooling": "mean"}, str(tmp_path / "m")) == [
         "epochs: 2 → 3", "max_train: 3000 → 9000", "pooling: None → mean"]
     assert b._changed_settings(res, same, str(tmp_path / "other")) == [f"model: {tmp_path / 'm'} → {tmp_path / 'other'}"]
@@ -221,13 +228,13 @@ def test_finetune_reruns_an_earlier_run_with_other_settings(tmp_path, monkeypatc
     def fake_child(cmd, env, log):
         runs.append(cmd)
         sets = dict(cmd[i + 1].split("=", 1) for i, c in enumerate(cmd) if c == "--set")
-        (out / "results.json").write_text(json.dumps({"model": cmd[cmd.index("--model") + 1], "hyperparameters": sets,
-                                                      "metric": {"accuracy": 50.0}}))
+        (out / "results.json").write_text(json.dumps({"model": cmd[cmd.index("--model") + 1], "metric": {"accuracy": 50.0},
+                                                      "hyperparameters": {**asdict(FinetuneConfig()), **sets}}))
 
     out = tmp_path / "ocnli" / "seed0"
     out.mkdir(parents=True)
-    (out / "results.json").write_text(json.dumps({"model": "m", "hyperparameters": {"epochs": 2, "max_train": 3000},
-                                                  "metric": {"accuracy": 33.0}}))
+    (out / "results.json").write_text(json.dumps({"model": "m", "metric": {"accuracy": 33.0}, "hyperparameters": {
+        **asdict(FinetuneConfig()), **b.FT_COMMON, **b.FT_TASKS["ocnli"], "epochs": 2, "max_train": 3000}}))
     monkeypatch.setattr(b, "_run_child", fake_child)
     assert b.finetune_one("m", "ocnli", 0, out) == 50.0 and len(runs) == 1  # stale: fine-tuned again
     assert b.finetune_one("m", "ocnli", 0, out) == 50.0 and len(runs) == 1  # now current: reused

@@ -192,12 +192,22 @@ def test_mean_pooling_reads_the_real_tokens_and_survives_save_and_reload(tiny_be
         transformers.AutoModelForSequenceClassification.from_pretrained(out / "last")
 
 
-@pytest.mark.parametrize("task,data,method", [("cluener", "cluener", "finetune"), ("afqmc", "afqmc", "pet")])
+@pytest.mark.parametrize("task,data,method", [("cluener", "cluener", "finetune"), ("afqmc", "afqmc", "pet"),
+                                               ("afqmc", "afqmc", "ptuning")])
 def test_pooling_is_refused_where_no_head_pools(tiny_bert, tmp_path, task, data, method):
     """NER reads every token, PET the MLM head at its [MASK]: ``pooling`` would do nothing, so it is
     refused before any data is read."""
     from clueforge.utils import UserError
 
     cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, max_steps=1, pooling="mean", method=method)
-    with pytest.raises(UserError, match="pooling=mean.*reads every token"):
+    with pytest.raises(UserError, match="pooling=mean.*reads (every token|its MLM head)"):
         finetune(task, ROOT / "tests" / "fixtures" / "tasks" / data, tiny_bert, tmp_path / "ft", cfg, show_progress=False)
+
+
+def test_efl_takes_mean_pooling(tiny_bert, tmp_path):
+    """EFL scores each label's statement with the choice head: ``pooling=mean`` applies there too."""
+    out = tmp_path / "ft"
+    cfg = FinetuneConfig(epochs=1, batch_size=2, max_length=32, lr=1e-3, max_steps=1, select="last", pooling="mean",
+                         method="efl")
+    finetune("afqmc", AFQMC, tiny_bert, out, cfg, show_progress=False)
+    assert json.loads((out / "last" / "config.json").read_text())["clueforge"]["pooling"] == "mean"

@@ -378,10 +378,11 @@ def check_settings(cfg: FinetuneConfig, task: Task, model_dir: Path) -> None:
     from clueforge.pretrain.config import validate
 
     validate(cfg, "fine-tuning settings")
-    head = family(task).HEAD if cfg.method == "finetune" else f"{cfg.method} (MLM)"
-    if cfg.pooling is not None and head not in ("sequence", "choice"):
-        raise UserError(f"--set pooling={cfg.pooling}: {task.name} fine-tuned with the {head} head reads every token "
-                        f"(pooling applies to sentence(-pair) and choice tasks fine-tuned with a new head); leave it out")
+    fam = with_method(family(task), cfg)
+    if cfg.pooling is not None and (hasattr(fam, "load_model") or fam.HEAD not in ("sequence", "choice")):
+        reads = "its MLM head at the [MASK]" if hasattr(fam, "load_model") else "every token"
+        raise UserError(f"--set pooling={cfg.pooling}: {task.name} with method={cfg.method} reads {reads} ({fam.HEAD} "
+                        f"head); pooling applies to the sentence and choice heads (finetune, efl); leave it out")
     model_cfg, _ = read_hf_config(model_dir)
     if cfg.rdrop and cfg.dropout == 0:
         raise UserError(f"--set rdrop={cfg.rdrop} needs dropout, and --set dropout=0 turns it off")
