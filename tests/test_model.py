@@ -388,3 +388,32 @@ def test_attention_offsets_reads_the_weights_sdpa_uses(sample_corpus, monkeypatc
     prev[:, :, idx, idx - 1] = 1.0
     row = mod.offsets([prev], at)[0]
     assert row["-1"] == pytest.approx(1.0, abs=0.05) and row["+0"] == 0.0 and row["+1"] == 0.0
+
+
+@pytest.mark.parametrize("head", ["sequence", "choice"])
+def test_mean_pooling_heads_read_only_the_real_tokens(head):
+    """``pooling="mean"`` in both pooling heads: the logits equal a direct masked mean through the
+    pooler (choice: each (example, option) row of the flattened (B, K, T) input with its own mask),
+    and the padding's content changes nothing."""
+    from clueforge.model.heads import TaskModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position=32,
+                      dropout=0.0, attention_dropout=0.0, initializer_range=0.2)
+    m = TaskModel(cfg, head, 3, pooling="mean").eval()
+    shape = (2, 10) if head == "sequence" else (2, 3, 10)
+    ids = torch.randint(5, 50, shape)
+    mask = torch.ones_like(ids)
+    if head == "sequence":
+        mask[1, 6:] = 0  # the second sentence padded after 6 tokens
+    else:
+        mask[:, 1, 6:] = 0  # option 1 of each example padded after 6 tokens
+    with torch.no_grad():
+        got = m(ids, mask)
+        other = m(torch.where(mask.bool(), ids, torch.full_like(ids, 7)), mask)  # different padding content
+        flat_ids, flat_mask = ids.reshape(-1, 10), mask.reshape(-1, 10)
+        h = m.encoder(flat_ids, flat_mask)
+        rows = [m.classifier(torch.tanh(m.pooler(h[i][flat_mask[i].bool()].mean(0)))) for i in range(len(flat_ids))]
+        want = torch.stack(rows).view(got.shape)
+    assert_close(got, want, atol=1e-5, rtol=0)
+    assert_close(got, other, atol=1e-5, rtol=0)
