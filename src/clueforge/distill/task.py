@@ -264,7 +264,7 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
     from clueforge.finetune.loop import _num_labels
     from clueforge.model.bert import BertForMLM
     from clueforge.model.heads import TaskModel
-    from clueforge.model.hf import load_hf_task, read_hf_config
+    from clueforge.model.hf import load_hf_task, read_hf_config, saved_pooling
 
     from clueforge.distill.student import init_from_teacher, resolve_student, student_config
 
@@ -275,7 +275,7 @@ def build_task_student(student_spec: str | Path, teacher, teacher_dir: Path, fam
             raise UserError(f"the student {spec} and the teacher {teacher_dir} have different vocabularies: "
                             "task distillation feeds both the same token ids")
         student = load_hf_task(spec, fam.HEAD, n_labels)
-        if "pooling" not in read_hf_config(spec)[1].get("clueforge", {}):  # a pretrained student: read what the teacher reads
+        if saved_pooling(read_hf_config(spec)[1]) is None:  # a pretrained student: read what the teacher reads
             student.pooling = getattr(teacher, "pooling", "cls")
         init, record = f"directory {spec}", {"directory": str(spec)}
     else:

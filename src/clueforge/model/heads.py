@@ -63,7 +63,6 @@ class TaskModel(nn.Module):
             return logits.view(shape[0], shape[1]) if self.head == "choice" else logits
         return self.classifier(self.drop(h))  # (B, T, C) or (B, T, 2)
 
-
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, D) → (B, D) through the pooler: the [CLS] state (BERT), or with ``pooling="mean"``
         the mean over the real tokens (padding excluded)."""
@@ -78,8 +77,8 @@ class TaskModel(nn.Module):
 class SequenceClassifier(TaskModel):
     """``TaskModel`` with the sequence head; ``forward`` also takes labels: ``(loss, logits)``."""
 
-    def __init__(self, cfg: ModelConfig, num_labels: int):
-        super().__init__(cfg, "sequence", num_labels)
+    def __init__(self, cfg: ModelConfig, num_labels: int, pooling: str = "cls"):
+        super().__init__(cfg, "sequence", num_labels, pooling)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, ling=None):  # type: ignore[override]
         logits = super().forward(input_ids, attention_mask, token_type_ids, ling)

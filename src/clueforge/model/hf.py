@@ -304,13 +304,18 @@ def load_hf(path: str | Path) -> BertForMLM:
     return model
 
 
+def saved_pooling(raw: dict) -> str | None:
+    """What a saved sentence/choice head reads (``TaskModel.pooling``), from a raw config.json;
+    ``None`` when it records none (a pretrained model, or a [CLS] head saved before pooling existed)."""
+    return raw.get("clueforge", {}).get("pooling")
+
+
 def load_hf_classifier(path: str | Path, num_labels: int):
     """A ``SequenceClassifier`` from a local HF directory (see ``load_hf_task``)."""
     from clueforge.model.heads import SequenceClassifier
 
     cfg, raw = read_hf_config(path)
-    model = SequenceClassifier(cfg, num_labels)
-    model.pooling = raw.get("clueforge", {}).get("pooling", "cls")
+    model = SequenceClassifier(cfg, num_labels, saved_pooling(raw) or "cls")
     from_hf_state_dict(model, read_hf_weights(Path(path)))
     return model
 
@@ -321,7 +326,7 @@ def load_hf_task(path: str | Path, head: str, num_labels: int):
     from clueforge.model.heads import TaskModel
 
     cfg, raw = read_hf_config(path)
-    model = TaskModel(cfg, head, num_labels, pooling=raw.get("clueforge", {}).get("pooling", "cls"))
+    model = TaskModel(cfg, head, num_labels, pooling=saved_pooling(raw) or "cls")
     from_hf_state_dict(model, read_hf_weights(Path(path)))
     return model
 

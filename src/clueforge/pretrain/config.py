@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from clueforge.model.bert import POSITION_INITS, SYNTAX_CONSTRAINTS, ModelConfig
+from clueforge.model.heads import POOLINGS
 from clueforge.utils import Rule, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -381,7 +382,7 @@ VALIDATION: dict[str, dict[str, Rule]] = {
         "max_eval": _ge(1), "eval_batch_size": _ge(1), "rdrop": _NONNEG, "fgm": _NONNEG, "ema": _PROB_HALF_OPEN,
         "llrd": Rule(0, 1, lo_open=True), "log_every": _ge(1), "select": Rule(choices=("best", "last")),
         "method": Rule(choices=("finetune", "pet", "efl")), "seed": _NONNEG,
-        "pet_mlm": _NONNEG, "dropout": _PROB_HALF_OPEN, "pooling": Rule(choices=("cls", "mean")),
+        "pet_mlm": _NONNEG, "dropout": _PROB_HALF_OPEN, "pooling": Rule(choices=POOLINGS),
     },
 }
 
