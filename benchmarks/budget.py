@@ -202,6 +202,7 @@ for _name, _ch in SESSION6.items():
     VARIANTS[_name] = _v(SMALL, **_ch)
     VARIANTS[f"{_name}-seed1"] = _v(VARIANTS[_name], train__seed=1)
     VARIANTS[f"{_name}-seed2"] = _v(VARIANTS[_name], train__seed=2)
+VARIANTS["small-rel8-seed3"] = _v(VARIANTS["small-rel8"], train__seed=3)  # session 8: a fourth pretraining seed
 
 
 def fixed_heldout(model_dir: str | Path, data: str | Path, seq_len: int = 128) -> dict:

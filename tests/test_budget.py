@@ -102,6 +102,21 @@ class Stop(Exception):
     pass
 
 
+def _run_stopped_at(corpus, out, monkeypatch, stop_step, *overrides):
+    """Run until the checkpoint of ``stop_step`` is written, then stop as a crash would."""
+    save = ckpt.save_checkpoint
+
+    def save_then_stop(root, step, *a, **kw):
+        save(root, step, *a, **kw)
+        if step == stop_step:
+            raise Stop
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        _run(corpus, out, *overrides)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+
+
 def test_budgeted_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, monkeypatch, one_thread):
     """A budgeted run stopped after a checkpoint resumes to the same step count and weights, even
     when a new calibration would have given another count (the recorded one is kept); the CPU
@@ -114,25 +129,100 @@ def test_budgeted_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, monk
     monkeypatch.setattr(loop, "calibrate_steps", cost(0.6))
     ref = _run(sample_corpus, tmp_path / "ref", *args)
     assert ref["steps"] == 6
-
-    save = ckpt.save_checkpoint
-
-    def save_then_stop(root, step, *a, **kw):
-        save(root, step, *a, **kw)
-        if step == 4:
-            raise Stop
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        _run(sample_corpus, tmp_path / "cut", *args)
+    _run_stopped_at(sample_corpus, tmp_path / "cut", monkeypatch, 4, *args)
     cut_cpu = _metrics(tmp_path / "cut")[3]["cpu_min"]
-    monkeypatch.setattr(ckpt, "save_checkpoint", save)
     monkeypatch.setattr(loop, "calibrate_steps", cost(0.3))  # would now mean 12 steps
     got = _run(sample_corpus, tmp_path / "cut", *args)
     assert got["steps"] == 6 and got["state_sha"] == ref["state_sha"]
     m = _metrics(tmp_path / "cut")
     assert [r["loss"] for r in m] == [r["loss"] for r in _metrics(tmp_path / "ref")]
     assert m[4]["cpu_min"] >= cut_cpu  # the clock resumed from the checkpoint, not from 0
+
+
+def _fake_cpu(monkeypatch, cost_per_step):
+    """Process CPU time that advances ``cost_per_step(step)`` seconds per training micro-step (the
+    objective's calls), so a budgeted run's cost is known exactly whatever the machine does."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    now, calls = [0.0], [0]
+    objective = loop.mlm_objective
+
+    def charged(*a, **kw):
+        now[0] += cost_per_step(calls[0])
+        calls[0] += 1
+        return objective(*a, **kw)
+
+    fake_time = SimpleNamespace(**{k: getattr(real_time, k) for k in dir(real_time) if not k.startswith("_")})
+    fake_time.process_time = lambda: now[0]
+    monkeypatch.setattr(loop, "time", fake_time)
+    monkeypatch.setattr(loop, "mlm_objective", charged)
+    monkeypatch.setattr(loop, "calibrate_steps", lambda *a, **kw: {"cpu_s_per_step": 0.6, "wall_s_per_step": 0.6,
+                                                                   "warmup_steps": 0, "steps": 0, "threads": 1})
+    return calls
+
+
+@pytest.mark.parametrize("cost, steps", [(0.3, 12), (1.2, 3)])
+def test_budget_rechecked_ends_the_run_at_its_budget(sample_corpus, tmp_path, monkeypatch, one_thread, cost, steps):
+    """The calibration says 0.6 CPU s a step (0.06 min: 6 steps) but the steps cost ``cost``: with
+    ``train.budget_recheck=2`` the step count is re-estimated from the measured cost and the run ends
+    at its budget (3.6 CPU s: 12 steps at 0.3, 3 at 1.2 — the first estimate comes after 2 steps
+    at the calibration's count), the LR schedule decaying to the new end; with 0 it keeps 6."""
+    _fake_cpu(monkeypatch, lambda i: cost)
+    args = ("train.max_minutes=0.06", "train.save_every=100", "train.warmup_steps=0")
+    got = _run(sample_corpus, tmp_path / "on", *args, "train.budget_recheck=2")
+    assert got["steps"] == steps and got["cpu_min"] * 60 == pytest.approx(steps * cost)
+    m = _metrics(tmp_path / "on")
+    assert m[-1]["max_steps"] == steps and m[-1]["lr"] == 0.0  # the linear schedule ended at the new last step
+    budget = json.loads((tmp_path / "on" / "budget.json").read_text())
+    assert (budget["max_steps"], budget["steps_run"]) == (6, steps) and budget["cpu_min_run"] == got["cpu_min"]
+    off = _run(sample_corpus, tmp_path / "off", *args, "train.budget_recheck=0")
+    assert off["steps"] == 6 and "max_steps" not in _metrics(tmp_path / "off")[-1]
+
+
+CURRICULUM = ("train.curriculum=[{at: 0.0, ratio: 0.1, weights: {token: 1.0}}, {at: 0.2, ratio: 0.3, weights: {token: 1.0}}, "
+              "{at: 0.4, ratio: 0.5, weights: {token: 1.0}}, {at: 0.6, ratio: 0.7, weights: {token: 1.0}}]")
+
+
+@pytest.mark.parametrize("curriculum", [(), (CURRICULUM, "train.prefetch=4")], ids=["plain", "curriculum"])
+def test_budget_recheck_resumes_from_the_last_estimate(sample_corpus, tmp_path, monkeypatch, one_thread, curriculum):
+    """A run re-estimated to 12 steps, stopped after step 4's checkpoint, resumes to the same 12
+    steps and weights as the uninterrupted run: the estimate travels in the checkpoint, and with a
+    masking curriculum (whose stage follows step / max_steps) the batches built ahead are rebuilt
+    when the estimate moves the end."""
+    _fake_cpu(monkeypatch, lambda i: 0.3)
+    args = ("train.max_minutes=0.06", "train.save_every=2", "train.budget_recheck=2", *curriculum)
+    ref = _run(sample_corpus, tmp_path / "ref", *args)
+    assert ref["steps"] == 12
+    _run_stopped_at(sample_corpus, tmp_path / "cut", monkeypatch, 4, *args)
+    got = _run(sample_corpus, tmp_path / "cut", *args)
+    assert got["steps"] == 12 and got["state_sha"] == ref["state_sha"]
+    assert got["cpu_min"] == pytest.approx(ref["cpu_min"])
+
+
+def test_budget_recheck_measures_the_long_steps_after_short_rows(sample_corpus, tmp_path, monkeypatch, one_thread):
+    """Short rows first: 3 short steps (0.1 CPU s each, not re-checked), then long ones at 0.3. The
+    first estimate after the switch is measured on long steps only: 14 steps (0.3 + 11 × 0.3 = 3.6 s),
+    never the 24 an average with the cheap short steps would give."""
+    _fake_cpu(monkeypatch, lambda i: 0.1 if i < 3 else 0.3)
+    got = _run(sample_corpus, tmp_path / "r", "train.max_minutes=0.06", "train.budget_recheck=2", "train.save_every=100",
+               "train.short_seq_len=16", "train.short_seq_fraction=0.5")
+    assert got["steps"] == 14
+    ends = [r["max_steps"] for r in _metrics(tmp_path / "r")]
+    assert ends[:4] == [6, 6, 6, 14] and set(ends[4:]) == {14}, ends
+
+
+def test_budget_recheck_needs_a_budget():
+    with pytest.raises(UserError, match=r"budget_recheck.*unless train.max_minutes is set"):
+        load_config("tiny", ["train.budget_recheck=100"])
+    assert load_config("tiny", ["train.budget_recheck=100", "train.max_minutes=1"]).train.budget_recheck == 100
+
+
+def test_rebudget_steps():
+    assert loop.rebudget_steps(100, 50.0, 120.0, 0, 0.0) == 240  # 0.5 s a step, 70 s left: 140 more
+    assert loop.rebudget_steps(200, 60.0, 120.0, 100, 50.0) == 800  # the cost since the reference: 0.1 s
+    assert loop.rebudget_steps(100, 130.0, 120.0, 0, 0.0) == 100  # over budget: stop here
+    assert loop.rebudget_steps(100, 50.0, 120.0, 100, 50.0) is None  # nothing measured
 
 
 def test_resumed_budget_keeps_or_scales_the_recorded_steps():

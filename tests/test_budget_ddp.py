@@ -55,3 +55,48 @@ def test_budget_under_ddp_stops_every_process_at_the_slowest_ones_step_count(tmp
               if "rows" in x] for r in (0, 1)]
     assert steps[0] == steps[1] == [0, 1, 2]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+# the re-check (``train.budget_recheck``) under DDP: both calibrations say 1.0 CPU s a step (3 steps in
+# 0.05 CPU-minutes), but rank 0's steps cost 0.3 and rank 1's 0.5 (a faked CPU clock charged per step)
+RECHECK_LAUNCH = """import os, time
+from types import SimpleNamespace
+from clueforge.pretrain import loop
+cost = (0.3, 0.5)[int(os.environ["RANK"])]
+now = [0.0]
+objective = loop.mlm_objective
+def charged(*a, **kw):
+    now[0] += cost
+    return objective(*a, **kw)
+fake = SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+fake.process_time = lambda: now[0]
+loop.time, loop.mlm_objective = fake, charged
+loop.calibrate_steps = lambda *a, **kw: {"cpu_s_per_step": 1.0, "wall_s_per_step": 1.0, "warmup_steps": 0,
+                                         "steps": 0, "threads": 1, "cpu_s_steps": []}
+from clueforge.cli import app
+app()
+"""
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is unavailable in this torch build")
+def test_budget_recheck_under_ddp_every_process_takes_the_slowest_ones_estimate(tmp_path, sample_corpus):
+    """At step 2 rank 0 would go on to step 10 (2.4 CPU s left at 0.3), rank 1 to step 6 (2.0 at 0.5):
+    both stop at 6, the budget of the slowest, where each alone would disagree (and hang)."""
+    launch = tmp_path / "launch.py"
+    launch.write_text(RECHECK_LAUNCH)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(launch), "pretrain", "--config", "tiny", "--data",
+           str(sample_corpus), "--out", str(out), "--no-progress"] + sum((["--set", s] for s in TINY), [])
+    cmd += ["--set", "train.budget_recheck=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NCCL_BLOCKING_WAIT": "1"}
+    try:
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two processes did not finish: they disagree on the number of steps")
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [[x["step"] for x in map(json.loads, (out / "logs" / f"rank{r}.jsonl").read_text().splitlines())
+              if "rows" in x] for r in (0, 1)]
+    assert steps[0] == steps[1] == list(range(6))
+    assert json.loads((out / "budget.json").read_text())["steps_run"] == 6

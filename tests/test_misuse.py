@@ -734,3 +734,19 @@ def test_14_two_dropout_samples_without_dropout_are_refused(tmp_path, sample_cor
     one_line_error(cli(*base, "--out", tmp_path / "a", "--set", "model.dropout=0", "--set", "model.attention_dropout=0"),
                    "train.self_distill_instance=1", "model.dropout and model.attention_dropout are 0", "model.dropout=0.1")
     assert cli(*base, "--out", tmp_path / "b").exit_code == 0  # with dropout (tiny: 0.1) it runs
+
+
+def test_a_refused_stage_leaves_no_directory_it_created(tmp_path, sample_corpus):
+    """A stage refused inside its run lock (here: fine-tuning a model that does not exist) removes
+    the ``--out`` it created with only the lock in it; a directory that was there stays."""
+    args = ("finetune", "fewclue-eprstmt", "--data", sample_corpus, "--model", tmp_path / "no-such-model")
+    r = cli(*args, "--out", tmp_path / "new" / "run")
+    assert r.exit_code == 2 and not (tmp_path / "new").exists(), r.output
+    (tmp_path / "old").mkdir()
+    assert cli(*args, "--out", tmp_path / "old").exit_code == 2 and (tmp_path / "old").is_dir()
+    r = cli(*args, "--out", f"{tmp_path}/new/missing/../run")  # the path names new/run: nothing left, one line
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "shared" / "other").mkdir(parents=True)  # a sibling run under a parent: the parent stays
+    assert cli(*args, "--out", tmp_path / "shared" / "run").exit_code == 2
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["other"]

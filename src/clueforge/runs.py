@@ -44,7 +44,12 @@ def run_lock(directory: str | Path, what: str = "run"):
     if os.environ.get("RANK", "0") != "0":
         yield None
         return
-    directory = Path(directory)
+    directory = Path(os.path.abspath(directory))  # "a/../b": the directories it names, not a path through a
+    created = None  # the outermost directory this call creates (None: ``directory`` was there)
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        created = d
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -65,6 +70,18 @@ def run_lock(directory: str | Path, what: str = "run"):
         os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)  # pid, then the stage, for a refused process
         try:
             yield path
+        except BaseException:
+            # a stage refused before writing anything leaves no directory behind that it created
+            try:
+                if created is not None and [p.name for p in directory.iterdir()] == [LOCK_NAME]:
+                    path.unlink()
+                    for d in (directory, *directory.parents):
+                        d.rmdir()  # only an empty one: a sibling --out created meanwhile stays
+                        if d == created:
+                            break
+            except OSError:  # best effort: the stage's own error is what the user must see
+                pass
+            raise
         finally:
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -81,7 +98,7 @@ def run_lock(directory: str | Path, what: str = "run"):
 PRETRAIN_MUTABLE = frozenset({
     "train.max_steps", "train.save_every", "train.eval_every", "train.log_every", "train.eval_batches",
     "train.keep_checkpoints", "train.prefetch", "train.peak_tflops", "train.compile", "train.gradient_checkpointing",
-    "train.threads",
+    "train.threads", "train.budget_recheck",
 })
 
 

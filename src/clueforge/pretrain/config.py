@@ -143,7 +143,16 @@ class TrainConfig:
     """Compute budget in CPU-minutes (process CPU time of the training steps, all threads; held-out
     evaluation and checkpointing excluded). A fresh run converts it to ``max_steps`` by timing a few
     throw-away steps (``pretrain.loop.calibrate_steps``) and records both in ``out/budget.json`` and
-    ``config.json``; a resume keeps the recorded step count, so it stays exact."""
+    ``config.json``; a resume keeps the recorded step count, so it stays exact. The count is then
+    re-estimated as the run goes (``budget_recheck``), so the run ends at its budget when the cost
+    of a step differs from the calibration's (a neighbour's load starting or ending)."""
+    budget_recheck: int = 500
+    """With ``max_minutes``: every this many optimizer steps, the steps left are re-estimated from
+    the CPU time the last ones took (each process's; the slowest decides) and ``max_steps`` is
+    set so the run ends at the budget — the linear/cosine schedule follows the new end. Not done
+    on short rows (``short_seq_len``: their steps cost less than the long ones still to come).
+    Recorded in the checkpoint, so a resume carries on from the last estimate; 0 keeps the
+    calibration's count to the end."""
     short_seq_len: int = 0
     """Short sequences first (cramming): the first ``short_seq_fraction`` of the steps train on
     packed rows of this many tokens (4 ≤ it < ``seq_len``), the rest on ``seq_len`` rows; 0 = off.
@@ -393,7 +402,7 @@ VALIDATION["ModelConfig"].update({"attn_residual_decay": _PROB, "syntax_heads": 
                                   "relative_attention": _NONNEG})
 
 
-VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS})  # issue 11: threads, CPU-time budget
+VALIDATION["TrainConfig"].update({"threads": _NONNEG, "max_minutes": _POS, "budget_recheck": _NONNEG})  # issue 11: threads, CPU-time budget
 VALIDATION["TrainConfig"].update({"short_seq_len": _NONNEG, "short_batch_size": _NONNEG,  # issue 11: short first
                                   "short_seq_fraction": Rule(0, 1, hi_open=True)})
 
@@ -415,6 +424,14 @@ def _seq_schedule_checks(obj) -> list[tuple[str, object, str]]:
             if getattr(obj, key):
                 out.append((key, getattr(obj, key), "0 unless short_seq_len > 0"))
     return out
+
+def _budget_checks(obj) -> list[tuple[str, object, str]]:
+    """``budget_recheck`` re-estimates a CPU-minute budget: another value without one is refused."""
+    if type(obj).__name__ != "TrainConfig" or obj.max_minutes or obj.budget_recheck == TrainConfig.budget_recheck:
+        return []
+    return [("budget_recheck", obj.budget_recheck,
+             f"left at {TrainConfig.budget_recheck} unless train.max_minutes is set (it re-checks a CPU-minute budget)")]
+
 
 # P-tuning (issue 13, ``prompts.ptuning``): a method of its own and its three settings
 VALIDATION["FinetuneConfig"].update({"method": Rule(choices=("finetune", "pet", "efl", "ptuning")),
@@ -531,7 +548,7 @@ def check(obj) -> list[tuple[str, object, str]]:
             bad.append((f.name, v, rule.describe()))
         elif rule is None and str(f.type).startswith("str") and not isinstance(v, str):
             bad.append((f.name, v, "a string"))
-    return bad + _cross_checks(obj) + _distill_checks(obj) + _seq_schedule_checks(obj)
+    return bad + _cross_checks(obj) + _distill_checks(obj) + _seq_schedule_checks(obj) + _budget_checks(obj)
 
 
 def validate(obj, where: str = "", *, section: str = "", overridden=frozenset()) -> None:

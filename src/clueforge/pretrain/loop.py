@@ -210,6 +210,16 @@ def budget_steps(max_minutes: float, cpu_s_per_step: float) -> int:
     return max(1, int(max_minutes * 60.0 / cpu_s_per_step))
 
 
+def rebudget_steps(step: int, cpu_s: float, budget_s: float, ref_step: int, ref_cpu_s: float) -> int | None:
+    """The step count that ends a budgeted run at ``budget_s`` CPU seconds: ``step`` plus the steps
+    the CPU time left buys at the cost of the steps since ``(ref_step, ref_cpu_s)``; ``None`` when
+    no cost was measured (no step, or no CPU time, since the reference)."""
+    if step <= ref_step or cpu_s <= ref_cpu_s:
+        return None
+    cost = (cpu_s - ref_cpu_s) / (step - ref_step)
+    return step + max(0, int((budget_s - cpu_s) / cost + 1e-9))  # 1e-9: 0.06 · 60 is 3.5999…
+
+
 def short_phase(t, corpus: Corpus, eval_rows, world: int) -> Phase | None:
     """The short-rows phase of ``train.short_seq_len`` (None when off): the corpus packed at that
     length, less every row that shares a token with the held-out rows, ``short_batch_size`` rows
@@ -644,6 +654,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
     unlogged_tokens = 0  # this rank's tokens not yet added to ``tokens_seen``
     last_eval: dict = {}
     step = start_step
+    recheck = t.budget_recheck if t.max_minutes else 0
+    budget_ref = (start_step, clock.read()[0])  # the steps the next re-estimate's cost is measured on
     try:
         with progress:
             while step < t.max_steps:
@@ -685,6 +697,24 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                     students.step()
                 step += 1
                 window["steps"] += 1
+                if recheck and short is not None and step == schedule.phases[0].end:
+                    budget_ref = (step, clock.read()[0])  # the long steps' cost is measured on long steps only
+                if recheck and step % recheck == 0 and step < t.max_steps and (short is None or step > schedule.phases[0].end):
+                    cpu_now = clock.read()[0]
+                    new_max = rebudget_steps(step, cpu_now, t.max_minutes * 60.0, *budget_ref)
+                    cost = (cpu_now - budget_ref[1]) / max(1, step - budget_ref[0])
+                    budget_ref = (step, cpu_now)
+                    if world > 1:  # every process must stop at the same step: the slowest one's estimate decides
+                        new_max = int(accelerator.gather(torch.tensor([new_max or t.max_steps], device=device)).min())
+                    if new_max is not None and new_max != t.max_steps:
+                        if main and abs(new_max - t.max_steps) > 0.01 * t.max_steps:
+                            log.info("budget: %.3f CPU s/step since the last estimate → max_steps %d (was %d)",
+                                     cost, new_max, t.max_steps)
+                        t.max_steps = max(step, new_max)
+                        progress.update(task, total=t.max_steps)
+                        if curriculum is not None:  # batches built ahead read the old end (the curriculum's progress)
+                            prefetch.close()
+                            prefetch = Prefetcher(make_batch, step, t.grad_accum, t.prefetch)
 
                 if step % t.log_every == 0 or step == t.max_steps:
                     extra = torch.tensor([window["tokens"], unlogged_tokens, window["encoder_tokens"]], device=device,
@@ -708,6 +738,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         # this process's compute so far (evaluation, checkpoints excluded): ``CpuClock``
                         "cpu_min": clock.read()[0] / 60.0, "wall_min": clock.read()[1] / 60.0,
                     }
+                    if recheck:  # the budget's current step count (re-estimated every ``budget_recheck`` steps)
+                        rec["max_steps"] = t.max_steps
                     if grad_norm is not None:
                         rec["grad_norm"] = float(grad_norm)
                     for k, v in sorted(window["parts"].items()):  # the total ``loss`` and each term's own loss
@@ -767,6 +799,11 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
         rank_log.close()
     if main:
         save_hf(raw_model.mlm, out / "final", vocab=vocab)
+        if recheck and (out / "budget.json").is_file():  # what the re-estimates made of the calibration's count
+            budget = json.loads((out / "budget.json").read_text())
+            budget.update({"steps_run": step, "cpu_min_run": clock.read()[0] / 60.0, "recheck_every": recheck,
+                           "max_minutes_run": t.max_minutes})  # a resume may have changed the budget
+            atomic_write(out / "budget.json", json.dumps(budget, indent=2))
     accelerator.wait_for_everyone()
     summary = {"steps": step, "tokens": tokens_seen, "final": str(out / "final"), "state_sha": digest, **last_eval}
     if students is not None:  # issue 12: OUT/students/NAME/final, without the auxiliary layer
