@@ -359,3 +359,12 @@ def test_pool_averages_fine_tuning_seeds_then_pretraining_seeds(tmp_path, capsys
     assert row["tasks"]["ocnli"]["std"] == pytest.approx(statistics.stdev([51.0, 45.0]))
     with pytest.raises(SystemExit, match="expected RECIPE SEED FILE"):
         b.pool(type("A", (), {"seed": [["A", "0"]], "out": str(out)}))
+
+
+def test_eval_every_is_kept_when_it_is_not_a_multiple_of_log_every(sample_corpus, tmp_path, one_thread):
+    """``eval_every=2`` with ``log_every=3``: held-out scores at steps 2, 4 and 6 (each with its own
+    metrics line), not only where the two meet (step 6): ``small.yaml``'s 250 / 20 evaluated every 500."""
+    _run(sample_corpus, tmp_path / "r", "train.max_steps=7", "train.log_every=3", "train.eval_every=2")
+    m = _metrics(tmp_path / "r")
+    assert [r["step"] for r in m if "eval_fixed_loss" in r] == [2, 4, 6, 7]
+    assert [r["step"] for r in m] == [2, 3, 4, 6, 7]

@@ -117,7 +117,8 @@ class TrainConfig:
     log_every: int = 10
     """Steps between metrics lines."""
     eval_every: int = 200
-    """Steps between held-out evaluations (0 = only at the end)."""
+    """Steps between held-out evaluations (0 = only at the end); an evaluation step also writes a
+    metrics line when it is not a ``log_every`` step."""
     eval_batches: int = 20
     """Held-out batches (of ``batch_size``) per evaluation under the run's own masking (``eval_*``);
     the fixed protocol (``eval_fixed_*``) always scores the same rows in the same batches."""

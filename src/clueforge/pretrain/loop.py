@@ -716,7 +716,8 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                             prefetch.close()
                             prefetch = Prefetcher(make_batch, step, t.grad_accum, t.prefetch)
 
-                if step % t.log_every == 0 or step == t.max_steps:
+                eval_due = bool(t.eval_every) and step % t.eval_every == 0
+                if step % t.log_every == 0 or step == t.max_steps or eval_due:  # an evaluation gets its own line
                     extra = torch.tensor([window["tokens"], unlogged_tokens, window["encoder_tokens"]], device=device,
                                          dtype=torch.float64)
                     stats = accelerator.reduce(torch.cat([window["sums"], extra]), "sum")
@@ -750,7 +751,7 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                         rec.update({f"mask_w_{k}": v for k, v in st["weights"].items()})
                     if short is not None:  # issue 11: the row length of the logged step
                         rec["seq_len"] = schedule.at(step - 1).seq_len
-                    if t.eval_every and step % t.eval_every == 0 or step == t.max_steps:
+                    if eval_due or step == t.max_steps:
                         clock.pause()
                         last_eval = evaluate()
                         clock.resume()
