@@ -151,7 +151,9 @@ class TrainConfig:
     """With ``max_minutes``: every this many optimizer steps, the steps left are re-estimated from
     the CPU time the last ones took (each process's; the slowest decides) and ``max_steps`` is
     set so the run ends at the budget — the linear/cosine schedule follows the new end. Not done
-    on short rows (``short_seq_len``: their steps cost less than the long ones still to come).
+    on short rows (``short_seq_len``: their steps cost less than the long ones still to come; the
+    switch step stays where the calibration put it, so their share of the steps run can differ
+    from ``short_seq_fraction``).
     Recorded in the checkpoint, so a resume carries on from the last estimate; 0 keeps the
     calibration's count to the end."""
     short_seq_len: int = 0
