@@ -33,21 +33,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                    reason="torch.distributed with the gloo backend is unavailable in this torch build")
-def test_budget_under_ddp_stops_every_process_at_the_slowest_ones_step_count(tmp_path, sample_corpus):
+def _pretrain_on_two_processes(tmp_path, corpus, script: str, *sets: str):
+    """``clueforge pretrain`` on 2 gloo processes, each starting with ``script``; the run directory."""
     launch = tmp_path / "launch.py"
-    launch.write_text(LAUNCH)
+    launch.write_text(script)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(launch), "pretrain", "--config", "tiny", "--data",
-           str(sample_corpus), "--out", str(out), "--no-progress"] + sum((["--set", s] for s in TINY), [])
+           str(corpus), "--out", str(out), "--no-progress"] + sum((["--set", s] for s in TINY + list(sets)), [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NCCL_BLOCKING_WAIT": "1"}
     try:  # a process that trains more steps than the other waits for it in a collective: bounded here
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the two processes did not finish: they disagree on the number of steps")
     assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                    reason="torch.distributed with the gloo backend is unavailable in this torch build")
+def test_budget_under_ddp_stops_every_process_at_the_slowest_ones_step_count(tmp_path, sample_corpus):
+    out = _pretrain_on_two_processes(tmp_path, sample_corpus, LAUNCH)
     budget = json.loads((out / "budget.json").read_text())
     assert budget["calibration"]["cpu_s_per_step_per_process"] == [0.5, 1.0]
     assert budget["max_steps"] == 3  # the slowest process's cost decides
@@ -83,19 +89,7 @@ app()
 def test_budget_recheck_under_ddp_every_process_takes_the_slowest_ones_estimate(tmp_path, sample_corpus):
     """At step 2 rank 0 would go on to step 10 (2.4 CPU s left at 0.3), rank 1 to step 6 (2.0 at 0.5):
     both stop at 6, the budget of the slowest, where each alone would disagree (and hang)."""
-    launch = tmp_path / "launch.py"
-    launch.write_text(RECHECK_LAUNCH)
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(launch), "pretrain", "--config", "tiny", "--data",
-           str(sample_corpus), "--out", str(out), "--no-progress"] + sum((["--set", s] for s in TINY), [])
-    cmd += ["--set", "train.budget_recheck=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_NCCL_BLOCKING_WAIT": "1"}
-    try:
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        pytest.fail("the two processes did not finish: they disagree on the number of steps")
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = _pretrain_on_two_processes(tmp_path, sample_corpus, RECHECK_LAUNCH, "train.budget_recheck=2")
     steps = [[x["step"] for x in map(json.loads, (out / "logs" / f"rank{r}.jsonl").read_text().splitlines())
               if "rows" in x] for r in (0, 1)]
     assert steps[0] == steps[1] == list(range(6))
