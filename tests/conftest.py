@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,31 @@ def hf_tokenizer_dir(vocab: Path, tmp: Path):
 def run_metrics(run: Path) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class StopRun(Exception):
+    """Raised by ``stopped_after_checkpoint``: a run killed right after a checkpoint."""
+
+
+@contextmanager
+def stopped_after_checkpoint(monkeypatch, stop_step: int):
+    """Inside the block, a pretraining run stops (``StopRun``, expected) right after writing the
+    checkpoint of ``stop_step``, as a crash would; checkpointing is back to normal after it."""
+    from clueforge.pretrain import checkpoint as ckpt
+
+    save = ckpt.save_checkpoint
+
+    def save_then_stop(root, step, *a, **kw):
+        save(root, step, *a, **kw)
+        if step == stop_step:
+            raise StopRun
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
+    try:
+        with pytest.raises(StopRun):
+            yield
+    finally:
+        monkeypatch.setattr(ckpt, "save_checkpoint", save)
 
 
 @pytest.fixture

@@ -13,11 +13,11 @@ from torch.testing import assert_close
 
 from clueforge.model.bert import BertForMLM, ModelConfig
 from clueforge.pretrain import ar_mlm
-from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.model import PretrainingModel, mlm_objective
 from clueforge.utils import UserError
 from conftest import run_metrics as _metrics
+from conftest import stopped_after_checkpoint
 
 MASK = 3
 
@@ -224,10 +224,6 @@ def test_instance_self_distillation_with_groups_is_refused():
     assert load_config("tiny", ["train.ar_mlm_groups=1", "train.self_distill_instance=0.5"]).train.ar_mlm_groups == 1
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.slow
 def test_a_grouped_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, monkeypatch, one_thread):
     """k = 2 with layer-wise self-distillation on: identical at every step after a kill and resume;
@@ -242,17 +238,8 @@ def test_a_grouped_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, mon
                                     "train.self_distill_layers=[1]", "train.batch_size=8"])
 
     pretrain(cfg(), sample_corpus, tmp_path / "ref", show_progress=False)
-    save = ckpt.save_checkpoint
-
-    def save_then_stop(root, step, *args, **kwargs):
-        save(root, step, *args, **kwargs)
-        if step == 3:
-            raise Stop
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(monkeypatch, 3):
         pretrain(cfg(), sample_corpus, tmp_path / "cut", show_progress=False)
-    monkeypatch.undo()
     pretrain(cfg(), sample_corpus, tmp_path / "cut", show_progress=False)
     ref, cut = _metrics(tmp_path / "ref"), _metrics(tmp_path / "cut")
     keys = ["loss", "mlm_loss", "ar_group0_loss", "ar_group1_loss", "sd_layer_kl", "mlm_acc", "tokens", "step_tokens"]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import clueforge.model.bert as bert
-from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain import loop
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.loop import pretrain, resumed_budget_steps
 from clueforge.utils import UserError
 from conftest import run_metrics as _metrics
+from conftest import stopped_after_checkpoint
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,25 +98,6 @@ def test_budget_calibrates_then_trains_the_same_as_a_step_count(sample_corpus, t
     assert 0 < s["cpu_min"] and _metrics(tmp_path / "budget")[-1]["cpu_min"] == pytest.approx(s["cpu_min"], abs=0.01)
 
 
-class Stop(Exception):
-    pass
-
-
-def _run_stopped_at(corpus, out, monkeypatch, stop_step, *overrides):
-    """Run until the checkpoint of ``stop_step`` is written, then stop as a crash would."""
-    save = ckpt.save_checkpoint
-
-    def save_then_stop(root, step, *a, **kw):
-        save(root, step, *a, **kw)
-        if step == stop_step:
-            raise Stop
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        _run(corpus, out, *overrides)
-    monkeypatch.setattr(ckpt, "save_checkpoint", save)
-
-
 def test_budgeted_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, monkeypatch, one_thread):
     """A budgeted run stopped after a checkpoint resumes to the same step count and weights, even
     when a new calibration would have given another count (the recorded one is kept); the CPU
@@ -129,7 +110,8 @@ def test_budgeted_run_stopped_and_resumed_is_exact(sample_corpus, tmp_path, monk
     monkeypatch.setattr(loop, "calibrate_steps", cost(0.6))
     ref = _run(sample_corpus, tmp_path / "ref", *args)
     assert ref["steps"] == 6
-    _run_stopped_at(sample_corpus, tmp_path / "cut", monkeypatch, 4, *args)
+    with stopped_after_checkpoint(monkeypatch, 4):
+        _run(sample_corpus, tmp_path / "cut", *args)
     cut_cpu = _metrics(tmp_path / "cut")[3]["cpu_min"]
     monkeypatch.setattr(loop, "calibrate_steps", cost(0.3))  # would now mean 12 steps
     got = _run(sample_corpus, tmp_path / "cut", *args)
@@ -194,7 +176,8 @@ def test_budget_recheck_resumes_from_the_last_estimate(sample_corpus, tmp_path, 
     args = ("train.max_minutes=0.06", "train.save_every=2", "train.budget_recheck=2", *curriculum)
     ref = _run(sample_corpus, tmp_path / "ref", *args)
     assert ref["steps"] == 12
-    _run_stopped_at(sample_corpus, tmp_path / "cut", monkeypatch, 4, *args)
+    with stopped_after_checkpoint(monkeypatch, 4):
+        _run(sample_corpus, tmp_path / "cut", *args)
     got = _run(sample_corpus, tmp_path / "cut", *args)
     assert got["steps"] == 12 and got["state_sha"] == ref["state_sha"]
     assert got["cpu_min"] == pytest.approx(ref["cpu_min"])

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from clueforge.corpus.build import BuildConfig, build_corpus
-from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.loop import pretrain
 from conftest import SAMPLE
 from conftest import run_metrics as _metrics
+from conftest import stopped_after_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +41,6 @@ def _config(triples):
         "train.peak_tflops=1.0", "train.self_distill_layers=[1]", f"train.knowledge_triples={triples}"])
 
 
-class Stop(Exception):
-    pass
-
-
 def test_knowledge_recipe_stopped_and_resumed_is_exact(tmp_path, kg_corpus, monkeypatch, one_thread):
     corpus, triples = kg_corpus
     cfg = _config(triples)
@@ -53,17 +49,8 @@ def test_knowledge_recipe_stopped_and_resumed_is_exact(tmp_path, kg_corpus, monk
     assert any(s.get("weights", {}).get("span") for s in cfg.train.curriculum)
     pretrain(cfg, corpus, tmp_path / "ref", show_progress=False)
 
-    save = ckpt.save_checkpoint
-
-    def save_then_stop(root, step, *args, **kwargs):
-        save(root, step, *args, **kwargs)
-        if step == 4:
-            raise Stop
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(monkeypatch, 4):
         pretrain(_config(triples), corpus, tmp_path / "cut", show_progress=False)
-    monkeypatch.undo()
     assert max(r["step"] for r in _metrics(tmp_path / "cut")) == 4
     pretrain(_config(triples), corpus, tmp_path / "cut", show_progress=False)
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from clueforge.corpus.shards import Corpus
-from clueforge.pretrain import checkpoint as ckpt
 from clueforge.pretrain import loop
 from clueforge.pretrain.config import load_config
 from clueforge.pretrain.data import Collator, RowIndex, Sampler, build_row_index, outside, split_heldout
@@ -18,6 +17,7 @@ from clueforge.pretrain.loop import pretrain
 from clueforge.text.tokenizer import load_tokenizer, special_ids
 from clueforge.utils import UserError
 from conftest import run_metrics
+from conftest import stopped_after_checkpoint
 
 pytestmark = pytest.mark.slow
 # tiny shapes; dropout stays on (tiny's 0.1): the per-phase calibration must leave the run's RNG untouched
@@ -138,10 +138,6 @@ def test_budget_times_both_phases(sample_corpus, tmp_path, monkeypatch, one_thre
     assert [r["seq_len"] for r in run_metrics(tmp_path / "r")] == [16] * 6 + [32] * 2
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("stop_at", [2, 6])
 def test_stopped_and_resumed_before_or_after_the_switch_is_exact(sample_corpus, tmp_path, monkeypatch, one_thread,
                                                                  stop_at):
@@ -152,17 +148,8 @@ def test_stopped_and_resumed_before_or_after_the_switch_is_exact(sample_corpus, 
     monkeypatch.setattr(loop, "calibrate_steps", _costs(0.25, 0.5))
     ref = _run(sample_corpus, tmp_path / "ref", *args)
     assert ref["steps"] == 8
-    save = ckpt.save_checkpoint
-
-    def save_then_stop(root, step, *a, **kw):
-        save(root, step, *a, **kw)
-        if step == stop_at:
-            raise Stop
-
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
+    with stopped_after_checkpoint(monkeypatch, stop_at):
         _run(sample_corpus, tmp_path / "cut", *args)
-    monkeypatch.setattr(ckpt, "save_checkpoint", save)
     monkeypatch.setattr(loop, "calibrate_steps", _costs(0.0625, 0.125))  # would now mean 32 steps
     got = _run(sample_corpus, tmp_path / "cut", *args)
     assert got["steps"] == 8 and got["state_sha"] == ref["state_sha"]

@@ -702,14 +702,13 @@ def pretrain(cfg: PretrainConfig, data: str | Path, out: str | Path, *, show_pro
                 if recheck and step % recheck == 0 and step < t.max_steps and (short is None or step > schedule.phases[0].end):
                     cpu_now = clock.read()[0]
                     new_max = rebudget_steps(step, cpu_now, t.max_minutes * 60.0, *budget_ref)
-                    cost = (cpu_now - budget_ref[1]) / max(1, step - budget_ref[0])
                     budget_ref = (step, cpu_now)
                     if world > 1:  # every process must stop at the same step: the slowest one's estimate decides
                         new_max = int(accelerator.gather(torch.tensor([new_max or t.max_steps], device=device)).min())
                     if new_max is not None and new_max != t.max_steps:
                         if main and abs(new_max - t.max_steps) > 0.01 * t.max_steps:
-                            log.info("budget: %.3f CPU s/step since the last estimate → max_steps %d (was %d)",
-                                     cost, new_max, t.max_steps)
+                            log.info("budget: %.2f of %g CPU-minutes used at step %d → max_steps %d (was %d)",
+                                     cpu_now / 60.0, t.max_minutes, step, new_max, t.max_steps)
                         t.max_steps = max(step, new_max)
                         progress.update(task, total=t.max_steps)
                         if curriculum is not None:  # batches built ahead read the old end (the curriculum's progress)
